@@ -1,0 +1,8 @@
+"""mixmim: self-supervised pretraining of vision backbones by mixed and masked image modeling."""
+
+from mixmim.interop.official import convert_official
+from mixmim.methods.factory import create_pretrainer
+from mixmim.models.registry import create_classifier, create_encoder
+
+__version__ = "0.1.0"
+__all__ = ["convert_official", "create_classifier", "create_encoder", "create_pretrainer", "__version__"]

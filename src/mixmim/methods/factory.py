@@ -1,0 +1,55 @@
+"""``create_pretrainer``: a named method on a named encoder, with the release's argument names."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from torch import nn
+
+from mixmim.methods.mixmim import MixMIM, MixMIMConfig
+from mixmim.models.mixmim_vit import MixMIMTransformer
+from mixmim.models.registry import MODELS, split_overrides
+
+# method name -> (config dataclass, builder(encoder, config))
+METHODS: dict[str, tuple[type, Callable[[MixMIMTransformer, Any], nn.Module]]] = {
+    "mixmim": (MixMIMConfig, lambda encoder, config: MixMIM(encoder, config)),
+}
+
+
+def method_names() -> list[str]:
+    return list(METHODS)
+
+
+def _release_aliases(options: dict[str, Any]) -> dict[str, Any]:
+    """Accept the release's ``range_mask_ratio`` (ratio + U(0, range)) as a ratio range."""
+    options = dict(options)
+    if "range_mask_ratio" in options:
+        spread = float(options.pop("range_mask_ratio"))
+        if spread > 0:
+            low = float(options.get("mask_ratio", 0.5))
+            options["mask_ratio_range"] = (low, round(low + spread, 6))
+    return options
+
+
+def create_pretrainer(method: str = "mixmim", model: str = "mixmim_base", **overrides: Any) -> nn.Module:
+    """Build a pretraining module: ``out = module(images, mask=None)`` returns a
+    :class:`~mixmim.methods.base.PretrainOutput` with ``loss``, ``reconstruction`` and ``mask``.
+
+    ``overrides`` take encoder arguments (img_size, patch_size, embed_dim, depths, num_heads,
+    window_size, ...) and method options (decoder_dim, decoder_depth, decoder_num_heads,
+    norm_pix_loss, mask_ratio, ...), by the release's names.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; known models: {', '.join(MODELS)}")
+    config_cls, build = METHODS[method]
+    encoder_args, options = split_overrides(model, _release_aliases(overrides))
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"unknown option(s) for method {method!r}: {', '.join(unknown)}; "
+                        f"method options: {', '.join(sorted(known))}")
+    config = config_cls(**options)
+    return build(MixMIMTransformer(**encoder_args), config)

@@ -1,0 +1,120 @@
+"""Mask samplers on the last-stage grid (one cell = 32x32 pixels for the MixMIM encoders).
+
+A mask here is a tensor of integer group ids of shape (G, h, w): G is 1 when the whole batch shares
+one mask (the release's choice) and B when every sample draws its own. For two images, group 1 marks
+the cells taken from the partner image, exactly the release's 0/1 mixing mask (MixMIM eq. 1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def check_ratio(ratio: float, name: str = "mask_ratio") -> None:
+    if not (0.0 < float(ratio) < 1.0):
+        raise ValueError(f"{name}={ratio} is outside (0, 1)")
+
+
+def sample_ratio(ratio: float, ratio_range: tuple[float, float] | None, generator: torch.Generator | None) -> float:
+    """The masking ratio of one draw: fixed, or uniform in ``ratio_range`` (the release's
+    ``range_mask_ratio``: ratio + U(0, range))."""
+    if ratio_range is None:
+        return ratio
+    low, high = ratio_range
+    return low + (high - low) * torch.rand((), generator=generator).item()
+
+
+def random_groups(grid: tuple[int, int], ratio: float = 0.5, *, num_groups: int = 2, count: int = 1,
+                  ratio_range: tuple[float, float] | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """Random masking (MixMIM section 2.2): ``count`` masks of shape ``grid`` with values in
+    ``0..num_groups-1``.
+
+    Two groups: exactly ``floor(L * ratio)`` cells in group 1 (taken from the partner), the rest in
+    group 0. k groups: every group but group 0 gets ``floor(L / k)`` cells, group 0 the rest, so each
+    image supplies about 1/k of the sample (MixMAE supplement, Table 4).
+    """
+    h, w = grid
+    length = h * w
+    masks = torch.zeros(count, length, dtype=torch.long)
+    for c in range(count):
+        order = torch.randperm(length, generator=generator)
+        if num_groups == 2:
+            r = sample_ratio(ratio, ratio_range, generator)
+            check_ratio(r)
+            sizes = [int(length * r)]
+        else:
+            sizes = [length // num_groups] * (num_groups - 1)
+        start = 0
+        for g, size in enumerate(sizes, start=1):
+            masks[c, order[start:start + size]] = g
+            start += size
+    return masks.reshape(count, h, w)
+
+
+def block_groups(grid: tuple[int, int], ratio: float = 0.5, *, count: int = 1, min_cells: int = 1,
+                 min_aspect: float = 0.3, generator: torch.Generator | None = None) -> Tensor:
+    """Block-wise masking in the style of BEiT on the cell grid (MixMIM Table 8, "Block"): random
+    rectangles of log-uniform aspect ratio are added to group 1 until ``floor(L * ratio)`` cells are
+    covered; the last rectangle is trimmed cell by cell so the count is exact."""
+    check_ratio(ratio)
+    h, w = grid
+    length = h * w
+    target = int(length * ratio)
+    log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
+    masks = torch.zeros(count, h, w, dtype=torch.long)
+
+    def uniform(low: float, high: float) -> float:
+        return low + (high - low) * torch.rand((), generator=generator).item()
+
+    for c in range(count):
+        mask = masks[c]
+        tries = 0
+        while int(mask.sum()) < target and tries < 1000:
+            tries += 1
+            remaining = target - int(mask.sum())
+            area = uniform(min_cells, max(min_cells, remaining))
+            aspect = math.exp(uniform(*log_aspect))
+            bh = max(1, min(h, int(round(math.sqrt(area * aspect)))))
+            bw = max(1, min(w, int(round(math.sqrt(area / aspect)))))
+            top = int(torch.randint(0, h - bh + 1, (), generator=generator))
+            left = int(torch.randint(0, w - bw + 1, (), generator=generator))
+            block = torch.zeros(h, w, dtype=torch.bool)
+            block[top:top + bh, left:left + bw] = True
+            new = block & (mask == 0)
+            excess = int(new.sum()) - remaining
+            if excess > 0:
+                # Trim the cells of the block farthest from its first corner, keeping it connected.
+                cells = new.nonzero()
+                distance = (cells[:, 0] - top) + (cells[:, 1] - left)
+                drop = cells[distance.argsort(descending=True)[:excess]]
+                new[drop[:, 0], drop[:, 1]] = False
+            mask[new] = 1
+        if int(mask.sum()) < target:  # pathological grids: fill the rest at random
+            free = (mask == 0).flatten().nonzero().flatten()
+            pick = free[torch.randperm(len(free), generator=generator)[: target - int(mask.sum())]]
+            mask.view(-1)[pick] = 1
+    return masks
+
+
+def upsample_groups(groups: Tensor, factor: int) -> Tensor:
+    """Nearest-neighbour upsampling of (G, h, w) ids by an integer factor (section 2.3)."""
+    if factor == 1:
+        return groups
+    return groups.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+
+
+def partner_sources(batch: int, num_groups: int, device: torch.device | None = None) -> Tensor:
+    """(num_groups, B): ``sources[g, i]`` is the image whose tokens fill the group-g cells of sample i.
+
+    Group 0 is the sample's own image. With two groups the partner is the batch reversed (image
+    B-1-i), as in the release; with k groups, group g comes from image (i + g) mod B.
+    """
+    if num_groups > batch:
+        raise ValueError(f"mixing {num_groups} images needs a batch of at least {num_groups}, got {batch}")
+    index = torch.arange(batch, device=device)
+    if num_groups == 2:
+        return torch.stack([index, index.flip(0)])
+    return torch.stack([(index + g) % batch for g in range(num_groups)])

@@ -1,0 +1,260 @@
+"""The MixMIM hierarchical encoder (MixMIM paper section 2.2).
+
+A Swin Transformer made simpler: patch 4 with LayerNorm, fixed 2D sine-cosine absolute positions,
+four stages of pre-norm blocks with relative position bias inside large windows (14/14/14/7, which
+makes stages 3 and 4 global at 224), no shifted windows, patch merging between stages, a final
+LayerNorm. Every block can restrict attention to tokens of the same image (group), the groups given
+on the last stage's grid and upsampled by nearest neighbour to each stage.
+
+Parameter and module names follow the public release, so its checkpoints load with few renames.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.utils.checkpoint
+from timm.layers import DropPath, Mlp, PatchEmbed
+from torch import Tensor, nn
+
+from mixmim.models.attention import AttentionImpl, GroupLayout, WindowAttention, window_partition, window_reverse
+from mixmim.models.pos_embed import sincos_2d
+
+
+class MixMIMBlock(nn.Module):
+    """Pre-norm transformer block: window attention (group-restricted) then MLP, with drop path."""
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, attn_impl: AttentionImpl = "fast"):
+        super().__init__()
+        self.window_size = window_size
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, num_heads, window_size, qkv_bias, attn_drop, drop, attn_impl)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+
+    def forward(self, x: Tensor, hw: tuple[int, int], layout: GroupLayout | None) -> Tensor:
+        h, w = hw
+        b, _, c = x.shape
+        ws = self.window_size
+        windows = window_partition(self.norm1(x).reshape(b, h, w, c), ws)
+        attended = window_reverse(self.attn(windows, layout), ws, h, w).reshape(b, h * w, c)
+        x = x + self.drop_path(attended)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchMerging(nn.Module):
+    """2x2 neighbourhood concatenation (Swin v1 order), LayerNorm, linear 4C -> 2C without bias."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+        h, w = hw
+        b, _, c = x.shape
+        x = x.reshape(b, h, w, c)
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        return self.reduction(self.norm(x.reshape(b, (h // 2) * (w // 2), 4 * c)))
+
+
+class MixMIMStage(nn.Module):
+    """Blocks at one resolution, then (except for the last stage) patch merging."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, window_sizes: Sequence[int], mlp_ratio: float,
+                 qkv_bias: bool, drop: float, attn_drop: float, drop_path: Sequence[float], downsample: bool,
+                 attn_impl: AttentionImpl):
+        super().__init__()
+        self.blocks = nn.ModuleList([
+            MixMIMBlock(dim, num_heads, window_sizes[i], mlp_ratio, qkv_bias, drop, attn_drop, drop_path[i], attn_impl)
+            for i in range(depth)
+        ])
+        self.downsample = PatchMerging(dim) if downsample else None
+        self.grad_checkpointing = False
+
+    def forward(self, x: Tensor, hw: tuple[int, int], groups: Tensor | None, num_groups: int) -> Tensor:
+        layouts: dict[int, GroupLayout] = {}
+        for blk in self.blocks:
+            layout = None
+            if groups is not None:
+                ws = blk.window_size
+                if ws not in layouts:
+                    layouts[ws] = GroupLayout.from_grid(groups, ws, num_groups)
+                layout = layouts[ws]
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(blk, x, hw, layout, use_reentrant=False)
+            else:
+                x = blk(x, hw, layout)
+        return x
+
+
+def _per_block(value: int | Sequence[int], depth: int, stage: int) -> list[int]:
+    if isinstance(value, int):
+        return [value] * depth
+    value = list(value)
+    if len(value) != depth:
+        raise ValueError(f"window_size for stage {stage + 1} lists {len(value)} blocks, the stage has {depth}")
+    return value
+
+
+class MixMIMTransformer(nn.Module):
+    """The MixMIM encoder; with ``num_classes > 0`` it is the fine-tuning classifier (average pooling
+    of the last stage after the final norm, then a linear head), as in the release."""
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int = 4,
+        in_chans: int = 3,
+        num_classes: int = 0,
+        embed_dim: int = 128,
+        depths: Sequence[int] = (2, 2, 18, 2),
+        num_heads: Sequence[int] = (4, 8, 16, 32),
+        window_size: Sequence[int | Sequence[int]] = (14, 14, 14, 7),
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        learnable_pos_embed: bool = False,
+        attention_impl: AttentionImpl = "fast",
+    ):
+        super().__init__()
+        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.num_stages = len(depths)
+        if not (len(num_heads) == len(window_size) == self.num_stages):
+            raise ValueError(f"depths, num_heads and window_size must have one entry per stage, got "
+                             f"{len(depths)}, {len(num_heads)}, {len(window_size)}")
+        self.img_size, self.patch_size, self.embed_dim = img_size, patch_size, embed_dim
+        self.stride = patch_size * 2 ** (self.num_stages - 1)
+        for side in img_size:
+            if side % self.stride:
+                raise ValueError(f"img_size={side} is not divisible by the encoder stride {self.stride}")
+        self.depths, self.num_heads = list(depths), list(num_heads)
+        self.num_classes = num_classes
+        self.dims = [embed_dim * 2**i for i in range(self.num_stages)]
+        self.num_features = self.dims[-1]
+        self.grids = [(img_size[0] // (patch_size * 2**i), img_size[1] // (patch_size * 2**i))
+                      for i in range(self.num_stages)]
+
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, norm_layer=nn.LayerNorm,
+                                      strict_img_size=False)
+        table = sincos_2d(embed_dim, *self.grids[0]).unsqueeze(0)
+        self.absolute_pos_embed = nn.Parameter(table, requires_grad=learnable_pos_embed)
+
+        total = sum(depths)
+        rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+        self.window_sizes: list[list[int]] = []
+        self.layers = nn.ModuleList()
+        for i in range(self.num_stages):
+            gh, gw = self.grids[i]
+            # A window at least as large as the feature map is global attention (release behaviour).
+            windows = [min(ws, gh, gw) if ws >= min(gh, gw) else ws for ws in _per_block(window_size[i], depths[i], i)]
+            for ws in windows:
+                if gh % ws or gw % ws:
+                    raise ValueError(f"window_size={ws} does not divide the stage-{i + 1} feature map {gh}x{gw}")
+            self.window_sizes.append(windows)
+            start = sum(depths[:i])
+            self.layers.append(MixMIMStage(self.dims[i], depths[i], num_heads[i], windows, mlp_ratio, qkv_bias,
+                                           drop_rate, attn_drop_rate, rates[start:start + depths[i]],
+                                           downsample=i < self.num_stages - 1, attn_impl=attention_impl))
+        self.norm = nn.LayerNorm(self.num_features)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(_init_weights)
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+
+    # ------------------------------------------------------------------ configuration helpers
+    @property
+    def attention_impl(self) -> str:
+        return self.layers[0].blocks[0].attn.impl
+
+    def set_attention_impl(self, impl: AttentionImpl) -> None:
+        """Switch every block between the reference, fast and flex attention paths."""
+        for module in self.modules():
+            if isinstance(module, WindowAttention):
+                module.impl = impl
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.layers:
+            stage.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        return {"absolute_pos_embed"}
+
+    def no_weight_decay_keywords(self) -> set[str]:
+        return {"relative_position_bias_table"}
+
+    def check_input(self, images: Tensor) -> None:
+        """Raise a ValueError naming the size when the images do not fit this encoder."""
+        if images.ndim != 4:
+            raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(images.shape)}")
+        h, w = images.shape[-2:]
+        for side in (h, w):
+            if side % self.stride:
+                raise ValueError(f"input size {h}x{w} is not divisible by the encoder stride {self.stride}")
+        if (h, w) != self.img_size:
+            raise ValueError(f"input size {h}x{w} differs from the model's img_size {self.img_size[0]}x"
+                             f"{self.img_size[1]}; build the model with img_size={h} (weights load through "
+                             "mixmim.interop.resize_state_dict)")
+
+    # ------------------------------------------------------------------ forward passes
+    def stage_groups(self, groups: Tensor, stage: int) -> Tensor:
+        """Nearest upsampling of (G, h, w) last-stage group ids to the grid of ``stage``."""
+        f = 2 ** (self.num_stages - 1 - stage)
+        return groups.repeat_interleave(f, 1).repeat_interleave(f, 2) if f > 1 else groups
+
+    def forward_stages(self, x: Tensor, groups: Tensor | None = None, *, restrict_attention: bool = True,
+                       stage_embeds: Sequence[Tensor] | None = None, num_groups: int | None = None) -> list[Tensor]:
+        """Run the four stages on patch embeddings ``x`` (B, L1, C) and return each stage's output
+        (before its patch merging).
+
+        ``groups``: (G, h, w) integer ids on the last stage's grid (G is 1 for a mask shared by the batch,
+        else B): which image each token came from. With ``restrict_attention`` a token attends only
+        to its own group (masked self-attention, section 2.3). ``stage_embeds``: one (num_groups, C_s)
+        table per stage whose rows are added to each token by group at the start of the stage (the
+        "mix embedding" of section 2.3).
+        """
+        if groups is not None and num_groups is None:
+            num_groups = int(groups.max()) + 1
+        x = x + self.absolute_pos_embed
+        outs = []
+        for i, stage in enumerate(self.layers):
+            gh, gw = self.grids[i]
+            ids = self.stage_groups(groups, i) if groups is not None else None
+            if stage_embeds is not None:
+                x = x + stage_embeds[i][ids.reshape(ids.shape[0], -1)].to(x.dtype)
+            x = stage(x, (gh, gw), ids if restrict_attention else None, num_groups or 1)
+            outs.append(x)
+            if stage.downsample is not None:
+                x = stage.downsample(x, (gh, gw))
+        return outs
+
+    def forward_tokens(self, x: Tensor, groups: Tensor | None = None, **kwargs) -> Tensor:
+        """Patch embeddings -> normalised last-stage tokens (B, L4, C4)."""
+        return self.norm(self.forward_stages(x, groups, **kwargs)[-1])
+
+    def forward_features(self, images: Tensor, groups: Tensor | None = None, **kwargs) -> Tensor:
+        self.check_input(images)
+        return self.forward_tokens(self.patch_embed(images), groups, **kwargs)
+
+    def forward_head(self, tokens: Tensor, pre_logits: bool = False) -> Tensor:
+        pooled = tokens.mean(dim=1)
+        return pooled if pre_logits else self.head(pooled)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(images))
+
+
+def _init_weights(m: nn.Module) -> None:
+    # xavier_uniform for every linear layer, as in ViT and the release (paper section 8).
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)

@@ -1,0 +1,29 @@
+"""Shared tiny configurations: every test runs on 2 CPU cores in seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+GOLDEN = SHARED / "reference" / "golden_tiny_s0.pt"
+
+# 128 px: stage grids 32/16/8/4. Windows 16 and 8 in stages 1-2 straddle the 32-px cells (4 and 2
+# windows per side, 2x2 cells each), stages 3-4 are global: every kind of attention appears.
+TINY = dict(img_size=128, embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4), window_size=(16, 8, 8, 4),
+            decoder_dim=32, decoder_depth=1, decoder_num_heads=2)
+TINY_ENCODER = {k: v for k, v in TINY.items() if not k.startswith("decoder")}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def golden():
+    if not GOLDEN.exists():
+        pytest.skip(f"golden case not found at {GOLDEN}")
+    return torch.load(GOLDEN, weights_only=True)

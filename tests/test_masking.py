@@ -1,0 +1,73 @@
+"""Mask statistics and their alignment with 32-pixel cells (MixMIM section 2.2)."""
+
+import math
+
+import pytest
+import torch
+
+import mixmim
+from conftest import TINY
+from mixmim.methods.masking import block_groups, partner_sources, random_groups, upsample_groups
+
+
+@pytest.mark.parametrize("grid", [(7, 7), (4, 4), (12, 8)])
+@pytest.mark.parametrize("ratio", [0.5, 0.3, 0.75, 0.1])
+def test_random_mask_sets_exactly_floor_L_ratio_cells(grid, ratio):
+    masks = random_groups(grid, ratio, count=20)
+    assert masks.shape == (20, *grid)
+    assert set(masks.unique().tolist()) <= {0, 1}
+    expected = math.floor(grid[0] * grid[1] * ratio)
+    assert (masks.flatten(1).sum(1) == expected).all()
+
+
+def test_random_mask_is_uniform_over_cells():
+    masks = random_groups((7, 7), 0.5, count=4000, generator=torch.Generator().manual_seed(0))
+    freq = masks.float().mean(0)
+    # Every cell is chosen with probability 24/49; 4000 draws keep the estimate within 0.04.
+    assert (freq - 24 / 49).abs().max() < 0.04
+
+
+def test_k_way_masks_give_each_image_its_share():
+    for k in range(2, 6):
+        masks = random_groups((7, 7), num_groups=k, count=10, ratio=0.5 if k == 2 else 0.5)
+        counts = torch.stack([(masks == g).flatten(1).sum(1) for g in range(k)], 1)
+        if k > 2:
+            assert (counts[:, 1:] == 49 // k).all()
+        assert (counts.sum(1) == 49).all()
+
+
+def test_block_mask_has_exact_count():
+    masks = block_groups((14, 14), 0.5, count=10, generator=torch.Generator().manual_seed(0))
+    assert (masks.flatten(1).sum(1) == 98).all()
+
+
+def test_nearest_upsampling_aligns_with_32_pixel_cells():
+    model = mixmim.create_pretrainer("mixmim", "mixmim_base", **TINY)
+    enc = model.encoder
+    groups = random_groups(enc.grids[-1], 0.5)
+    for stage in range(4):
+        ids = enc.stage_groups(groups, stage)
+        assert ids.shape[1:] == enc.grids[stage]
+        # Back to pixels: one stage-s token covers patch * 2^s pixels.
+        pixels = upsample_groups(ids, enc.patch_size * 2**stage)[0]
+        cells = pixels.reshape(4, 32, 4, 32).permute(0, 2, 1, 3).reshape(4, 4, 32 * 32)
+        assert (cells == cells[..., :1]).all(), "a 32x32 cell holds two groups"
+        assert torch.equal(cells[..., 0], groups[0])
+
+
+def test_mixing_tokens_equals_mixing_pixels_by_cells():
+    """Eq. 1 after patch embedding is eq. 1 on the image, cell by cell: nothing straddles a cell."""
+    model = mixmim.create_pretrainer("mixmim", "mixmim_base", **TINY)
+    images = torch.randn(4, 3, 128, 128)
+    groups = random_groups(model.grid, 0.5)
+    sources = partner_sources(4, 2)
+    mixed_tokens = model.mix(model.encoder.patch_embed(images), groups, sources)
+    pixel_mask = upsample_groups(groups, 32).unsqueeze(1).bool()
+    mixed_pixels = torch.where(pixel_mask, images.flip(0), images)
+    torch.testing.assert_close(mixed_tokens, model.encoder.patch_embed(mixed_pixels), rtol=1e-5, atol=1e-5)
+
+
+def test_partner_is_batch_reversed_for_two_images():
+    assert partner_sources(4, 2).tolist() == [[0, 1, 2, 3], [3, 2, 1, 0]]
+    with pytest.raises(ValueError, match="batch of at least 3"):
+        partner_sources(2, 3)
