@@ -154,12 +154,14 @@ class WindowAttention(nn.Module):
         return self.proj_drop(self.proj(out))
 
     def _reference(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, layout: GroupLayout | None) -> Tensor:
-        b, nw = q.shape[:2]
+        b, nw, h, n, d = q.shape
         attn = (q * self.scale) @ k.transpose(-2, -1) + bias
         if layout is not None:
-            # One mask per image and window, as the release builds it.
-            different = (~layout.same_group()).to(attn.dtype).expand(b, nw, -1, -1).unsqueeze(2)
-            attn = attn - 1e30 * different
+            # As the release does in every block: repeat the mask for each image, compare every
+            # pair of tokens, and push cross-group logits down by 1e30.
+            ids = layout.ids.expand(b, -1, -1).reshape(b * nw, 1, 1, n).to(attn.dtype)
+            different = (ids != ids.transpose(2, 3)).to(attn.dtype)
+            attn = (attn.reshape(b * nw, h, n, n) - 1e30 * different).reshape(b, nw, h, n, n)
         attn = attn.softmax(dim=-1)
         attn = F.dropout(attn, self.attn_drop, self.training)
         return attn @ v
