@@ -1,0 +1,5 @@
+import sys
+
+from mixmim.cli import main
+
+sys.exit(main())

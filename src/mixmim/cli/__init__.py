@@ -1,0 +1,53 @@
+"""``mixmim <verb>``: the command line. One module per verb in this package, each with
+``add_arguments(parser)`` and ``run(args) -> int``; imported only when its verb is used, so
+``mixmim info`` does not pay for what ``mixmim pretrain`` needs."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+VERBS: dict[str, str] = {
+    "pretrain": "pretrain self-supervised (MixMIM, SimMIM, ...) on images; writes runs/<name>/",
+    "reconstruct": "draw originals, mixed inputs and reconstructions of a checkpoint for any images",
+    "finetune": "fine-tune a pretrained encoder for classification on an image folder or Fashion-MNIST",
+    "linprobe": "train a linear classifier on the frozen encoder (BatchNorm + linear, as MAE)",
+    "knn": "k-NN (cosine, k=20, temperature-weighted) accuracy of a frozen encoder",
+    "segment": "train a UperNet segmentation model on the encoder (folder of images and masks)",
+    "convert": "turn a release checkpoint into this project's names (.pt or .safetensors)",
+    "export": "export a checkpoint's encoder as safetensors + JSON (loadable by timm.create_model)",
+    "info": "list the named models with parameters and FLOPs at 224",
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mixmim", description="Mixed and masked image modeling: pretrain, "
+                                     "fine-tune, probe and transfer vision backbones.")
+    sub = parser.add_subparsers(dest="verb", metavar="<verb>")
+    sub.required = True
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for verb, help_text in VERBS.items():
+        verb_parser = sub.add_parser(verb, help=help_text, description=help_text)
+        # Only the verb being run imports its module (and torch); `mixmim --help` stays instant.
+        if verb == chosen:
+            _module(verb).add_arguments(verb_parser)
+    return parser
+
+
+def _module(verb: str):
+    return importlib.import_module(f"mixmim.cli.{verb}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
+    try:
+        return int(_module(args.verb).run(args) or 0)
+    except (FileNotFoundError, ValueError) as exc:  # ConfigError is a ValueError
+        if os.environ.get("MIXMIM_DEBUG"):
+            raise
+        # Bad input is the user's to fix: one line naming what is wrong, no traceback.
+        print(f"mixmim {args.verb}: error: {exc}", file=sys.stderr)
+        return 2

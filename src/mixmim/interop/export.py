@@ -1,0 +1,83 @@
+"""Encoder weights in and out of this project: safetensors plus a JSON file that rebuilds the model.
+
+``save_encoder`` writes ``<stem>.safetensors`` (the encoder's state dict, no decoder, no head unless
+asked) and ``<stem>.json`` (constructor arguments and where the weights came from).
+``load_encoder_state`` reads any of the weight files a user holds — our export, our training
+checkpoint, a release checkpoint — and returns the encoder's state dict in this project's names.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from mixmim.interop.official import convert_official
+from mixmim.models.mixmim_vit import MixMIMTransformer
+from mixmim.models.registry import encoder_config
+from mixmim.utils.files import atomic_write, atomic_write_text
+
+FORMAT = "mixmim-encoder/1"
+
+
+def save_encoder(encoder: MixMIMTransformer, stem: str | Path, metadata: Mapping[str, Any] | None = None,
+                 include_head: bool = False) -> tuple[Path, Path]:
+    """Write the encoder as safetensors + JSON config; both atomically. Returns the two paths."""
+    stem = Path(stem)
+    if stem.suffix in (".safetensors", ".json"):
+        stem = stem.with_suffix("")
+    state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()
+             if include_head or not k.startswith("head.")}
+    config = encoder_config(encoder)
+    if not include_head:
+        config["num_classes"] = 0
+    weights = atomic_write(stem.with_suffix(".safetensors"),
+                           lambda tmp: save_file(state, str(tmp), metadata={"format": FORMAT}))
+    info = {"format": FORMAT, "architecture": "mixmim", "config": config, **dict(metadata or {})}
+    meta = atomic_write_text(stem.with_suffix(".json"), json.dumps(info, indent=2) + "\n")
+    return weights, meta
+
+
+def read_encoder_config(path: str | Path) -> dict[str, Any] | None:
+    """The constructor arguments saved next to exported weights, or None when there is no JSON."""
+    meta = Path(path).with_suffix(".json")
+    if not meta.is_file():
+        return None
+    return json.loads(meta.read_text())["config"]
+
+
+def load_encoder_state(path: str | Path) -> dict[str, Tensor]:
+    """Encoder weights (this project's names, no decoder) from an export, a training checkpoint of
+    this project, or a release checkpoint (pretraining or fine-tuning)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a truncated or foreign file: say which one
+        raise ValueError(f"cannot read weights file {path}: {exc.__class__.__name__}: {exc}") from None
+    if isinstance(checkpoint, Mapping) and checkpoint.get("format") == "mixmim-checkpoint/1":
+        return {k[len("encoder."):]: v for k, v in checkpoint["model"].items() if k.startswith("encoder.")}
+    state = convert_official(checkpoint)
+    if any(k.startswith("encoder.") for k in state):
+        return {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    return dict(state)
+
+
+def load_encoder(path: str | Path, **overrides: Any) -> MixMIMTransformer:
+    """Rebuild an exported encoder from ``<stem>.safetensors`` + ``<stem>.json``."""
+    config = read_encoder_config(path)
+    if config is None:
+        raise FileNotFoundError(f"{Path(path).with_suffix('.json')} is missing: it holds the model's configuration")
+    model = MixMIMTransformer(**{**config, **overrides})
+    missing, unexpected = model.load_state_dict(load_encoder_state(path), strict=False)
+    missing = [k for k in missing if not k.startswith("head.")]
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit the saved configuration: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    return model
