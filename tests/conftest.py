@@ -27,3 +27,14 @@ def golden():
     if not GOLDEN.exists():
         pytest.skip(f"golden case not found at {GOLDEN}")
     return torch.load(GOLDEN, weights_only=True)
+
+
+def tiny_run(tmp_path, *extra: str, name: str = "t") -> list[str]:
+    """Overrides for a training run of the TINY model that takes a few seconds on 2 CPU cores."""
+    return [f"output_dir={tmp_path}", f"name={name}", "model.name=mixmim_tiny", "model.img_size=128",
+            "model.embed_dim=16", "model.depths=[1,1,2,1]", "model.num_heads=[1,2,2,4]",
+            "model.window_size=[16,8,8,4]", "method.decoder_dim=32", "method.decoder_depth=1",
+            "method.decoder_num_heads=2", "data.source=bundled", "data.bundled_epoch_size=64",
+            "train.batch_size=4", "train.epochs=100", "train.max_steps=6", "train.num_workers=0",
+            "train.log_every=1", "train.checkpoint_every=3", "train.progress=false", "optim.lr=2e-3",
+            "optim.warmup_steps=2", *extra]

@@ -1,1 +1,1 @@
-"""."""
+"""Pictures: reconstruction grids and training curves."""

@@ -1,0 +1,49 @@
+"""``mixmim info``: the named models with their parameters and FLOPs at 224 (counted, not quoted)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--models", nargs="*", help="names to list (default: all)")
+
+
+def model_table(img_size: int = 224, names: list[str] | None = None) -> list[dict]:
+    """Rows of name, encoder / pretrainer parameters and forward GFLOPs (multiply-adds, the papers' unit)
+    of the classifier; built on the meta device, so even mixmim_huge costs no memory."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mixmim.methods.factory import create_pretrainer
+    from mixmim.models.registry import MODELS, create_classifier
+
+    rows = []
+    for name in names or list(MODELS):
+        with torch.device("meta"):
+            classifier = create_classifier(name, num_classes=1000, img_size=img_size)
+            pretrainer = create_pretrainer("mixmim", name, img_size=img_size)
+            counter = FlopCounterMode(display=False)
+            with counter, torch.no_grad():
+                classifier(torch.empty(1, 3, img_size, img_size))
+        spec = MODELS[name]
+        rows.append({
+            "model": name, "embed_dim": spec["embed_dim"], "depths": list(spec["depths"]),
+            "heads": list(spec["num_heads"]),
+            "encoder_params_M": sum(p.numel() for n, p in classifier.named_parameters() if not n.startswith("head.")) / 1e6,
+            "pretrain_params_M": sum(p.numel() for p in pretrainer.parameters()) / 1e6,
+            "gflops": counter.get_total_flops() / 2e9,
+        })
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    rows = model_table(args.img_size, args.models)
+    print(f"{'model':14s} {'C':>4s} {'blocks':>13s} {'heads':>15s} {'encoder M':>10s} {'+decoder M':>11s} "
+          f"{'GFLOPs@' + str(args.img_size):>11s}")
+    for r in rows:
+        print(f"{r['model']:14s} {r['embed_dim']:4d} {str(tuple(r['depths'])):>13s} {str(tuple(r['heads'])):>15s} "
+              f"{r['encoder_params_M']:10.2f} {r['pretrain_params_M']:11.2f} {r['gflops']:11.2f}")
+    print("GFLOPs: multiply-adds of one image through the encoder and head, the unit the papers report.")
+    return 0

@@ -1,0 +1,137 @@
+"""Where a run reports: ``metrics.csv``, TensorBoard events, ``log.txt`` and ``skipped.txt``."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("mixmim")
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Log lines that do not tear the progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # pragma: no cover - logging must never kill a run
+            super().emit(record)
+
+
+def setup_logging(run_dir: Path | None, is_main: bool) -> None:
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
+    log.propagate = False
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+    console = _TqdmHandler()
+    console.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(console)
+    if run_dir is not None and is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(run_dir / "log.txt")
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(file_handler)
+
+
+class MetricsLog:
+    """Appends one CSV row per logged step and mirrors it to TensorBoard."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True):
+        self.path = run_dir / "metrics.csv"
+        self.enabled = enabled
+        self.columns: list[str] | None = None
+        self.writer = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:  # tensorboard is optional at run time
+                log.warning("tensorboard is not installed; writing metrics.csv only")
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop rows the interrupted run logged after its last checkpoint."""
+        if not self.enabled or not self.path.is_file():
+            return
+        with open(self.path, newline="") as handle:
+            rows = list(csv.reader(handle))
+        if not rows:
+            return
+        header, body = rows[0], rows[1:]
+        keep = [r for r in body if r and float(r[0]) <= step]
+        with open(self.path, "w", newline="") as handle:
+            csv.writer(handle).writerows([header, *keep])
+        self.columns = header
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **values}
+        if self.columns is None:
+            if self.path.is_file() and self.path.stat().st_size > 0:
+                with open(self.path, newline="") as handle:
+                    self.columns = next(csv.reader(handle))
+            else:
+                self.columns = list(row)
+                with open(self.path, "w", newline="") as handle:
+                    csv.writer(handle).writerow(self.columns)
+        with open(self.path, "a", newline="") as handle:
+            csv.writer(handle).writerow([_fmt(row.get(c, "")) for c in self.columns])
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(f"train/{key}", value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+class SkippedFiles:
+    """Unreadable files seen so far, each listed once in ``skipped.txt`` with its reason. Stops the run
+    when more than ``max_fraction`` of the data set has proved unreadable."""
+
+    def __init__(self, path: Path | None, total: int, max_fraction: float):
+        self.path, self.total, self.max_fraction = path, total, max_fraction
+        self.seen: dict[str, str] = {}
+        self.new_this_epoch = 0
+
+    def add(self, entries: list[tuple[str, str]]) -> None:
+        fresh = [(p, r) for p, r in entries if p not in self.seen]
+        for p, r in fresh:
+            self.seen[p] = r
+        self.new_this_epoch += len(fresh)
+        if fresh and self.path is not None:
+            with open(self.path, "a") as handle:
+                handle.writelines(f"{p}\t{r}\n" for p, r in fresh)
+        if len(self.seen) > self.max_fraction * self.total:
+            raise DataQualityError(
+                f"{len(self.seen)} of {self.total} images are unreadable, more than data.max_bad_fraction="
+                f"{self.max_fraction:g}; see {self.path} (raise data.max_bad_fraction to go on anyway)")
+
+    def note(self, entries: list[tuple[str, str]]) -> None:
+        """List folders the scan could not enter; they are not images, so they do not count."""
+        if entries and self.path is not None:
+            with open(self.path, "a") as handle:
+                handle.writelines(f"{p}\t{r}\n" for p, r in entries)
+            log.warning("%d folder(s) could not be scanned, listed in %s", len(entries), self.path)
+
+    def end_epoch(self, epoch: int) -> None:
+        if self.new_this_epoch:
+            log.warning("epoch %d: skipped %d unreadable image(s) (%d so far), listed in %s",
+                        epoch, self.new_this_epoch, len(self.seen), self.path)
+        self.new_this_epoch = 0
+
+
+class DataQualityError(RuntimeError):
+    """Too many unreadable images: the data set, not the code, needs fixing."""

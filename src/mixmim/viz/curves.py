@@ -1,0 +1,57 @@
+"""``loss.png``: training loss (raw and smoothed) and learning rate against the step, from metrics.csv."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+
+def read_metrics(path: str | Path) -> dict[str, list[float]]:
+    columns: dict[str, list[float]] = {}
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            for key, value in row.items():
+                try:
+                    columns.setdefault(key, []).append(float(value))
+                except (TypeError, ValueError):
+                    columns.setdefault(key, []).append(float("nan"))
+    return columns
+
+
+def _smooth(values: list[float], weight: float = 0.9) -> list[float]:
+    out, last = [], None
+    for v in values:
+        last = v if last is None else weight * last + (1 - weight) * v
+        out.append(last)
+    return out
+
+
+def save_loss_curves(metrics_csv: str | Path, path: str | Path, title: str | None = None) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mixmim.utils.files import atomic_write
+
+    m = read_metrics(metrics_csv)
+    if not m.get("step"):
+        return None
+    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax_loss.plot(m["step"], m["loss"], color="tab:blue", alpha=0.35, lw=1, label="loss")
+    ax_loss.plot(m["step"], _smooth(m["loss"]), color="tab:blue", lw=2, label="smoothed")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("reconstruction loss")
+    ax_loss.legend(frameon=False)
+    ax_loss.grid(alpha=0.3)
+    ax_lr.plot(m["step"], m["lr"], color="tab:orange", lw=2)
+    ax_lr.set_xlabel("step")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return path
