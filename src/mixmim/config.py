@@ -347,6 +347,23 @@ def validate(config: RunConfig) -> None:
     if config.model.img_size % 32:
         raise ConfigError(f"config key 'model.img_size': {config.model.img_size} is not divisible by the "
                           "encoder stride 32")
+    _check_buildable(config)
+
+
+def _check_buildable(config: RunConfig) -> None:
+    """Build the model on the meta device (no memory, milliseconds) so that window sizes that do not
+    fit the feature maps, head counts that do not divide the width, etc. fail before any work."""
+    import torch
+
+    from mixmim.methods.factory import create_pretrainer
+
+    try:
+        with torch.device("meta"):
+            create_pretrainer(method=config.method_name(), model=config.model.name,
+                              **config.model.encoder_overrides(), **config.method_options())
+    except (ValueError, TypeError, AssertionError) as exc:
+        raise ConfigError(f"config sections 'model'/'method' ({config.model.name}, {config.method_name()}): "
+                          f"{exc}") from None
 
 
 def dump_config(config: RunConfig) -> str:
