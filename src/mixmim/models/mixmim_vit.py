@@ -188,6 +188,30 @@ class MixMIMTransformer(nn.Module):
     def no_weight_decay_keywords(self) -> set[str]:
         return {"relative_position_bias_table"}
 
+    def group_matcher(self, coarse: bool = False):
+        """timm's parameter grouping (used by ``timm.optim`` for layer-wise lr decay, MixMIM section 8):
+        a function from parameter name to an ordinal; equal ordinals share a layer.
+
+        Embeddings (``patch_embed``, ``absolute_pos_embed``) come first, then every block of every
+        stage is one layer (``coarse``: one layer per stage), the patch merging at the end of stage i
+        counted with stage i + 1 (it produces that stage's input), and the final norm with the head last.
+        """
+        starts = [sum(self.depths[:i]) for i in range(self.num_stages)]
+
+        def ordinal(name: str) -> tuple[int, ...]:
+            parts = name.split(".")
+            if parts[0] in ("patch_embed", "absolute_pos_embed"):
+                return (0,)
+            if parts[0] == "layers":
+                stage = int(parts[1])
+                block = int(parts[3]) if parts[2] == "blocks" else None
+                if block is None:  # layers.<i>.downsample.*
+                    stage, block = stage + 1, 0
+                return (1, stage) if coarse else (1, starts[stage] + block)
+            return (2,)
+
+        return ordinal
+
     def check_input(self, images: Tensor) -> None:
         """Raise a ValueError naming the size when the images do not fit this encoder."""
         if images.ndim != 4:

@@ -1,0 +1,162 @@
+"""Building an encoder from whatever weights a user holds, at the size the task needs.
+
+Accepted files: this project's training checkpoint (``.pt``, format ``mixmim-checkpoint/1``, whose
+``config["model"]`` names the model), an export (``.safetensors`` + ``.json``), or a release
+checkpoint (through :func:`mixmim.interop.convert_official`; its model is named by the caller).
+Weights go through :func:`mixmim.models.resize.resize_state_dict`, so the image size and the window
+sizes may differ from pretraining (MixMIM section 3).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from mixmim.interop.export import load_encoder_state, read_encoder_config
+from mixmim.models.mixmim_vit import MixMIMTransformer
+from mixmim.models.registry import ENCODER_ARGS, MODELS, split_overrides
+from mixmim.models.resize import load_resized
+
+# What a pretraining run chose that a transfer task must not inherit.
+_NOT_INHERITED = ("num_classes", "drop_rate", "attn_drop_rate", "drop_path_rate")
+
+
+@dataclass
+class Pretrained:
+    """Encoder weights plus the constructor arguments they were trained with."""
+
+    state: dict[str, Tensor]
+    config: dict[str, Any]  # full constructor arguments of MixMIMTransformer
+    model_name: str | None  # registry name when known (drop path defaults follow it)
+    source: str  # "checkpoint", "export", "release" or "random"
+
+
+@dataclass
+class TaskConfig:
+    """Options every transfer task shares: weights, data, input size, run settings."""
+
+    data: str
+    checkpoint: str | None = None
+    model: str | None = None  # registry name: needed for release checkpoints and random init
+    output: str = "runs/transfer"
+    batch_size: int = 64
+    img_size: int | None = None  # None: the checkpoint's
+    window_size: list | None = None  # None: the checkpoint's
+    val_fraction: float = 0.2  # held out when a folder has no separate evaluation split
+    num_workers: int = min(4, os.cpu_count() or 1)
+    device: str = "auto"
+    amp: bool = True  # bf16 autocast on CUDA
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class ClassificationConfig(TaskConfig):
+    """:class:`TaskConfig` plus the evaluation crop and quick-run subsets of classification tasks."""
+
+    crop_pct: float = 0.875
+    limit_train: int | None = None
+    limit_test: int | None = None
+
+
+def _checkpoint_model_section(path: Path) -> dict[str, Any] | None:
+    """``config["model"]`` of a training checkpoint, or None for any other file."""
+    try:
+        # mmap: only the small config is touched, not the (large) tensors.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:
+        return None  # load_encoder_state gives the precise error
+    if isinstance(checkpoint, Mapping) and checkpoint.get("format") == "mixmim-checkpoint/1":
+        section = (checkpoint.get("config") or {}).get("model")
+        if not isinstance(section, Mapping) or "name" not in section:
+            raise ValueError(f"{path}: training checkpoint without config['model']['name']")
+        return dict(section)
+    return None
+
+
+def _name_for(config: Mapping[str, Any]) -> str | None:
+    for name, spec in MODELS.items():
+        if spec["embed_dim"] == config.get("embed_dim") and list(spec["depths"]) == list(config.get("depths", ())):
+            return name
+    return None
+
+
+def _full_config(model_name: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    encoder, _ = split_overrides(model_name, {k: v for k, v in overrides.items() if k in ENCODER_ARGS})
+    return encoder
+
+
+def read_pretrained(path: str | Path | None, model: str | None = None) -> Pretrained:
+    """Weights and configuration from ``path``; ``model`` (a registry name) is needed for a release
+    checkpoint and, with ``path=None``, gives a randomly initialised encoder."""
+    if path is None:
+        if model is None:
+            raise ValueError("no checkpoint given: name a --model for a randomly initialised encoder")
+        return Pretrained({}, _full_config(model, {}), model, "random")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    state = load_encoder_state(path)
+    if path.suffix == ".safetensors":
+        config = read_encoder_config(path)
+        if config is None:
+            raise FileNotFoundError(f"{path.with_suffix('.json')} is missing: it holds the model's configuration")
+        return Pretrained(state, dict(config), _name_for(config), "export")
+    section = _checkpoint_model_section(path)
+    if section is not None:
+        name = str(section["name"])
+        overrides = {k: v for k, v in section.items() if k in ENCODER_ARGS and v is not None}
+        return Pretrained(state, _full_config(name, overrides), name, "checkpoint")
+    if model is None:
+        raise ValueError(f"{path} is a release checkpoint: name its model with --model (e.g. mixmim_base)")
+    config = _full_config(model, {})
+    if "absolute_pos_embed" in state:
+        # Release tables are (1, L, C); a 224 checkpoint of stride-4 patches has a 56 x 56 grid.
+        side = int(state["absolute_pos_embed"].shape[1] ** 0.5)
+        config["img_size"] = side * config.get("patch_size", 4)
+    return Pretrained(state, config, model, "release")
+
+
+def build_encoder(pretrained: Pretrained, **overrides: Any) -> MixMIMTransformer:
+    """A MixMIMTransformer with ``pretrained``'s architecture, ``overrides`` (img_size, window_size,
+    num_classes, drop_path_rate, ...) applied, and the weights loaded (resized where the grid or a
+    window changed; a new head stays freshly initialised)."""
+    config = {k: v for k, v in pretrained.config.items() if k not in _NOT_INHERITED}
+    config.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = [k for k in config if k not in ENCODER_ARGS]
+    if unknown:
+        raise ValueError(f"unknown encoder option(s) {', '.join(unknown)}")
+    model = MixMIMTransformer(**config)
+    if pretrained.state:
+        img = pretrained.config.get("img_size", 224)
+        img = (img, img) if isinstance(img, int) else tuple(img)
+        patch = pretrained.config.get("patch_size", 4)
+        target = model.state_dict()
+        # A head of another class count (a release fine-tuning checkpoint) is replaced by a new one.
+        state = {k: v for k, v in pretrained.state.items()
+                 if not (k.startswith("head.") and (k not in target or target[k].shape != v.shape))}
+        load_resized(model, state, source_grid=(img[0] // patch, img[1] // patch))
+    return model
+
+
+def input_size(pretrained: Pretrained, requested: int | None) -> tuple[int | list[int], int]:
+    """(img_size for the model, side length for the transforms): ``requested`` or the checkpoint's."""
+    img_size = requested or pretrained.config.get("img_size", 224)
+    return img_size, img_size if isinstance(img_size, int) else int(img_size[0])
+
+
+def parse_windows(text: str | None) -> list[int | list[int]] | None:
+    """``"8,8,4,2"`` -> [8, 8, 4, 2]; a stage may list one window per block: ``"16,16,16+16+32,16"``."""
+    if text is None or text == "":
+        return None
+    try:
+        stages = [[int(v) for v in part.split("+")] for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--window-size {text!r}: expected comma-separated integers per stage, "
+                         "'+' between the windows of one stage's blocks") from None
+    return [s[0] if len(s) == 1 else s for s in stages]

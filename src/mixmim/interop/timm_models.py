@@ -1,0 +1,82 @@
+"""MixMIM encoders in timm's model registry: ``timm.create_model("mixmim_base")`` and friends.
+
+Weights exported by ``mixmim export`` (``<stem>.safetensors`` + ``<stem>.json``) load with
+
+    timm.create_model("mixmim_base", pretrained=True, pretrained_cfg_overlay=dict(file="x.safetensors"))
+
+The JSON next to the file supplies the exported configuration (image size, windows, learnable
+positions); its architecture (widths, depths, heads) must be the named model's. Keyword arguments
+win over both (``img_size=384, window_size=[16, 16, 24, 12]`` resizes the position table and the
+relative position tables at load time, MixMIM section 3). Exports carry no head, so the default
+``num_classes`` is 0 (pooled features); pass ``num_classes=N`` for a new head.
+
+Importing this module registers the models (``import mixmim`` does it).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from mixmim.interop.export import read_encoder_config
+from mixmim.models.mixmim_vit import MixMIMTransformer
+from mixmim.models.registry import MODELS, split_overrides
+from mixmim.models.resize import resize_state_dict
+
+_ARCHITECTURE = ("embed_dim", "depths", "num_heads", "patch_size")
+
+
+def _cfg() -> dict[str, Any]:
+    return {"url": "", "num_classes": 0, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.875,
+            "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+            "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0"}
+
+
+default_cfgs = generate_default_cfgs({name: _cfg() for name in MODELS})
+
+
+def _filter(state: dict, model: MixMIMTransformer, source_grid: tuple[int, int] | None = None) -> dict:
+    return resize_state_dict(state, model, source_grid)
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> MixMIMTransformer:
+    encoder, _ = split_overrides(variant, {})
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    saved = read_encoder_config(overlay["file"]) if pretrained and overlay.get("file") else None
+    source_grid = None
+    if saved:
+        clash = {k: (saved[k], encoder[k]) for k in _ARCHITECTURE
+                 if k in saved and k in encoder and list(map(int, _as_list(saved[k]))) != list(_as_list(encoder[k]))}
+        if clash:
+            raise ValueError(f"{overlay['file']} holds another architecture than {variant}: "
+                             + ", ".join(f"{k}={a} (not {b})" for k, (a, b) in clash.items()))
+        encoder.update({k: v for k, v in saved.items() if k != "num_classes"})
+        img = saved.get("img_size", 224)
+        img = (img, img) if isinstance(img, int) else tuple(img)
+        patch = saved.get("patch_size", 4)
+        source_grid = (img[0] // patch, img[1] // patch)
+    encoder.update(kwargs)
+    return build_model_with_cfg(MixMIMTransformer, variant, pretrained,
+                                pretrained_filter_fn=partial(_filter, source_grid=source_grid), **encoder)
+
+
+def _as_list(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _entrypoint(name: str):
+    def create(pretrained: bool = False, **kwargs: Any) -> MixMIMTransformer:
+        return _create(name, pretrained, **kwargs)
+
+    spec = MODELS[name]
+    create.__name__ = create.__qualname__ = name
+    create.__doc__ = f"{name}: C = {spec['embed_dim']}, H = {tuple(spec['num_heads'])}, B = {tuple(spec['depths'])}."
+    return create
+
+
+# One timm entry point per named configuration (mixmim_tiny ... mixmim_huge), as module attributes.
+for _name in MODELS:
+    globals()[_name] = register_model(_entrypoint(_name))

@@ -1,0 +1,91 @@
+"""The encoder as a backbone for dense prediction (MixMIM section 3: Mask R-CNN on COCO, UperNet on
+ADE20K).
+
+:class:`MixMIMBackbone` returns the four stage outputs (strides 4, 8, 16, 32) as NCHW maps, each
+through its own LayerNorm as Swin detection backbones do; :class:`MixMIMFPN` adds torchvision's
+feature pyramid so that ``torchvision.models.detection.MaskRCNN`` takes it as is
+(:func:`mask_rcnn`).
+
+The encoder's absolute position table fixes its input size: smaller inputs (torchvision pads
+batches to multiples of 32) are zero-padded at the bottom and right to ``img_size`` and the maps
+are cropped back, as ViTDet pads to 1024. Build the encoder at the size of the largest input, with
+the detection windows of :func:`mixmim.models.resize.detection_windows` if wanted.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Sequence
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from mixmim.models.mixmim_vit import MixMIMTransformer
+
+
+class MixMIMBackbone(nn.Module):
+    """Multi-scale features of a :class:`MixMIMTransformer`: ``{"0": stride 4, ..., "3": stride 32}``.
+
+    The encoder's final norm and head are not used (one norm per output instead); the last output's
+    norm starts from the final norm's weights.
+    """
+
+    def __init__(self, encoder: MixMIMTransformer, out_indices: Sequence[int] = (0, 1, 2, 3)):
+        super().__init__()
+        if not out_indices or any(not 0 <= i < encoder.num_stages for i in out_indices):
+            raise ValueError(f"out_indices={tuple(out_indices)}: expected stage indices in 0..{encoder.num_stages - 1}")
+        self.encoder = encoder
+        self.out_indices = tuple(out_indices)
+        self.out_channels = [encoder.dims[i] for i in self.out_indices]
+        self.strides = [encoder.patch_size * 2**i for i in self.out_indices]
+        self.norms = nn.ModuleList(nn.LayerNorm(c) for c in self.out_channels)
+        last = encoder.num_stages - 1
+        if last in self.out_indices:
+            self.norms[self.out_indices.index(last)].load_state_dict(encoder.norm.state_dict())
+        # Unused parameters would break DDP's gradient bookkeeping.
+        encoder.norm, encoder.head = nn.Identity(), nn.Identity()
+
+    def forward(self, images: Tensor) -> "OrderedDict[str, Tensor]":
+        h, w = images.shape[-2:]
+        full_h, full_w = self.encoder.img_size
+        if h > full_h or w > full_w:
+            raise ValueError(f"input {h}x{w} is larger than the backbone's img_size {full_h}x{full_w}")
+        if (h, w) != (full_h, full_w):
+            images = F.pad(images, (0, full_w - w, 0, full_h - h))
+        stages = self.encoder.forward_stages(self.encoder.patch_embed(images))
+        out: OrderedDict[str, Tensor] = OrderedDict()
+        for name, (i, norm) in enumerate(zip(self.out_indices, self.norms)):
+            gh, gw = self.encoder.grids[i]
+            x = norm(stages[i]).reshape(images.shape[0], gh, gw, -1).permute(0, 3, 1, 2)
+            s = self.strides[name]
+            out[str(name)] = x[:, :, : -(-h // s), : -(-w // s)].contiguous()
+        return out
+
+
+class MixMIMFPN(nn.Module):
+    """Backbone + torchvision's FPN (+ max-pooled extra level), the interface of torchvision's
+    ``BackboneWithFPN``: ``forward`` returns ordered maps, ``out_channels`` is one int."""
+
+    def __init__(self, backbone: MixMIMBackbone, out_channels: int = 256, extra_pool: bool = True):
+        super().__init__()
+        self.body = backbone
+        self.fpn = FeaturePyramidNetwork(backbone.out_channels, out_channels,
+                                         extra_blocks=LastLevelMaxPool() if extra_pool else None)
+        self.out_channels = out_channels
+
+    def forward(self, images: Tensor) -> "OrderedDict[str, Tensor]":
+        return self.fpn(self.body(images))
+
+
+def mask_rcnn(encoder: MixMIMTransformer, num_classes: int, fpn_channels: int = 256, **kwargs):
+    """torchvision Mask R-CNN on the encoder + FPN. Images are resized so that their longer side fits
+    the encoder's input size (``min_size``/``max_size`` default to it); ``kwargs`` go to MaskRCNN."""
+    from torchvision.models.detection import MaskRCNN
+
+    side = max(encoder.img_size)
+    kwargs.setdefault("min_size", min(encoder.img_size))
+    kwargs.setdefault("max_size", side)
+    # The backbone normalises nothing itself: keep torchvision's ImageNet normalisation.
+    return MaskRCNN(MixMIMFPN(MixMIMBackbone(encoder), fpn_channels), num_classes=num_classes, **kwargs)
