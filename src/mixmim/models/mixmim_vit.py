@@ -244,6 +244,11 @@ class MixMIMTransformer(nn.Module):
         """
         if groups is not None and num_groups is None:
             num_groups = int(groups.max()) + 1
+        if stage_embeds is not None:
+            if groups is None:
+                raise ValueError("stage_embeds (mix embeddings) need groups: which image each token is from")
+            if len(stage_embeds) != self.num_stages:
+                raise ValueError(f"stage_embeds has {len(stage_embeds)} tables, the encoder {self.num_stages} stages")
         x = x + self.absolute_pos_embed
         outs = []
         for i, stage in enumerate(self.layers):
