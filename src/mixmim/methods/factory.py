@@ -8,12 +8,14 @@ from typing import Any, Callable
 from torch import nn
 
 from mixmim.methods.mixmim import MixMIM, MixMIMConfig
+from mixmim.methods.simmim import SimMIM, SimMIMConfig
 from mixmim.models.mixmim_vit import MixMIMTransformer
 from mixmim.models.registry import MODELS, split_overrides
 
 # method name -> (config dataclass, builder(encoder, config))
 METHODS: dict[str, tuple[type, Callable[[MixMIMTransformer, Any], nn.Module]]] = {
     "mixmim": (MixMIMConfig, lambda encoder, config: MixMIM(encoder, config)),
+    "simmim": (SimMIMConfig, lambda encoder, config: SimMIM(encoder, config)),
 }
 
 
@@ -45,8 +47,11 @@ def create_pretrainer(method: str = "mixmim", model: str = "mixmim_base", **over
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; known models: {', '.join(MODELS)}")
     config_cls, build = METHODS[method]
-    encoder_args, options = split_overrides(model, _release_aliases(overrides))
+    overrides = _release_aliases(overrides)
+    encoder_args, options = split_overrides(model, overrides)
     known = {f.name for f in dataclasses.fields(config_cls)}
+    # The named model's decoder size applies only to methods that have a decoder (not SimMIM).
+    options = {k: v for k, v in options.items() if k in known or k in overrides}
     unknown = sorted(set(options) - known)
     if unknown:
         raise TypeError(f"unknown option(s) for method {method!r}: {', '.join(unknown)}; "

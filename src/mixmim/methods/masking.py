@@ -18,6 +18,18 @@ def check_ratio(ratio: float, name: str = "mask_ratio") -> None:
         raise ValueError(f"{name}={ratio} is outside (0, 1)")
 
 
+def as_grid_masks(mask: Tensor, grid: tuple[int, int], batch: int, where: str) -> Tensor:
+    """Accept (h, w), (1, h, w) or (B, h, w) masks on ``grid``; return them as (G, h, w)."""
+    h, w = grid
+    given = tuple(mask.shape)
+    if mask.ndim == 2:
+        mask = mask.unsqueeze(0)
+    if mask.ndim != 3 or tuple(mask.shape[1:]) != (h, w) or mask.shape[0] not in (1, batch):
+        raise ValueError(f"mask of shape {given} does not fit: expected ({h}, {w}), (1, {h}, {w}) "
+                         f"or ({batch}, {h}, {w}) {where}")
+    return mask
+
+
 def sample_ratio(ratio: float, ratio_range: tuple[float, float] | None, generator: torch.Generator | None) -> float:
     """The masking ratio of one draw: fixed, or uniform in ``ratio_range`` (the release's
     ``range_mask_ratio``: ratio + U(0, range))."""
@@ -55,14 +67,16 @@ def random_groups(grid: tuple[int, int], ratio: float = 0.5, *, num_groups: int 
 
 
 def block_groups(grid: tuple[int, int], ratio: float = 0.5, *, count: int = 1, min_cells: int = 1,
-                 min_aspect: float = 0.3, generator: torch.Generator | None = None) -> Tensor:
+                 min_aspect: float = 0.3, ratio_range: tuple[float, float] | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
     """Block-wise masking in the style of BEiT on the cell grid (MixMIM Table 8, "Block"): random
     rectangles of log-uniform aspect ratio are added to group 1 until ``floor(L * ratio)`` cells are
-    covered; the last rectangle is trimmed cell by cell so the count is exact."""
+    covered; the last rectangle is trimmed cell by cell (a staircase cut from its far corner, so it
+    stays connected) and the count is exact. ``ratio_range`` draws the ratio per mask, as for
+    :func:`random_groups`."""
     check_ratio(ratio)
     h, w = grid
     length = h * w
-    target = int(length * ratio)
     log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
     masks = torch.zeros(count, h, w, dtype=torch.long)
 
@@ -70,6 +84,9 @@ def block_groups(grid: tuple[int, int], ratio: float = 0.5, *, count: int = 1, m
         return low + (high - low) * torch.rand((), generator=generator).item()
 
     for c in range(count):
+        r = sample_ratio(ratio, ratio_range, generator)
+        check_ratio(r)
+        target = int(length * r)
         mask = masks[c]
         tries = 0
         while int(mask.sum()) < target and tries < 1000:
@@ -97,6 +114,28 @@ def block_groups(grid: tuple[int, int], ratio: float = 0.5, *, count: int = 1, m
             pick = free[torch.randperm(len(free), generator=generator)[: target - int(mask.sum())]]
             mask.view(-1)[pick] = 1
     return masks
+
+
+def token_cells(groups: Tensor, ratio: float, num_groups: int = 2,
+                generator: torch.Generator | None = None) -> Tensor:
+    """Cells to fill with the [MASK] token, (G, h, w) bool ("2 images with [MASK]", MixMAE supplement
+    Table 4): in every group ``floor(n_g * ratio)`` of its n_g cells are drawn at random.
+
+    Drawing within each group keeps the groups the same size, so with two groups of 50% and
+    ``ratio=0.5`` each image keeps 25% of the cells and the other 50% hold the mask token. A
+    mask-token cell stays in its attention group: that image sees it as its own [MASK] position,
+    as in SimMIM/BEiT, while the other image never sees it (masked self-attention, section 2.3).
+    """
+    if not 0.0 <= float(ratio) < 1.0:
+        raise ValueError(f"mask_token_ratio={ratio} is outside [0, 1)")
+    flat = groups.reshape(groups.shape[0], -1)
+    out = torch.zeros(flat.shape, dtype=torch.bool)
+    for c in range(flat.shape[0]):
+        for g in range(num_groups):
+            members = (flat[c] == g).nonzero().flatten().cpu()
+            pick = members[torch.randperm(len(members), generator=generator)[: int(len(members) * ratio)]]
+            out[c, pick] = True
+    return out.reshape(groups.shape).to(groups.device)
 
 
 def upsample_groups(groups: Tensor, factor: int) -> Tensor:

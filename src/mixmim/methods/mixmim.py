@@ -10,6 +10,10 @@ MixMIM paper section 2.2 and 2.3. In tensors (one mask per batch, two images):
 4. Unmix: for each group g a decoder sequence keeps the encoder tokens of group g and puts the mask
    token everywhere else; 2B sequences are decoded (dual reconstruction).
 5. Loss (eq. 2): MSE to per-patch normalised pixels on the cells hidden from each reconstructed image.
+
+Every ablation of MixMIM section 5 (Tables 6-10) and of the MixMAE supplement (Tables 3-6) is a
+field of :class:`MixMIMConfig`; the defaults are the paper's choices and reproduce the release
+bit for bit.
 """
 
 from __future__ import annotations
@@ -18,18 +22,48 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mixmim.methods.base import PretrainOutput
-from mixmim.methods.masking import block_groups, check_ratio, partner_sources, random_groups
+from mixmim.methods.masking import (as_grid_masks, block_groups, check_ratio, partner_sources, random_groups, token_cells,
+                                    upsample_groups)
 from mixmim.methods.patches import normalize_patches, patchify
 from mixmim.models.decoder import MaskTokenDecoder
 from mixmim.models.mixmim_vit import MixMIMTransformer
 
 
+Filling = Literal["mix", "zero", "learnable", "shuffle", "zoomin"]
+Pretext = Literal["masked_attention", "mix_embedding", "none"]
+FILLINGS: tuple[str, ...] = ("mix", "zero", "learnable", "shuffle", "zoomin")
+PRETEXTS: tuple[str, ...] = ("masked_attention", "mix_embedding", "none")
+
+
 @dataclass
 class MixMIMConfig:
-    """Options of the MixMIM method; the defaults are the paper's choices."""
+    """Options of the MixMIM method; the defaults are the paper's choices.
+
+    - ``filling`` (Table 6 / supplement Table 3): what fills the cells hidden from an image. ``mix``:
+      the other image's tokens (the method). ``zero``: zero tokens; ``learnable``: one shared
+      learnable token; ``shuffle``: the image's own hidden tokens, cell by cell in random order;
+      ``zoomin``: tokens of a random crop of the same image zoomed to full size (``zoomin_factor``).
+      The non-mix fillings hold one image, so attention is plain and one sequence per image is
+      reconstructed, scored on the filled cells.
+    - ``dual_reconstruction`` (Table 7 / supplement Table 6): False decodes only group 0, i.e.
+      image i from its own cells of sample i, although the sample still holds two images.
+    - ``pretext`` (section 2.3, Table 10): ``masked_attention`` restricts attention to the token's
+      own image; ``mix_embedding`` adds one learnable vector per image and stage at the start of
+      each stage and lets attention cross; ``none`` is plain attention over the mixed image
+      ("w/o unmixing" in the encoder; the decoder still unmixes).
+    - masking (Table 8): ``mask_type`` random or block (BEiT-style blocks on the cell grid),
+      ``mask_ratio`` with an optional uniform ``mask_ratio_range``, ``mask_per_sample`` (False: one
+      mask for the batch, as the release), ``mask_cell`` the cell side in pixels (a multiple of the
+      encoder stride, 32 by default: section 3).
+    - ``num_images`` (supplement Table 4): k images per sample, each cell from exactly one of them,
+      1/k each; k-way group attention and k-way unmixing. ``mask_token_ratio`` ("2 images with
+      [MASK]", supplement Table 4): this fraction of every image's cells is replaced by the learnable
+      [MASK] token at the encoder input (0.5 with two images: 25% / 25% / 50%).
+    """
 
     decoder_dim: int = 512
     decoder_depth: int = 8
@@ -40,19 +74,57 @@ class MixMIMConfig:
     mask_type: Literal["random", "block"] = "random"
     mask_per_sample: bool = False
     num_images: int = 2
+    mask_cell: int = 32
+    filling: Filling = "mix"
+    dual_reconstruction: bool = True
+    pretext: Pretext = "masked_attention"
+    mask_token_ratio: float = 0.0
+    zoomin_factor: float = 2.0
+
+    def __post_init__(self) -> None:
+        # YAML and the run config's method section give lists; keep the declared tuple.
+        if isinstance(self.mask_ratio_range, list):
+            self.mask_ratio_range = tuple(self.mask_ratio_range)
 
     def validate(self) -> None:
         check_ratio(self.mask_ratio)
         if self.mask_ratio_range is not None:
+            if len(self.mask_ratio_range) != 2:
+                raise ValueError(f"mask_ratio_range={list(self.mask_ratio_range)} must be [low, high]")
             low, high = self.mask_ratio_range
             check_ratio(low, "mask_ratio_range[0]")
             check_ratio(high, "mask_ratio_range[1]")
             if low > high:
                 raise ValueError(f"mask_ratio_range={list(self.mask_ratio_range)} must be [low, high]")
+            if self.num_images != 2:
+                raise ValueError(f"mask_ratio_range={list(self.mask_ratio_range)} needs num_images=2; with "
+                                 f"num_images={self.num_images} every image supplies 1/k of the cells")
         if self.mask_type not in ("random", "block"):
             raise ValueError(f"mask_type={self.mask_type!r}: expected 'random' or 'block'")
         if not 2 <= self.num_images <= 8:
             raise ValueError(f"num_images={self.num_images}: expected 2 to 8")
+        if self.mask_type == "block" and self.num_images != 2:
+            raise ValueError(f"mask_type='block' draws two groups; num_images={self.num_images} needs 'random'")
+        if self.filling not in FILLINGS:
+            raise ValueError(f"filling={self.filling!r}: expected one of {', '.join(FILLINGS)}")
+        if self.pretext not in PRETEXTS:
+            raise ValueError(f"pretext={self.pretext!r}: expected one of {', '.join(PRETEXTS)}")
+        if isinstance(self.mask_cell, bool) or not isinstance(self.mask_cell, int) or self.mask_cell < 1:
+            raise ValueError(f"mask_cell={self.mask_cell!r}: expected a positive number of pixels")
+        if not 0.0 <= float(self.mask_token_ratio) < 1.0:
+            raise ValueError(f"mask_token_ratio={self.mask_token_ratio} is outside [0, 1)")
+        if not float(self.zoomin_factor) >= 1.0:
+            raise ValueError(f"zoomin_factor={self.zoomin_factor} must be at least 1 (a zoom in)")
+        if self.filling != "mix":
+            # One image per sample: nothing to mix k ways, fill with [MASK] or tell apart.
+            if self.num_images != 2:
+                raise ValueError(f"filling={self.filling!r} holds one image; num_images={self.num_images} needs 'mix'")
+            if self.mask_token_ratio:
+                raise ValueError(f"filling={self.filling!r} already fills the hidden cells; "
+                                 f"mask_token_ratio={self.mask_token_ratio} needs 'mix'")
+            if self.pretext == "mix_embedding":
+                raise ValueError(f"pretext='mix_embedding' tells mixed images apart; filling={self.filling!r} "
+                                 "holds one image")
 
 
 class MixMIM(nn.Module):
@@ -67,8 +139,28 @@ class MixMIM(nn.Module):
         self.grid = encoder.grids[-1]
         self.in_chans = in_chans
         c = self.config
+        if c.mask_cell % encoder.stride:
+            # Section 3: the mask patch is 32 because the encoder downsamples to 1/32. A smaller cell
+            # would put two images into one last-stage token at the final patch merging, where no
+            # attention mask can separate them again.
+            raise ValueError(f"mask_cell={c.mask_cell} is not a multiple of the encoder stride {encoder.stride}: "
+                             "patch merging would merge tokens of two images into one last-stage token")
+        self.mask_factor = c.mask_cell // encoder.stride
+        if self.grid[0] % self.mask_factor or self.grid[1] % self.mask_factor:
+            raise ValueError(f"mask_cell={c.mask_cell} does not divide the image size "
+                             f"{self.grid[0] * self.cell}x{self.grid[1] * self.cell}")
+        self.mask_grid = (self.grid[0] // self.mask_factor, self.grid[1] // self.mask_factor)
         self.decoder = MaskTokenDecoder(encoder.num_features, self.grid, self.cell**2 * in_chans, c.decoder_dim,
                                         c.decoder_depth, c.decoder_num_heads)
+        # Parameters of the ablations exist only when used, so default checkpoints keep the
+        # release's names exactly.
+        if c.filling == "learnable" or c.mask_token_ratio > 0:
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.embed_dim))
+            nn.init.trunc_normal_(self.mask_token, std=0.02)
+        if c.pretext == "mix_embedding":
+            # Different random vectors from the start, so the groups differ before any update.
+            self.mix_embed = nn.ParameterList(
+                [nn.Parameter(nn.init.trunc_normal_(torch.empty(c.num_images, d), std=0.02)) for d in encoder.dims])
 
     @property
     def num_groups(self) -> int:
@@ -76,27 +168,32 @@ class MixMIM(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         names = {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
-        return names | {f"decoder.{n}" for n in self.decoder.no_weight_decay()}
+        extra = {n for n, _ in self.named_parameters() if n == "mask_token" or n.startswith("mix_embed.")}
+        return names | {f"decoder.{n}" for n in self.decoder.no_weight_decay()} | extra
 
     # ------------------------------------------------------------------ masks
-    def sample_mask(self, batch: int, generator: torch.Generator | None = None) -> Tensor:
-        """Group ids (G, h, w) on the last grid, drawn on the CPU so runs replay on any device."""
+    def sample_layout(self, batch: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
+        """(group ids (G, h, w) on the last grid, mask-token cells (G, h, w) bool or None), drawn on
+        the CPU so runs replay on any device; cells of ``mask_cell`` pixels."""
         c = self.config
         count = batch if c.mask_per_sample else 1
         if c.mask_type == "block":
-            return block_groups(self.grid, c.mask_ratio, count=count, generator=generator)
-        return random_groups(self.grid, c.mask_ratio, num_groups=self.num_groups, count=count,
-                             ratio_range=c.mask_ratio_range, generator=generator)
+            groups = block_groups(self.mask_grid, c.mask_ratio, count=count, ratio_range=c.mask_ratio_range,
+                                  generator=generator)
+        else:
+            groups = random_groups(self.mask_grid, c.mask_ratio, num_groups=self.num_groups, count=count,
+                                   ratio_range=c.mask_ratio_range, generator=generator)
+        tokens = token_cells(groups, c.mask_token_ratio, self.num_groups, generator) if c.mask_token_ratio else None
+        up = self.mask_factor
+        return upsample_groups(groups, up), (upsample_groups(tokens, up) if tokens is not None else None)
+
+    def sample_mask(self, batch: int, generator: torch.Generator | None = None) -> Tensor:
+        """Group ids (G, h, w) on the last grid, drawn on the CPU so runs replay on any device."""
+        return self.sample_layout(batch, generator)[0]
 
     def check_mask(self, mask: Tensor, batch: int) -> Tensor:
         """Accept (h, w), (1, h, w) or (B, h, w) masks of group ids; return (G, h, w) long."""
-        h, w = self.grid
-        given = tuple(mask.shape)
-        if mask.ndim == 2:
-            mask = mask.unsqueeze(0)
-        if mask.ndim != 3 or tuple(mask.shape[1:]) != (h, w) or mask.shape[0] not in (1, batch):
-            raise ValueError(f"mask of shape {given} does not fit: expected ({h}, {w}), (1, {h}, {w}) "
-                             f"or ({batch}, {h}, {w}) on the last-stage grid")
+        mask = as_grid_masks(mask, self.grid, batch, "on the last-stage grid")
         if mask.is_floating_point() and not torch.equal(mask, mask.round()):
             raise ValueError("mask must hold integer group ids (0/1 for two images)")
         mask = mask.long()
@@ -104,30 +201,78 @@ class MixMIM(nn.Module):
             raise ValueError(f"mask values must lie in 0..{self.num_groups - 1}, got {int(mask.min())}..{int(mask.max())}")
         return mask
 
+    def _token_cells_for(self, groups: Tensor, token_mask: Tensor | None) -> Tensor | None:
+        """Mask-token cells for a given mask: as given, or drawn on its ``mask_cell`` grid."""
+        if token_mask is not None:
+            if not self.config.mask_token_ratio:
+                raise ValueError("token_mask is given but mask_token_ratio=0.0: the model has no [MASK] token")
+            if tuple(token_mask.shape[-2:]) != self.grid:
+                raise ValueError(f"token_mask of shape {tuple(token_mask.shape)} does not fit the grid {self.grid}")
+            return token_mask.reshape(-1, *self.grid).bool().to(groups.device)
+        if not self.config.mask_token_ratio:
+            return None
+        f = self.mask_factor
+        drawn = token_cells(groups[:, ::f, ::f].cpu(), self.config.mask_token_ratio, self.num_groups)
+        return upsample_groups(drawn, f).to(groups.device)
+
     # ------------------------------------------------------------------ forward
-    def forward(self, images: Tensor, mask: Tensor | None = None) -> PretrainOutput:
+    def forward(self, images: Tensor, mask: Tensor | None = None, token_mask: Tensor | None = None) -> PretrainOutput:
+        """``mask``: group ids on the last grid (drawn when None). ``token_mask``: (G, h, w) bool cells
+        that hold the [MASK] token (only with ``mask_token_ratio``; drawn when None)."""
         self.encoder.check_input(images)
         b = images.shape[0]
-        k = self.num_groups
-        groups = self.sample_mask(b) if mask is None else self.check_mask(mask, b)
+        if mask is None:
+            groups, tokens_at = self.sample_layout(b)
+        else:
+            groups = self.check_mask(mask, b)
+            tokens_at = self._token_cells_for(groups, token_mask)
         groups = groups.to(images.device)
-        sources = partner_sources(b, k, images.device)  # (k, B)
+        if self.config.filling != "mix":
+            return self._forward_filled(images, groups)
 
-        tokens = self.encoder.patch_embed(images)
-        mixed = self.mix(tokens, groups, sources)
-        latent = self.encoder.forward_tokens(mixed, groups, num_groups=k)
+        k = self.num_groups
+        sources = partner_sources(b, k, images.device)  # (k, B)
+        mixed = self.make_input(images, groups, sources, tokens_at)
+        latent = self.encode(mixed, groups)
 
         # Unmix: one decoder sequence per (group, sample), rows ordered g * B + i as in the release.
+        # Single reconstruction (Table 7) keeps group 0 only: image i from its own cells of sample i.
+        decoded = k if self.config.dual_reconstruction else 1
         flat = groups.reshape(groups.shape[0], -1)
-        visible = torch.cat([(flat == g).expand(b, -1) for g in range(k)])  # (k*B, L)
-        reconstruction = self.decoder(latent.repeat(k, 1, 1), visible)
+        visible = torch.cat([(flat == g).expand(b, -1) for g in range(decoded)])  # (decoded*B, L)
+        hidden = ~visible
+        if tokens_at is not None:
+            # A [MASK] cell of the image's group carries no pixel of it: it is scored too.
+            hidden = hidden | tokens_at.reshape(tokens_at.shape[0], -1).expand(b, -1).repeat(decoded, 1)
+        return self._reconstruct(images, latent, visible, hidden, sources[:decoded].reshape(-1), groups)
 
+    def make_input(self, images: Tensor, groups: Tensor, sources: Tensor, tokens_at: Tensor | None = None) -> Tensor:
+        """Stage-1 tokens the encoder sees for mixed filling: eq. 1, then the [MASK] token on
+        ``tokens_at`` cells (before positions are added, as in SimMIM)."""
+        mixed = self.mix(self.encoder.patch_embed(images), groups, sources)
+        if tokens_at is not None:
+            at = self.encoder.stage_groups(tokens_at, 0).reshape(tokens_at.shape[0], -1, 1)
+            mixed = torch.where(at, self.mask_token.to(mixed.dtype), mixed)
+        return mixed
+
+    def encode(self, tokens: Tensor, groups: Tensor) -> Tensor:
+        """The encoder on mixed stage-1 tokens with the chosen way to tell images apart (Table 10)."""
+        pretext = self.config.pretext
+        if pretext == "masked_attention":
+            return self.encoder.forward_tokens(tokens, groups, num_groups=self.num_groups)
+        embeds = list(self.mix_embed) if pretext == "mix_embedding" else None
+        return self.encoder.forward_tokens(tokens, groups, restrict_attention=False, stage_embeds=embeds,
+                                           num_groups=self.num_groups)
+
+    def _reconstruct(self, images: Tensor, latent: Tensor, visible: Tensor, hidden: Tensor, seq_sources: Tensor,
+                     groups: Tensor) -> PretrainOutput:
+        """Decode ``visible.shape[0]`` sequences (latent repeated) and score the hidden cells."""
+        repeats = visible.shape[0] // latent.shape[0]
+        reconstruction = self.decoder(latent.repeat(repeats, 1, 1) if repeats > 1 else latent, visible)
         target = patchify(images, self.cell)
         if self.config.norm_pix_loss:
             target = normalize_patches(target)
-        seq_sources = sources.reshape(-1)
         seq_target = target[seq_sources]
-        hidden = ~visible
         loss = self.reconstruction_loss(reconstruction, seq_target, hidden)
         return PretrainOutput(loss=loss, reconstruction=reconstruction, mask=groups, target=seq_target,
                               hidden=hidden, sources=seq_sources)
@@ -140,6 +285,77 @@ class MixMIM(nn.Module):
         for g in range(1, sources.shape[0]):
             mixed = torch.where(ids == g, tokens[sources[g]], mixed)
         return mixed
+
+    # ------------------------------------------------------------------ non-mix fillings (Table 6)
+    def _forward_filled(self, images: Tensor, groups: Tensor) -> PretrainOutput:
+        """One image per sample: group-1 cells are filled, plain attention, single reconstruction."""
+        b = images.shape[0]
+        x = self.fill_input(images, groups)
+        latent = self.encoder.forward_tokens(x)  # one image: nothing to keep apart
+        visible = (groups.reshape(groups.shape[0], -1) == 0).expand(b, -1)
+        return self._reconstruct(images, latent, visible, ~visible, torch.arange(b, device=images.device), groups)
+
+    def fill_input(self, images: Tensor, groups: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Stage-1 tokens of each image with its group-1 cells replaced by ``config.filling``."""
+        tokens = self.encoder.patch_embed(images)
+        filling = self.config.filling
+        if filling == "zero":
+            fill = torch.zeros_like(tokens)
+        elif filling == "learnable":
+            fill = self.mask_token.to(tokens.dtype).expand_as(tokens)
+        elif filling == "shuffle":
+            fill = self.shuffle_cells(tokens, groups, generator)
+        elif filling == "zoomin":
+            fill = self.encoder.patch_embed(self.zoom_in(images, generator))
+        else:
+            raise ValueError(f"filling={filling!r} is not a single-image filling")
+        hidden = self.encoder.stage_groups(groups, 0).reshape(groups.shape[0], -1, 1) == 1
+        return torch.where(hidden, fill, tokens)
+
+    def _cells(self, tokens: Tensor) -> Tensor:
+        """(B, L1, C) stage-1 tokens -> (B, L, n, C): the n tokens of each last-grid cell."""
+        b, _, ch = tokens.shape
+        (gh, gw), f = self.grid, self.cell // self.encoder.patch_size
+        return tokens.reshape(b, gh, f, gw, f, ch).transpose(2, 3).reshape(b, gh * gw, f * f, ch)
+
+    def _uncells(self, cells: Tensor) -> Tensor:
+        b, _, _, ch = cells.shape
+        (gh, gw), f = self.grid, self.cell // self.encoder.patch_size
+        return cells.reshape(b, gh, gw, f, f, ch).transpose(2, 3).reshape(b, gh * f * gw * f, ch)
+
+    def shuffle_cells(self, tokens: Tensor, groups: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Shuffle filling: every sample's group-1 cells are permuted among themselves at random,
+        whole 32x32 cells (a jigsaw of the hidden part, section 5); other cells stay in place."""
+        cells = self._cells(tokens)
+        b, length = cells.shape[:2]
+        hidden = (groups.reshape(groups.shape[0], -1) == 1).expand(b, -1).cpu()
+        inf = torch.tensor(float("inf"))
+        keys = torch.rand(b, length, generator=generator)
+        # Stable sorts put the hidden cells first (random order vs index order) and the visible
+        # cells after them in index order in both, so the scatter maps visible cells to themselves.
+        shuffled = torch.where(hidden, keys, inf).sort(dim=1, stable=True).indices
+        ordered = torch.where(hidden, torch.arange(length, dtype=keys.dtype).expand(b, -1), inf)
+        ordered = ordered.sort(dim=1, stable=True).indices
+        source = torch.empty_like(ordered).scatter_(1, ordered, shuffled).to(tokens.device)
+        picked = cells.gather(1, source[:, :, None, None].expand_as(cells))
+        return self._uncells(picked)
+
+    def zoom_boxes(self, batch: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, int, int]:
+        """(tops, lefts, crop height, crop width) of one random crop per image, 1/zoomin_factor
+        of the image side (the paper does not state the factor)."""
+        h, w = self.encoder.img_size
+        ch = max(1, round(h / self.config.zoomin_factor))
+        cw = max(1, round(w / self.config.zoomin_factor))
+        tops = torch.randint(0, h - ch + 1, (batch,), generator=generator)
+        lefts = torch.randint(0, w - cw + 1, (batch,), generator=generator)
+        return tops, lefts, ch, cw
+
+    def zoom_in(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Zoomin filling (section 5): the image zoomed in and cropped back to its size, i.e. a
+        random crop resized (bilinear) to full size."""
+        tops, lefts, ch, cw = self.zoom_boxes(images.shape[0], generator)
+        crops = torch.stack([img[:, t:t + ch, l:l + cw] for img, t, l in zip(images, tops.tolist(), lefts.tolist())])
+        return F.interpolate(crops, size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False)
 
     @staticmethod
     def reconstruction_loss(prediction: Tensor, target: Tensor, hidden: Tensor) -> Tensor:
