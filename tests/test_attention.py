@@ -90,3 +90,72 @@ def test_fast_path_without_groups_matches_reference():
     fast.load_state_dict(ref.state_dict())
     x = torch.randn(2, 3, 128, 128)
     torch.testing.assert_close(fast(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def _compare_fast_to_reference(num_groups, per_sample, ratio=0.5, b=3):
+    ref = _encoder("reference")
+    fast = _encoder("fast")
+    fast.load_state_dict(ref.state_dict())
+    groups = random_groups(ref.grids[-1], ratio, num_groups=num_groups, count=b if per_sample else 1)
+    x = torch.randn(b, ref.grids[0][0] * ref.grids[0][1], ref.embed_dim)
+    outs = {}
+    for name, enc in [("ref", ref), ("fast", fast)]:
+        xi = x.clone().requires_grad_(True)
+        y = enc.forward_tokens(xi, groups, num_groups=num_groups)
+        (y * torch.randn_like(y, generator=torch.Generator().manual_seed(1))).sum().backward()
+        outs[name] = (y.detach(), xi.grad, {n: p.grad.clone() for n, p in enc.named_parameters() if p.grad is not None})
+    assert_close_scaled(outs["fast"][0], outs["ref"][0], 1e-5, "output")
+    assert_close_scaled(outs["fast"][1], outs["ref"][1], 1e-5, "input gradient")
+    for n, g in outs["ref"][2].items():
+        assert_close_scaled(outs["fast"][2][n], g, 1e-5, n)
+
+
+@pytest.mark.parametrize("mode", ["gather", "window_mask"])
+@pytest.mark.parametrize("num_groups,ratio", [(2, 0.5), (2, 0.3), (4, 0.5)])
+def test_both_fast_strategies_match_reference(monkeypatch, mode, num_groups, ratio):
+    """Force the dense-gather plan (padded buckets, -inf key bias) or the shared per-window mask in
+    every stage; uneven ratios make buckets with padding."""
+    import mixmim.models.attention as attention
+
+    monkeypatch.setattr(attention, "_GATHER_MIN_SAVING", 0.0 if mode == "gather" else 2.0)
+    _compare_fast_to_reference(num_groups, per_sample=False, ratio=ratio)
+
+
+def test_gather_plan_covers_every_token_once():
+    from mixmim.models.attention import GroupLayout
+
+    ids = random_groups((4, 4), 0.5, num_groups=3).repeat_interleave(4, 1).repeat_interleave(4, 2)
+    plan = GroupLayout.from_grid(ids, 8, 3).plan()
+    assert plan.additive is None or plan.buckets == []
+    if plan.additive is None:
+        assert sorted(plan.gather[plan.scatter].tolist()) == list(range(ids.numel()))
+
+
+def test_biased_attention_bias_gradient_matches_autograd():
+    from mixmim.models.attention import biased_attention
+
+    q, k, v = (torch.randn(3, 4, 10, 8, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 4, 10, 10, requires_grad=True)
+    with torch.no_grad():
+        bias[..., -2:] = float("-inf")  # padded keys
+    out = biased_attention(q, k, v, bias, 0.3)
+    ref = torch.softmax(q @ k.transpose(-1, -2) * 0.3 + bias, -1) @ v
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    w = torch.randn_like(out)
+    got = torch.autograd.grad((out * w).sum(), (q, k, v, bias))
+    want = torch.autograd.grad((ref * w).sum(), (q, k, v, bias))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(torch.nan_to_num(a), torch.nan_to_num(b), rtol=1e-5, atol=1e-5)
+
+
+def test_flex_on_cpu_falls_back_to_fast_with_a_warning():
+    import mixmim.models.flex as flex
+
+    ref, flx = _encoder("reference"), _encoder("flex")
+    flx.load_state_dict(ref.state_dict())
+    groups = random_groups(ref.grids[-1], 0.5, count=1)
+    x = torch.randn(2, ref.grids[0][0] * ref.grids[0][1], ref.embed_dim)
+    flex._warned = False
+    with pytest.warns(UserWarning, match="needs CUDA"):
+        y = flx.forward_tokens(x, groups, num_groups=2)
+    assert_close_scaled(y, ref.forward_tokens(x, groups, num_groups=2), 1e-5, "output")

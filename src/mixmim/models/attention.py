@@ -6,11 +6,13 @@ with the mixing mask upsampled to every stage. Three implementations compute the
 - ``reference``: the public release's maths. The full attention matrix is built and ``1e30`` is
   subtracted across groups, with a mask rebuilt for every image and window. Kept as the ground
   truth the faster paths are tested against.
-- ``fast``: PyTorch's ``scaled_dot_product_attention`` (fused kernels where the device has them).
-  When the whole batch shares one mask (the release's default) the group structure is the same for
-  every image: in a global window the tokens of each group are gathered into their own dense
-  sequence, so no work is spent on pairs that the mask would discard; in smaller windows one additive
-  mask per window (not per image) is built once per stage and broadcast over the batch.
+- ``fast``: every non-empty (window, group) of a stage is gathered into a dense sequence (with one
+  mask per batch these are the same token sets for every image, so the plan is built once per stage
+  and the batch axis stays), sequences are bucketed by length and padded with a -inf key bias, and
+  no query-key pair across groups is computed. Where gathering would remove too few pairs (windows
+  that straddle few cells) one 0/-inf mask per window, shared by the batch, is used instead. On CPU
+  attention runs through the fused flash kernel, which keeps no (L, L) matrix; the backward
+  recomputes it in chunks and also returns the relative-position-bias gradient.
 - ``flex``: FlexAttention block masks (CUDA only), see :mod:`mixmim.models.flex`.
 """
 
@@ -52,49 +54,172 @@ def window_reverse(x: Tensor, window: int, h: int, w: int) -> Tensor:
     return x.reshape(b, h, w, c)
 
 
+# Per-call budget (elements) for the attention matrices materialised in the backward recompute.
+_RECOMPUTE_BUDGET = 1 << 23
+
+
+@dataclass(eq=False)
+class GroupPlan:
+    """Dense per-(window, group) sequences of one stage, bucketed by length.
+
+    Every non-empty (image, window, group) triple becomes one sequence of the tokens it holds; the
+    sequences are sorted by length and cut into buckets, each padded to its longest member. With a
+    shared mask the sequences are the same for every image, so the leading batch axis stays and the
+    bias of a bucket is built once for the whole batch.
+    """
+
+    gather: Tensor  # (P,) flat token index of every padded sequence position (pads point at token 0)
+    scatter: Tensor  # (T,) position of every flat token in the gathered order
+    buckets: list[tuple[int, int]]  # (number of sequences, padded length) per bucket, in gather order
+    rel_index: list[Tensor]  # per bucket (n, L, L) row of the bias table; padded keys -> the extra row
+    additive: Tensor | None = None  # (nW, 1, N, N) 0 / -inf: set when gathering would not pay off
+
+
+# Gather into dense sequences only when it removes at least this share of the query-key pairs; below
+# that the copies cost more than the saved pairs and one mask per window (shared by the batch) wins.
+_GATHER_MIN_SAVING = 0.4
+
+
 @dataclass(eq=False)
 class GroupLayout:
     """Which group (source image) each token of one stage belongs to, windowed for attention.
 
     ``ids`` is (G, nW, N) with G == 1 when the whole batch shares one mask and G == B otherwise.
-    The derived tensors are computed once per stage and reused by all of its blocks.
+    The derived plan is computed once per stage and reused by all of its blocks.
     """
 
     ids: Tensor
     num_groups: int
-    _same: Tensor | None = field(default=None, repr=False)
-    _members: list[Tensor] | None = field(default=None, repr=False)
-    _additive: Tensor | None = field(default=None, repr=False)
+    window: int = 0
+    _plan: GroupPlan | None = field(default=None, repr=False)
 
     @classmethod
     def from_grid(cls, ids: Tensor, window: int, num_groups: int) -> "GroupLayout":
         """``ids``: (G, H, W) group ids on this stage's grid."""
-        return cls(window_partition(ids, window), num_groups)
+        return cls(window_partition(ids, window), num_groups, window)
 
     @property
     def shared(self) -> bool:
         return self.ids.shape[0] == 1
 
-    def same_group(self) -> Tensor:
-        """(G, nW, N, N) bool: True where query and key belong to the same group."""
-        if self._same is None:
-            self._same = self.ids[..., :, None] == self.ids[..., None, :]
-        return self._same
+    @torch.compiler.disable
+    def plan(self) -> GroupPlan:
+        """Built on first use (data dependent, host side; kept out of compiled graphs)."""
+        if self._plan is None:
+            self._plan = _build_plan(self.ids, self.window or int(round(self.ids.shape[-1] ** 0.5)))
+        return self._plan
 
-    def members(self) -> list[Tensor]:
-        """Token indices of each group, for a shared layout with a single (global) window."""
-        if self._members is None:
-            ids = self.ids[0, 0]
-            self._members = [torch.nonzero(ids == g).flatten() for g in range(self.num_groups)]
-        return self._members
 
-    def additive(self, dtype: torch.dtype) -> Tensor:
-        """(G, nW, 1, N, N): 0 within a group, -inf across groups."""
-        if self._additive is None or self._additive.dtype != dtype:
-            zero = torch.zeros((), dtype=dtype, device=self.ids.device)
-            ninf = torch.full((), float("-inf"), dtype=dtype, device=self.ids.device)
-            self._additive = torch.where(self.same_group(), zero, ninf).unsqueeze(2)
-        return self._additive
+def _bucket_lengths(lengths: list[int], overhead: float) -> list[int]:
+    """Cut lengths sorted in descending order into contiguous buckets minimising
+    sum(count * longest^2) + overhead per bucket (attention work plus a fixed cost per kernel call)."""
+    n = len(lengths)
+    best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j sequences
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            cost = best[i] + (j - i) * lengths[i] ** 2 + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    ends, j = [], n
+    while j > 0:
+        ends.append(j)
+        j = cut[j]
+    return ends[::-1]
+
+
+def _build_plan(ids: Tensor, window: int) -> GroupPlan:
+    device = ids.device
+    ids = ids.cpu()
+    g, nw, n = ids.shape
+    flat = ids.reshape(-1)
+    # Stable sort by (image, window, group) keeps the row-major token order inside every sequence.
+    key = torch.arange(g * nw).repeat_interleave(n) * (int(flat.max()) + 1) + flat
+    order = torch.sort(key, stable=True).indices
+    _, counts = torch.unique_consecutive(key[order], return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    seqs = sorted(zip(counts.tolist(), starts.tolist()), key=lambda c: -c[0])
+    ends = _bucket_lengths([c for c, _ in seqs], overhead=n * n / 2)
+    rpi = relative_position_index(window)
+    pad_row = (2 * window - 1) ** 2
+    gather, real, buckets, rel_index, begin = [], [], [], [], 0
+    for end in ends:
+        length = seqs[begin][0]
+        sizes = torch.tensor([c for c, _ in seqs[begin:end]])
+        tokens = torch.stack([F.pad(order[start:start + count], (0, length - count))
+                              for count, start in seqs[begin:end]])  # (n_b, L) flat token index
+        valid = torch.arange(length) < sizes[:, None]
+        local = tokens % n
+        rel = rpi[local[:, :, None], local[:, None, :]]
+        rel_index.append(torch.where(valid[:, None, :], rel, pad_row).to(device))
+        gather.append(tokens.reshape(-1))
+        real.append(valid.reshape(-1))
+        buckets.append((end - begin, length))
+        begin = end
+    if g == 1 and sum(c * length**2 for c, length in buckets) > (1 - _GATHER_MIN_SAVING) * nw * n * n:
+        same = ids[0, :, :, None] == ids[0, :, None, :]
+        additive = torch.zeros(same.shape).masked_fill_(~same, float("-inf")).unsqueeze(1)
+        return GroupPlan(torch.empty(0), torch.empty(0), [], [], additive.to(device))
+    gather_all, is_real = torch.cat(gather), torch.cat(real)
+    scatter = torch.empty(g * nw * n, dtype=torch.long)
+    scatter[gather_all[is_real]] = torch.nonzero(is_real).flatten()
+    return GroupPlan(gather_all.to(device), scatter.to(device), buckets, rel_index)
+
+
+class _BiasedAttention(torch.autograd.Function):
+    """softmax(q k^T * scale + bias) v with a learnable bias shared over the leading axis.
+
+    Forward: PyTorch's fused CPU flash kernel, which keeps only the output and the log-sum-exp
+    (no (L, L) matrix survives the forward). Backward: the attention matrix is recomputed in chunks
+    from the log-sum-exp, which also yields the bias gradient that the fused backward does not
+    provide (the same recompute as FlashAttention's backward, Dao 2022, section 3.1)."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> Tensor:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False,
+                                                                             attn_mask=bias, scale=scale)
+        ctx.save_for_backward(q, k, v, bias, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        q, k, v, bias, out, lse = ctx.saved_tensors
+        scale = ctx.scale
+        b, h, n, _ = q.shape
+        grad_out = grad_out.contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dbias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+        delta = (grad_out.float() * out.float()).sum(-1, keepdim=True)
+        rows = max(1, _RECOMPUTE_BUDGET // (n * n))
+        step_b, step_h = (max(1, rows // h), h) if rows >= h else (1, rows)
+        for i in range(0, b, step_b):
+            for j in range(0, h, step_h):
+                sl = (slice(i, i + step_b), slice(j, j + step_h))
+                whole = step_b >= b and step_h >= h
+                qs, ks, vs, gs = (t if whole else t[sl] for t in (q, k, v, grad_out))
+                p = torch.matmul(qs, ks.transpose(-1, -2)).float().mul_(scale).add_(bias[:, sl[1]])
+                p = p.sub_(lse[sl].unsqueeze(-1)).exp_()
+                gv = torch.matmul(p.to(vs.dtype).transpose(-1, -2), gs)
+                ds = torch.matmul(gs, vs.transpose(-1, -2)).float().sub_(delta[sl]).mul_(p)
+                del p
+                dbias[:, sl[1]] += ds.sum(0, keepdim=True)
+                ds = ds.mul_(scale).to(qs.dtype)
+                gq, gk = torch.matmul(ds, ks), torch.matmul(ds.transpose(-1, -2), qs)
+                if whole:
+                    return gq, gk, gv, dbias.to(bias.dtype) if ctx.needs_input_grad[3] else None, None
+                dq[sl], dk[sl], dv[sl] = gq, gk, gv
+        return dq, dk, dv, dbias.to(bias.dtype) if ctx.needs_input_grad[3] else None, None
+
+
+def biased_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float, dropout: float = 0.0) -> Tensor:
+    """softmax(q k^T * scale + bias) v for q, k, v (B, H, L, d) and bias (1, H, L, L) (-inf allowed,
+    never a whole row). CPU without dropout: :class:`_BiasedAttention`; elsewhere SDPA, whose CUDA
+    memory-efficient kernel already returns the bias gradient."""
+    bias = bias.to(q.dtype)
+    if q.device.type == "cpu" and dropout == 0.0 and q.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return _BiasedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), bias.contiguous(), scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
 
 
 class WindowAttention(nn.Module):
@@ -137,19 +262,20 @@ class WindowAttention(nn.Module):
     def forward(self, x: Tensor, layout: GroupLayout | None = None) -> Tensor:
         """``x``: (B, nW, N, C) windows of B images; returns the same shape."""
         b, nw, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, nw, n, 3, self.num_heads, self.head_dim).permute(3, 0, 1, 4, 2, 5)
-        q, k, v = qkv.unbind(0)  # each (B, nW, heads, N, d)
-        bias = self.relative_bias().to(q.dtype)
-        impl = self.impl
-        if impl == "flex":
+        qkv = self.qkv(x)
+        drop = self.attn_drop if self.training else 0.0
+        if self.impl == "fast":
+            out = fast_qkv_attention(qkv, self.num_heads, self.relative_position_bias_table,
+                                     self.relative_position_index, layout, self.scale, drop)
+            return self.proj_drop(self.proj(out))
+        q, k, v = qkv.reshape(b, nw, n, 3, self.num_heads, self.head_dim).permute(3, 0, 1, 4, 2, 5).unbind(0)
+        if self.impl == "flex":
             from mixmim.models.flex import flex_window_attention
 
             out = flex_window_attention(q, k, v, self.relative_position_bias_table, self.relative_position_index,
-                                        layout, self.scale, self.attn_drop if self.training else 0.0)
-        elif impl == "reference":
-            out = self._reference(q, k, v, bias, layout)
+                                        layout, self.scale, drop)
         else:
-            out = self._fast(q, k, v, bias, layout)
+            out = self._reference(q, k, v, self.relative_bias().to(q.dtype), layout)
         out = out.transpose(2, 3).reshape(b, nw, n, c)
         return self.proj_drop(self.proj(out))
 
@@ -166,33 +292,57 @@ class WindowAttention(nn.Module):
         attn = F.dropout(attn, self.attn_drop, self.training)
         return attn @ v
 
-    def _fast(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, layout: GroupLayout | None) -> Tensor:
-        b, nw, h, n, d = q.shape
-        drop = self.attn_drop if self.training else 0.0
-        if layout is None:
-            out = F.scaled_dot_product_attention(q.reshape(b * nw, h, n, d), k.reshape(b * nw, h, n, d),
-                                                 v.reshape(b * nw, h, n, d), attn_mask=bias, dropout_p=drop,
-                                                 scale=self.scale)
-            return out.reshape(b, nw, h, n, d)
-        if layout.shared and nw == 1:
-            # Global window, one mask for the batch: each group is its own dense sequence.
-            out = torch.empty_like(q)
-            for idx in layout.members():
-                if idx.numel() == 0:
-                    continue
-                sub_bias = bias[:, idx][:, :, idx]
-                out[:, :, :, idx] = F.scaled_dot_product_attention(
-                    q[:, :, :, idx], k[:, :, :, idx], v[:, :, :, idx], attn_mask=sub_bias, dropout_p=drop,
-                    scale=self.scale)
-            return out
-        mask = layout.additive(q.dtype) + bias  # (G, nW, heads, N, N)
-        if layout.shared:
-            # Fold windows into the head axis so one (nW * heads) mask broadcasts over the batch.
-            out = F.scaled_dot_product_attention(q.reshape(b, nw * h, n, d), k.reshape(b, nw * h, n, d),
-                                                 v.reshape(b, nw * h, n, d), attn_mask=mask.reshape(1, nw * h, n, n),
-                                                 dropout_p=drop, scale=self.scale)
-            return out.reshape(b, nw, h, n, d)
-        out = F.scaled_dot_product_attention(q.reshape(b * nw, h, n, d), k.reshape(b * nw, h, n, d),
-                                             v.reshape(b * nw, h, n, d), attn_mask=mask.reshape(b * nw, h, n, n),
-                                             dropout_p=drop, scale=self.scale)
-        return out.reshape(b, nw, h, n, d)
+
+def fast_window_attention(q: Tensor, k: Tensor, v: Tensor, table: Tensor, rel_index: Tensor,
+                          layout: GroupLayout | None, scale: float, dropout: float = 0.0) -> Tensor:
+    """The ``fast`` path on (B, nW, heads, N, d) tensors; returns the same shape."""
+    b, nw, h, n, d = q.shape
+    qkv = torch.stack([q, k, v], 3).permute(0, 1, 4, 3, 2, 5).reshape(b, nw, n, 3 * h * d)
+    out = fast_qkv_attention(qkv, h, table, rel_index, layout, scale, dropout)
+    return out.reshape(b, nw, n, h, d).transpose(2, 3)
+
+
+def fast_qkv_attention(qkv: Tensor, heads: int, table: Tensor, rel_index: Tensor, layout: GroupLayout | None,
+                       scale: float, dropout: float = 0.0) -> Tensor:
+    """Group-restricted window attention from the fused projection ``qkv`` (B, nW, N, 3C) to
+    (B, nW, N, C). Either each (window, group) is gathered into a dense sequence and attended per
+    length bucket, so no cross-group pair is computed and no per-image mask is built, or (when that
+    would not remove enough pairs) one 0/-inf mask per window, shared by the batch, is used."""
+    if layout is None:
+        return _masked_windows(qkv, heads, table, rel_index, None, scale, dropout)
+    plan = layout.plan()
+    if plan.additive is not None:
+        return _masked_windows(qkv, heads, table, rel_index, plan.additive, scale, dropout)
+    b, nw, n, c3 = qkv.shape
+    h, d = heads, c3 // (3 * heads)
+    lead = b if layout.shared else 1  # a shared plan indexes the tokens of one image
+    tokens = qkv.reshape(lead, -1, c3).index_select(1, plan.gather)
+    # One spare table row of -inf: padded keys look it up and drop out of the softmax.
+    table = torch.cat([table, table.new_full((1, h), float("-inf"))])
+    outs = []
+    # split, not slicing: its backward is one concatenation, not a full-size zero tensor per bucket.
+    parts = tokens.split([count * length for count, length in plan.buckets], dim=1)
+    for (count, length), rel, part in zip(plan.buckets, plan.rel_index, parts):
+        part = part.reshape(lead, count, length, 3, h, d)
+        q, k, v = part.permute(3, 0, 1, 4, 2, 5).reshape(3, lead, count * h, length, d).unbind(0)
+        bias = table.index_select(0, rel.reshape(-1)).reshape(count, length, length, h).permute(0, 3, 1, 2)
+        out = biased_attention(q, k, v, bias.reshape(1, count * h, length, length), scale, dropout)
+        outs.append(out.reshape(lead, count, h, length, d).transpose(2, 3).reshape(lead, count * length, h * d))
+    out = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
+    return out.index_select(1, plan.scatter).reshape(b, nw, n, h * d)
+
+
+def _masked_windows(qkv: Tensor, h: int, table: Tensor, rel_index: Tensor, additive: Tensor | None, scale: float,
+                    dropout: float) -> Tensor:
+    """All pairs of every window; ``additive`` (nW, 1, N, N), shared by the batch, removes the
+    cross-group ones. Windows are folded into the head axis so the mask broadcasts over images."""
+    b, nw, n, c3 = qkv.shape
+    d = c3 // (3 * h)
+    bias = table.index_select(0, rel_index.reshape(-1)).reshape(n, n, h).permute(2, 0, 1)
+    if additive is None:
+        q, k, v = qkv.reshape(b * nw, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        out = biased_attention(q, k, v, bias.unsqueeze(0), scale, dropout)
+        return out.transpose(1, 2).reshape(b, nw, n, c3 // 3)
+    q, k, v = qkv.reshape(b, nw, n, 3, h, d).permute(3, 0, 1, 4, 2, 5).reshape(3, b, nw * h, n, d).unbind(0)
+    out = biased_attention(q, k, v, (additive + bias).reshape(1, nw * h, n, n), scale, dropout)
+    return out.reshape(b, nw, h, n, d).transpose(2, 3).reshape(b, nw, n, c3 // 3)

@@ -179,8 +179,15 @@ class MixMIMTransformer(nn.Module):
                 module.impl = impl
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing per block: activations are recomputed in the backward."""
         for stage in self.layers:
             stage.grad_checkpointing = enable
+
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """``torch.compile`` every block in place; the group plan is built outside the graphs."""
+        for stage in self.layers:
+            for blk in stage.blocks:
+                blk.compile(**compile_kwargs)
 
     def no_weight_decay(self) -> set[str]:
         return {"absolute_pos_embed"}

@@ -1,0 +1,218 @@
+"""Pretraining throughput: MixMIM fast path vs MixMIM reference path vs SimMIM, same encoder.
+
+Every (model, batch size, variant) runs a full training step (forward, backward, AdamW; fused AdamW
+on CUDA) in its own fresh subprocess, so that peak memory is comparable between variants:
+CUDA reports ``torch.cuda.max_memory_allocated``; CPU reports the growth of the peak resident set
+size (``ru_maxrss``) over the resident size measured after the model, optimiser and inputs exist,
+i.e. what the steps themselves add (activations, gradients, optimiser state, workspaces).
+
+Model FLOPs per image are counted with ``torch.utils.flop_counter.FlopCounterMode`` over one
+forward and backward of a small batch on the reference path (the function every MixMIM path
+computes; the fast path skips cross-group pairs and recomputes in the backward, which would
+otherwise change the count), and on SimMIM's own path. MFU = FLOPs/image x images/s / peak, given
+for CUDA (H100 bf16 dense peak 989 TFLOP/s unless ``--peak-tflops`` says otherwise).
+
+    python benchmarks/pretrain_throughput.py --models mixmim_tiny --batch-sizes 16 --img-size 224 \\
+        --steps 3 --warmup 1 --amp fp32 --device cpu --threads 2 --json benchmarks/results/cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+VARIANTS = ("fast", "reference", "simmim")
+
+
+def _build(variant: str, model: str, img_size: int):
+    from mixmim.methods.factory import create_pretrainer, method_names
+
+    if variant == "simmim":
+        if "simmim" not in method_names():
+            return None
+        return create_pretrainer("simmim", model, img_size=img_size)
+    return create_pretrainer("mixmim", model, img_size=img_size, attention_impl=variant)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _count_flops(variant: str, args, device) -> float:
+    """Forward + backward FLOPs per image on a batch of 2 (FLOPs are linear in the batch)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = _build("reference" if variant != "simmim" else "simmim", args.model, args.img_size).to(device)
+    images = torch.randn(2, 3, args.img_size, args.img_size, device=device)
+    counter = FlopCounterMode(display=False)
+    with counter, _autocast(args, device):
+        model(images).loss.backward()
+    return counter.get_total_flops() / 2
+
+
+def _autocast(args, device):
+    import contextlib
+
+    import torch
+
+    if args.amp == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def worker(args) -> dict:
+    """One variant in this (fresh) process; returns its measurements."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = _build(args.variant, args.model, args.img_size)
+    if model is None:
+        return {"skipped": "method 'simmim' is not registered in mixmim.methods.factory"}
+    model = model.to(device).train()
+    if args.grad_checkpointing:
+        model.encoder.set_grad_checkpointing(True)
+    if args.compile:
+        model.encoder.compile_blocks()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
+
+    def step():
+        with _autocast(args, device):
+            loss = model(images).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    base_rss = _rss_bytes()
+    for _ in range(args.warmup):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    result = {
+        "images_per_s": args.batch * len(times) / sum(times),
+        "images_per_s_best_step": args.batch / min(times),
+        "step_s": times,
+    }
+    if device.type == "cuda":
+        result["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+    else:
+        # ru_maxrss is in KiB on Linux: the process peak, minus what existed before the first step.
+        result["peak_memory_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
+    if not args.no_flops:
+        result["flops_per_image"] = _count_flops(args.variant, args, device)
+    return result
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} CPU ({os.cpu_count()} cores visible)"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["mixmim_tiny"])
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[16])
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--amp", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every variant")
+    p.add_argument("--compile", action="store_true", help="torch.compile every encoder block")
+    p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing per stage")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="device peak for MFU (H100 bf16 dense)")
+    p.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
+    p.add_argument("--json", help="write the results here")
+    # Internal: run one variant and print its JSON (used for the per-variant subprocesses).
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--variant", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args)))
+        return 0
+
+    rows = []
+    for model in args.models:
+        for batch in args.batch_sizes:
+            for variant in args.variants:
+                cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--model", model, "--batch", str(batch),
+                       "--variant", variant, "--img-size", str(args.img_size), "--steps", str(args.steps),
+                       "--warmup", str(args.warmup), "--amp", args.amp, "--device", args.device,
+                       "--threads", str(args.threads)]
+                cmd += ["--compile"] * args.compile + ["--grad-checkpointing"] * args.grad_checkpointing
+                cmd += ["--no-flops"] * args.no_flops
+                env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+                if proc.returncode or not lines:
+                    print(f"{model} b{batch} {variant}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+                    res = {"error": proc.stderr[-2000:]}
+                else:
+                    res = json.loads(lines[-1][7:])
+                if "skipped" in res:
+                    print(f"note: {variant} skipped: {res['skipped']}")
+                rows.append(dict(model=model, batch=batch, variant=variant, **res))
+
+    for row in rows:
+        ref = next((r for r in rows if r["model"] == row["model"] and r["batch"] == row["batch"]
+                    and r["variant"] == "reference" and "images_per_s" in r), None)
+        if "images_per_s" in row and ref is not None:
+            row["speed_vs_reference"] = row["images_per_s"] / ref["images_per_s"]
+            row["memory_vs_reference"] = row["peak_memory_bytes"] / ref["peak_memory_bytes"]
+        if args.device == "cuda" and "flops_per_image" in row and "images_per_s" in row:
+            row["mfu"] = row["flops_per_image"] * row["images_per_s"] / (args.peak_tflops * 1e12)
+
+    header = f"{'model':<14}{'batch':>6} {'variant':<10}{'img/s':>9}{'x ref':>7}{'peak MiB':>10}{'x ref':>7}" \
+             f"{'GFLOP/img':>11}{'MFU':>7}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        if "images_per_s" not in r:
+            print(f"{r['model']:<14}{r['batch']:>6} {r['variant']:<10}  {'skipped' if 'skipped' in r else 'failed'}")
+            continue
+        flops = r.get("flops_per_image")
+        print(f"{r['model']:<14}{r['batch']:>6} {r['variant']:<10}{r['images_per_s']:>9.2f}"
+              f"{r.get('speed_vs_reference', float('nan')):>7.2f}{r['peak_memory_bytes'] / 2**20:>10.0f}"
+              f"{r.get('memory_vs_reference', float('nan')):>7.2f}"
+              f"{(flops / 1e9 if flops else float('nan')):>11.1f}"
+              f"{(100 * r['mfu'] if 'mfu' in r else float('nan')):>6.1f}%")
+    if args.json:
+        import torch
+
+        meta = {k: v for k, v in vars(args).items() if k not in ("worker", "model", "batch", "variant", "json")}
+        out = {"device": _device_name(args.device), "torch": torch.__version__, "args": meta, "results": rows}
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
