@@ -22,6 +22,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Two xdist workers share two cores: tiny models are dominated by threading overhead, and two
+    # intra-op threads per worker oversubscribe the machine (10-40x slower when it is busy).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def golden():
     if not GOLDEN.exists():

@@ -13,16 +13,6 @@ from mixmim.methods.mixmim import MixMIMConfig
 B = 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models are dominated by threading overhead; with two xdist workers on two cores one
-    # intra-op thread each is 10-40x faster than the default when the machine is busy.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def build(**options):
     return mixmim.create_pretrainer("mixmim", "mixmim_base", **{**TINY, **options})
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import mixmim
-from test_ablations import _one_thread  # noqa: F401  (autouse: one intra-op thread)
 from mixmim.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

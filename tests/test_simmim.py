@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import mixmim
-from test_ablations import _one_thread  # noqa: F401  (autouse: one intra-op thread)
 from conftest import TINY_ENCODER
 from mixmim.methods.patches import patchify, unpatchify
 from mixmim.methods.simmim import SimMIMConfig

@@ -230,7 +230,7 @@ class MixMIMTransformer(nn.Module):
         if (h, w) != self.img_size:
             raise ValueError(f"input size {h}x{w} differs from the model's img_size {self.img_size[0]}x"
                              f"{self.img_size[1]}; build the model with img_size={h} (weights load through "
-                             "mixmim.interop.resize_state_dict)")
+                             "mixmim.models.resize.resize_state_dict)")
 
     # ------------------------------------------------------------------ forward passes
     def stage_groups(self, groups: Tensor, stage: int) -> Tensor:
