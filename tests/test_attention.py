@@ -159,3 +159,32 @@ def test_flex_on_cpu_falls_back_to_fast_with_a_warning():
     with pytest.warns(UserWarning, match="needs CUDA"):
         y = flx.forward_tokens(x, groups, num_groups=2)
     assert_close_scaled(y, ref.forward_tokens(x, groups, num_groups=2), 1e-5, "output")
+
+
+@pytest.mark.parametrize("mode", ["masked", "gathered", "none"])
+def test_fused_fast_attention_keeps_only_input_output_and_lse(monkeypatch, mode):
+    """The CPU fast path keeps the block's input windows, its output and the log-sum-exps for the
+    backward (q, k, v and the projection are recomputed), and still matches the reference."""
+    import mixmim.models.attention as A
+
+    monkeypatch.setattr(A, "_GATHER_MIN_SAVING", 1.0 if mode == "masked" else 0.0)
+    torch.manual_seed(0)
+    fast, ref = A.WindowAttention(32, 2, 8, impl="fast"), A.WindowAttention(32, 2, 8, impl="reference")
+    ref.load_state_dict(fast.state_dict())
+    ids = random_groups((4, 4), 0.5, num_groups=2).repeat_interleave(4, 1).repeat_interleave(4, 2)
+    layout = None if mode == "none" else A.GroupLayout.from_grid(ids, 8, 2)
+    x = torch.randn(3, 4, 64, 32, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = fast(x, layout)
+    assert A.fused_attention_applies(x, 0.0)
+    big = {t.untyped_storage().data_ptr() for t in saved if t.numel() >= x.numel()}
+    assert len(big) <= 2  # x and the attention output (kept by the output projection too)
+    want = ref(x, layout)
+    assert_close_scaled(out, want, 1e-5, "output")
+    w = torch.randn_like(out)
+    params = [p for _, p in sorted(fast.named_parameters())]
+    got = torch.autograd.grad((out * w).sum(), [x, *params])
+    exp = torch.autograd.grad((want * w).sum(), [x, *[p for _, p in sorted(ref.named_parameters())]])
+    for a, b in zip(got, exp):
+        assert_close_scaled(a, b, 1e-5, "gradient")

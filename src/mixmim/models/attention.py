@@ -13,6 +13,8 @@ with the mixing mask upsampled to every stage. Three implementations compute the
   that straddle few cells) one 0/-inf mask per window, shared by the batch, is used instead. On CPU
   attention runs through the fused flash kernel, which keeps no (L, L) matrix; the backward
   recomputes it in chunks and also returns the relative-position-bias gradient.
+  In eager CPU training without dropout or autocast the ``qkv`` projection joins the same autograd
+  node, which keeps only the block's input, its output and the log-sum-exps and recomputes the rest.
 - ``flex``: FlexAttention block masks (CUDA only), see :mod:`mixmim.models.flex`.
 """
 
@@ -185,31 +187,40 @@ class _BiasedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         q, k, v, bias, out, lse = ctx.saved_tensors
-        scale = ctx.scale
-        b, h, n, _ = q.shape
-        grad_out = grad_out.contiguous()
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        dbias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
-        delta = (grad_out.float() * out.float()).sum(-1, keepdim=True)
-        rows = max(1, _RECOMPUTE_BUDGET // (n * n))
-        step_b, step_h = (max(1, rows // h), h) if rows >= h else (1, rows)
-        for i in range(0, b, step_b):
-            for j in range(0, h, step_h):
-                sl = (slice(i, i + step_b), slice(j, j + step_h))
-                whole = step_b >= b and step_h >= h
-                qs, ks, vs, gs = (t if whole else t[sl] for t in (q, k, v, grad_out))
-                p = torch.matmul(qs, ks.transpose(-1, -2)).float().mul_(scale).add_(bias[:, sl[1]])
-                p = p.sub_(lse[sl].unsqueeze(-1)).exp_()
-                gv = torch.matmul(p.to(vs.dtype).transpose(-1, -2), gs)
-                ds = torch.matmul(gs, vs.transpose(-1, -2)).float().sub_(delta[sl]).mul_(p)
-                del p
-                dbias[:, sl[1]] += ds.sum(0, keepdim=True)
-                ds = ds.mul_(scale).to(qs.dtype)
-                gq, gk = torch.matmul(ds, ks), torch.matmul(ds.transpose(-1, -2), qs)
-                if whole:
-                    return gq, gk, gv, dbias.to(bias.dtype) if ctx.needs_input_grad[3] else None, None
-                dq[sl], dk[sl], dv[sl] = gq, gk, gv
+        dq, dk, dv, dbias = _attention_grads(q, k, v, bias, out, lse, grad_out, ctx.scale)
         return dq, dk, dv, dbias.to(bias.dtype) if ctx.needs_input_grad[3] else None, None
+
+
+def _attention_grads(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor,
+                     scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of softmax(q k^T * scale + bias) v from the output and its log-sum-exp: the
+    attention matrix is recomputed in chunks of at most ``_RECOMPUTE_BUDGET`` elements. ``out`` and
+    ``grad_out`` may be strided views. Returns dq, dk, dv and the float32 bias gradient (1, H, L, L)."""
+    b, h, n, _ = q.shape
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dbias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+    delta = (grad_out.float() * out.float()).sum(-1, keepdim=True)
+    grad_out = grad_out.contiguous()
+    qs = q * scale  # scale the (L, d) queries once instead of every (L, L) score
+    rows = max(1, _RECOMPUTE_BUDGET // (n * n))
+    step_b, step_h = (max(1, rows // h), h) if rows >= h else (1, rows)
+    for i in range(0, b, step_b):
+        for j in range(0, h, step_h):
+            sl = (slice(i, i + step_b), slice(j, j + step_h))
+            whole = step_b >= b and step_h >= h
+            qc, ks, vs, gs = (t if whole else t[sl] for t in (qs, k, v, grad_out))
+            p = torch.matmul(qc, ks.transpose(-1, -2)).float().add_(bias[:, sl[1]])
+            p = p.sub_(lse[sl].unsqueeze(-1)).exp_()
+            gv = torch.matmul(p.to(vs.dtype).transpose(-1, -2), gs)
+            ds = torch.matmul(gs, vs.transpose(-1, -2)).float().sub_(delta[sl]).mul_(p)
+            del p
+            dbias[:, sl[1]] += ds.sum(0, keepdim=True)
+            ds = ds.to(qc.dtype)
+            gq, gk = torch.matmul(ds, ks).mul_(scale), torch.matmul(ds.transpose(-1, -2), qc)
+            if whole:
+                return gq, gk, gv, dbias
+            dq[sl], dk[sl], dv[sl] = gq, gk, gv
+    return dq, dk, dv, dbias
 
 
 def biased_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float, dropout: float = 0.0) -> Tensor:
@@ -262,8 +273,12 @@ class WindowAttention(nn.Module):
     def forward(self, x: Tensor, layout: GroupLayout | None = None) -> Tensor:
         """``x``: (B, nW, N, C) windows of B images; returns the same shape."""
         b, nw, n, c = x.shape
-        qkv = self.qkv(x)
         drop = self.attn_drop if self.training else 0.0
+        if self.impl == "fast" and fused_attention_applies(x, drop):
+            out = _FusedWindowAttention.apply(x, self.qkv.weight, self.qkv.bias, self.relative_position_bias_table,
+                                              self.relative_position_index, layout, self.num_heads, self.scale)
+            return self.proj_drop(self.proj(out))
+        qkv = self.qkv(x)
         if self.impl == "fast":
             out = fast_qkv_attention(qkv, self.num_heads, self.relative_position_bias_table,
                                      self.relative_position_index, layout, self.scale, drop)
@@ -346,3 +361,128 @@ def _masked_windows(qkv: Tensor, h: int, table: Tensor, rel_index: Tensor, addit
     q, k, v = qkv.reshape(b, nw, n, 3, h, d).permute(3, 0, 1, 4, 2, 5).reshape(3, b, nw * h, n, d).unbind(0)
     out = biased_attention(q, k, v, (additive + bias).reshape(1, nw * h, n, n), scale, dropout)
     return out.reshape(b, nw, h, n, d).transpose(2, 3).reshape(b, nw, n, c3 // 3)
+
+
+class _Groups:
+    """How one stage's fast path cuts (B, nW, N, C) windows into attention calls: the rearrangements
+    both ways and the relative-position bias of every call (and the way back to the table)."""
+
+    def __init__(self, shape: torch.Size, heads: int, rel_index: Tensor, layout: GroupLayout | None):
+        self.b, self.nw, self.n, self.c = shape
+        self.h, self.d = heads, self.c // heads
+        self.rel_index = rel_index
+        self.plan = layout.plan() if layout is not None else None
+        self.additive = self.plan.additive if self.plan is not None else None
+        self.gathered = self.plan is not None and self.additive is None
+        self.lead = self.b if (layout is None or layout.shared) else 1
+
+    def split(self, t: Tensor, zero_pads: bool = False) -> list[Tensor]:
+        """(B, nW, N, C), any strides -> per call (lead, count * heads, L, d), contiguous. Padded
+        positions repeat token 0, or hold zeros with ``zero_pads`` (output gradients: padded queries
+        must not send gradient to the keys of their sequence)."""
+        b, nw, n, h, d = self.b, self.nw, self.n, self.h, self.d
+        if not self.gathered:
+            t = t.reshape(b, nw, n, h, d).permute(0, 1, 3, 2, 4)
+            return [t.reshape(b * nw, h, n, d) if self.plan is None else t.reshape(b, nw * h, n, d)]
+        tokens = t.reshape(self.lead, -1, self.c).index_select(1, self.plan.gather)
+        if zero_pads:
+            pad = torch.ones(tokens.shape[1], dtype=torch.bool, device=tokens.device)
+            tokens.masked_fill_(pad.index_fill_(0, self.plan.scatter, False)[:, None], 0)
+        parts = tokens.split([count * length for count, length in self.plan.buckets], dim=1)
+        return [part.reshape(self.lead, count, length, h, d).transpose(2, 3).reshape(self.lead, count * h, length, d)
+                for (count, length), part in zip(self.plan.buckets, parts)]
+
+    def merge(self, parts: list[Tensor]) -> Tensor:
+        """Inverse of :meth:`split`: per call (lead, count * heads, L, d) -> (B, nW, N, C), contiguous."""
+        b, nw, n, h, d = self.b, self.nw, self.n, self.h, self.d
+        if not self.gathered:
+            return parts[0].reshape(b, nw, h, n, d).transpose(2, 3).reshape(b, nw, n, self.c)
+        outs = [o.reshape(self.lead, count, h, length, d).transpose(2, 3).reshape(self.lead, count * length, self.c)
+                for (count, length), o in zip(self.plan.buckets, parts)]
+        out = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
+        return out.index_select(1, self.plan.scatter).reshape(b, nw, n, self.c)
+
+    def biases(self, table: Tensor) -> list[Tensor]:
+        """Per call (1, count * heads, L, L): relative position bias (+ the window's 0/-inf mask)."""
+        n, h = self.n, self.h
+        if not self.gathered:
+            bias = table.index_select(0, self.rel_index.reshape(-1)).reshape(n, n, h).permute(2, 0, 1)
+            if self.additive is None:
+                return [bias.unsqueeze(0).contiguous()]
+            return [(self.additive + bias).reshape(1, self.nw * h, n, n)]
+        # One spare table row of -inf: padded keys look it up and drop out of the softmax.
+        table = torch.cat([table, table.new_full((1, h), float("-inf"))])
+        return [table.index_select(0, rel.reshape(-1)).reshape(count, length, length, h).permute(0, 3, 1, 2)
+                .reshape(1, count * h, length, length) for (count, length), rel in zip(self.plan.buckets,
+                                                                                      self.plan.rel_index)]
+
+    def table_grad(self, dbiases: list[Tensor], rows: int) -> Tensor:
+        """Gradient of the (rows, heads) table from the per-call bias gradients."""
+        n, h = self.n, self.h
+        grad = torch.zeros(rows + 1, h, dtype=torch.float32, device=dbiases[0].device)
+        if not self.gathered:
+            dbias = dbiases[0].reshape(-1, h, n, n).sum(0)
+            return grad[:rows].index_add_(0, self.rel_index.reshape(-1), dbias.permute(1, 2, 0).reshape(-1, h))
+        for (count, length), rel, dbias in zip(self.plan.buckets, self.plan.rel_index, dbiases):
+            grad.index_add_(0, rel.reshape(-1), dbias.reshape(count, h, length, length).permute(0, 2, 3, 1)
+                            .reshape(-1, h))
+        return grad[:rows]
+
+
+class _FusedWindowAttention(torch.autograd.Function):
+    """``qkv`` projection and group-restricted window attention in one autograd node (CPU, no dropout,
+    no autocast), for memory: only the block's input windows, the output (the same tensor the output
+    projection keeps anyway) and the log-sum-exps are kept. The backward recomputes the projection
+    and the gathered q, k, v, then the attention gradients in chunks as :class:`_BiasedAttention`."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, qkv_bias: Tensor | None, table: Tensor, rel_index: Tensor,
+                layout: GroupLayout | None, heads: int, scale: float) -> Tensor:
+        groups = _Groups(x.shape, heads, rel_index, layout)
+        with torch.no_grad():
+            qkv = F.linear(x, weight, qkv_bias).unflatten(-1, (3, groups.c))
+            qs, ks, vs = (groups.split(t) for t in qkv.unbind(-2))
+            del qkv
+            outs, lses = [], []
+            for q, k, v, bias in zip(qs, ks, vs, groups.biases(table)):
+                out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    q, k, v, 0.0, False, attn_mask=bias.to(q.dtype), scale=scale)
+                outs.append(out)
+                lses.append(lse)
+            del qs, ks, vs
+            out = groups.merge(outs)
+        ctx.groups, ctx.scale, ctx.has_bias = groups, scale, qkv_bias is not None
+        ctx.save_for_backward(x, weight, qkv_bias if qkv_bias is not None else x.new_empty(0), table, out, *lses)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, weight, qkv_bias, table, out, *lses = ctx.saved_tensors
+        groups, scale = ctx.groups, ctx.scale
+        with torch.no_grad():
+            qkv = F.linear(x, weight, qkv_bias if ctx.has_bias else None).unflatten(-1, (3, groups.c))
+            qs, ks, vs = (groups.split(t) for t in qkv.unbind(-2))
+            del qkv
+            outs, grads = groups.split(out), groups.split(grad_out, zero_pads=True)
+            dqs, dks, dvs, dbiases = [], [], [], []
+            for q, k, v, bias, o, lse, g in zip(qs, ks, vs, groups.biases(table), outs, lses, grads):
+                dq, dk, dv, dbias = _attention_grads(q, k, v, bias.to(q.dtype), o, lse, g, scale)
+                dqs.append(dq)
+                dks.append(dk)
+                dvs.append(dv)
+                dbiases.append(dbias)
+            del qs, ks, vs, outs, grads
+            dqkv = torch.stack([groups.merge(dqs), groups.merge(dks), groups.merge(dvs)], -2).flatten(-2)
+            del dqs, dks, dvs
+            flat, xf = dqkv.reshape(-1, dqkv.shape[-1]), x.reshape(-1, x.shape[-1])
+            dx = torch.matmul(dqkv, weight) if ctx.needs_input_grad[0] else None
+            dw = flat.t().mm(xf) if ctx.needs_input_grad[1] else None
+            db = flat.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+            dtable = groups.table_grad(dbiases, table.shape[0]).to(table.dtype) if ctx.needs_input_grad[3] else None
+        return dx, dw, db, dtable, None, None, None, None
+
+
+def fused_attention_applies(x: Tensor, dropout: float) -> bool:
+    """Whether :class:`_FusedWindowAttention` can serve this call (CPU, eager, no dropout, no autocast)."""
+    return (x.device.type == "cpu" and dropout == 0.0 and x.dtype in (torch.float32, torch.bfloat16)
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
