@@ -212,8 +212,9 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 def test_sigterm_checkpoints_exits_zero_and_resume_matches(tmp_path):
     args = tiny_run(tmp_path, "train.max_steps=30", "train.checkpoint_every=100", name="stopped")
+    # One intra-op thread, as in this test process (conftest), so both runs sum in the same order.
     process = subprocess.Popen([sys.executable, "-m", "mixmim", "pretrain", *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     metrics = tmp_path / "stopped" / "metrics.csv"
     deadline = time.time() + 240
     while time.time() < deadline and process.poll() is None:

@@ -18,11 +18,12 @@ def read_metrics(path: str | Path) -> dict[str, list[float]]:
     return columns
 
 
-def _smooth(values: list[float], weight: float = 0.9) -> list[float]:
-    out, last = [], None
-    for v in values:
-        last = v if last is None else weight * last + (1 - weight) * v
-        out.append(last)
+def _smooth(values: list[float], weight: float = 0.8) -> list[float]:
+    """Exponential moving average with TensorBoard's debiasing, so the curve does not start flat."""
+    out, last = [], 0.0
+    for t, v in enumerate(values, start=1):
+        last = weight * last + (1 - weight) * v
+        out.append(last / (1 - weight**t))
     return out
 
 
