@@ -21,7 +21,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _collect(inputs: list[str], limit: int) -> list[Path]:
-    from mixmim.data.images import IMAGE_EXTENSIONS
     from mixmim.data.scan import scan_images
 
     files: list[Path] = []
@@ -33,7 +32,6 @@ def _collect(inputs: list[str], limit: int) -> list[Path]:
             files.append(path)
         else:
             raise FileNotFoundError(f"image {path} does not exist")
-    files = [f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS or Path(f).is_file()]
     return files[:limit]
 
 
@@ -57,7 +55,7 @@ def load_pretrainer(checkpoint: str, model_name: str, img_size: int | None):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     raw = torch.load(path, map_location="cpu", weights_only=False)
     if isinstance(raw, dict) and raw.get("format") == "mixmim-checkpoint/1":
-        state = load_checkpoint(path)
+        state = load_checkpoint(path)  # again, through the checksum check
         config = build_dataclass(RunConfig, state["config"])
         if img_size is not None:
             config.model.img_size = img_size

@@ -268,13 +268,15 @@ class Pretraining:
             with self._sync_context(last):
                 with self._autocast():
                     out = self.model(images)
-                loss = out.loss
-                if D.any_true(not bool(torch.isfinite(loss.detach())), self.device):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    return None
-                scaled = loss / len(micro_batches)
+                scaled = out.loss / len(micro_batches)
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            losses.append(loss.detach().float())
+            losses.append(out.loss.detach().float())
+        # One host sync and one collective per step, not per micro-batch: a non-finite loss only
+        # poisons gradients, which are dropped here on every rank before they reach the weights.
+        loss = torch.stack(losses).mean()
+        if D.any_true(not bool(torch.isfinite(loss)), self.device):
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.config.optim.clip_grad:
@@ -284,7 +286,7 @@ class Pretraining:
             self.scaler.update()
         else:
             self.optimizer.step()
-        return float(torch.stack(losses).mean())
+        return float(loss)
 
     def _on_nonfinite(self) -> bool:
         """Count a skipped step; after ``nan_patience`` in a row reload the last checkpoint and halve the
@@ -300,15 +302,15 @@ class Pretraining:
                 f"loss not finite for {patience} steps in a row even after reloading a checkpoint with a halved "
                 f"learning rate (step {self.step + 1}); last good checkpoint: {self.last_checkpoint}")
         latest = self.checkpoints.latest()
-        self.lowered_lr = True
         self.nan_streak = 0
         if latest is not None:
-            self.load(latest)
-            self.lowered_lr = True
+            self.load(latest)  # restores the checkpoint's lr_scale; halve it below
             self.lr_scale *= 0.5
             log.warning("reloaded %s (step %d) and halved the learning rate (scale %.3g)", latest, self.step,
                         self.lr_scale)
+            self.lowered_lr = True
             return True
+        self.lowered_lr = True
         self.lr_scale *= 0.5
         log.warning("no checkpoint to reload yet; halved the learning rate (scale %.3g) and continue", self.lr_scale)
         return False
