@@ -42,17 +42,10 @@ def load_pretrainer(checkpoint: str, model_name: str, img_size: int | None):
     from mixmim.config import build_dataclass, RunConfig
     from mixmim.interop.official import convert_official
     from mixmim.methods.factory import create_pretrainer
-    from mixmim.training.checkpoint import CheckpointManager, load_checkpoint
+    from mixmim.training.checkpoint import load_checkpoint, resolve_checkpoint
     from mixmim.training.pretrain import build_method
 
-    path = Path(checkpoint)
-    if path.is_dir():
-        found = CheckpointManager(path / "checkpoints").latest()
-        if found is None:
-            raise FileNotFoundError(f"no good checkpoint under {path / 'checkpoints'}")
-        path = found
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    path = resolve_checkpoint(checkpoint)
     raw = torch.load(path, map_location="cpu", weights_only=False)
     if isinstance(raw, dict) and raw.get("format") == "mixmim-checkpoint/1":
         state = load_checkpoint(path)  # again, through the checksum check

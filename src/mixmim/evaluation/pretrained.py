@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from mixmim.interop.export import load_encoder_state, read_encoder_config
+from mixmim.training.checkpoint import resolve_checkpoint
 from mixmim.models.mixmim_vit import MixMIMTransformer
 from mixmim.models.registry import ENCODER_ARGS, MODELS, split_overrides
 from mixmim.models.resize import load_resized
@@ -98,9 +99,7 @@ def read_pretrained(path: str | Path | None, model: str | None = None) -> Pretra
         if model is None:
             raise ValueError("no checkpoint given: name a --model for a randomly initialised encoder")
         return Pretrained({}, _full_config(model, {}), model, "random")
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    path = resolve_checkpoint(path)  # a run folder means its newest good checkpoint
     state = load_encoder_state(path)
     if path.suffix == ".safetensors":
         config = read_encoder_config(path)

@@ -57,6 +57,19 @@ def load_checkpoint(path: str | Path, check: bool = True) -> dict[str, Any]:
     return state
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file as given, or for a run folder (``runs/<name>``) its newest good checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        found = CheckpointManager(path / "checkpoints").latest()
+        if found is None:
+            raise FileNotFoundError(f"no good checkpoint under {path / 'checkpoints'}")
+        return found
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return path
+
+
 class CheckpointManager:
     """Saves into ``folder`` and keeps the newest ``keep`` verified checkpoints."""
 
