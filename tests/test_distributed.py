@@ -3,7 +3,9 @@ accumulates the same global batch (issue 6), and a run resumes on another world 
 
 from __future__ import annotations
 
+import csv
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -30,29 +32,45 @@ def _torchrun(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
 
 
+def _rows(run_dir) -> list[tuple[int, float]]:
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(handle)]
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_gloo_processes_equal_one_process_with_accumulation(tmp_path, mode):
     # Global batch 8: two ranks of 4, or one process with two micro-batches of 4. Micro-batch m of
     # the global batch draws the same images, augmentation and mask in both set-ups.
-    steps = ["train.max_steps=3", "train.batch_size=8", "train.checkpoint_every=100"]
+    steps = ["train.max_steps=4", "train.batch_size=8", "train.checkpoint_every=2"]
     done = _torchrun(2, tiny_run(tmp_path, *steps, f"train.distributed={mode}", name="ddp"))
     assert done.returncode == 0, done.stderr[-3000:]
-    run_pretraining(load_config(None, tiny_run(tmp_path, *steps, "train.accum_steps=2", name="single")))
+    single_args = tiny_run(tmp_path, *steps, "train.accum_steps=2", name="single")
+    run_pretraining(load_config(None, single_args))
 
-    ddp = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "step_00000003.pt")
-    single = load_checkpoint(tmp_path / "single" / "checkpoints" / "step_00000003.pt")
+    ddp = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "step_00000004.pt")
+    single = load_checkpoint(tmp_path / "single" / "checkpoints" / "step_00000004.pt")
     assert ddp["world_size"] == 2 and single["world_size"] == 1
     worst = max(float((ddp["model"][k] - single["model"][k]).abs().max()) for k in single["model"])
     assert worst < 1e-5, worst
-    moved = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "step_00000003.pt")["model"]
     torch.manual_seed(0)
-    assert any(not torch.equal(moved[k], v) for k, v in _initial_state(tmp_path).items())
+    assert any(not torch.equal(ddp["model"][k], v) for k, v in _initial_state(tmp_path).items())
 
-    # The 2-process run continues in one process (same global batch, accumulation 2).
-    resumed = run_pretraining(load_config(None, tiny_run(tmp_path, "train.max_steps=4", "train.batch_size=8",
-                                                        "train.checkpoint_every=100", "train.accum_steps=2",
-                                                        name="ddp")), resume=True)
-    assert resumed["step"] == 4
+    # The 2-process run, interrupted after its step-2 checkpoint, continues in one process (same
+    # global batch, accumulation 2): weights, optimiser state and logged losses follow the
+    # uninterrupted run (the optimiser's moments matter from the first resumed step on).
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "ddp", resumed)
+    for path in (resumed / "checkpoints").glob("step_00000004.pt*"):
+        path.unlink()
+    summary = run_pretraining(load_config(None, tiny_run(tmp_path, *steps, "train.accum_steps=2", name="resumed")),
+                              resume=True)
+    assert summary["step"] == 4
+    after = load_checkpoint(resumed / "checkpoints" / "step_00000004.pt")
+    worst = max(float((after["model"][k] - ddp["model"][k]).abs().max()) for k in ddp["model"])
+    assert worst < 1e-5, worst
+    a, b = _rows(tmp_path / "ddp"), _rows(resumed)
+    assert [s for s, _ in b] == [1, 2, 3, 4]
+    assert max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < 1e-5
 
 
 def _initial_state(tmp_path) -> dict:

@@ -83,7 +83,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 800
+    epochs: int = 600
     max_steps: int | None = None
     batch_size: int = 1024
     accum_steps: int = 1

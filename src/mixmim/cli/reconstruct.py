@@ -18,6 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--img-size", type=int, default=None, help="default: the checkpoint's")
     parser.add_argument("--max-images", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="seed of the mask")
+    parser.add_argument("--raw-prediction", action="store_true",
+                        help="draw a normalised-pixel prediction as it is, without giving each cell the mean and "
+                             "variance of the true cell (the default, as MAE's pictures)")
 
 
 def _collect(inputs: list[str], limit: int) -> list[Path]:
@@ -67,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
     from mixmim.data.images import load_rgb
     from mixmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD, view_transform
-    from mixmim.viz.reconstruction import reconstruction_rows, save_reconstruction_grid
+    from mixmim.viz.reconstruction import picture_note, reconstruction_rows, save_reconstruction_grid
 
     method, config = load_pretrainer(args.checkpoint, args.model, args.img_size)
     files = _collect(args.images, args.max_images)
@@ -83,8 +86,9 @@ def run(args: argparse.Namespace) -> int:
     with torch.no_grad():
         out = method(images)
     norm_pix = bool(getattr(getattr(method, "config", None), "norm_pix_loss", False))
-    rows = reconstruction_rows(out, images, method.cell, norm_pix, mean, std)
+    rows = reconstruction_rows(out, images, method.cell, norm_pix, mean, std, raw=args.raw_prediction)
     path = save_reconstruction_grid(rows, args.output, cell=method.cell,
-                                    title=f"{Path(args.checkpoint).name}: loss {float(out.loss):.4f}")
+                                    title=f"{Path(args.checkpoint).name}: loss {float(out.loss):.4f}",
+                                    note=picture_note(norm_pix, args.raw_prediction))
     print(f"wrote {path} ({len(files)} images, loss {float(out.loss):.4f})")
     return 0

@@ -1,11 +1,15 @@
 """Layer-wise learning-rate decay for fine-tuning (MixMIM section 8 / Table 12, after BEiT and ELECTRA).
 
 Every block of every stage is one layer, the patch merging after stage i counts with stage i + 1,
-the embeddings are layer 0 and the final norm with the head is the last layer L; a parameter of layer
-l gets its learning rate multiplied by ``decay ** (L - l)``. Norm weights, biases, the absolute
-position table and the relative position bias tables get no weight decay.
+the embeddings are layer 0 and the final norm with the head share the last block's layer; a parameter
+of layer l gets its learning rate multiplied by ``decay ** (L + offset - l)``, L the last layer and
+``offset`` the model's ``layer_decay_offset`` (1 for the MixMIM encoder: the release's
+``get_layer_id_for_mixmim`` counts one layer more than it assigns, so no parameter keeps the full
+rate; 0, timm's and MAE's rule, elsewhere). Weight decay spares the 1-d parameters (norms, biases)
+and whatever the model itself declares in ``no_weight_decay()`` / ``no_weight_decay_keywords()``
+(nothing more for the MixMIM encoder, as in the release).
 
-The grouping is :meth:`MixMIMTransformer.group_matcher`; timm's optimiser factory does the rest.
+The grouping is the model's ``group_matcher``; timm's optimiser factory does the rest.
 """
 
 from __future__ import annotations
@@ -37,8 +41,12 @@ def param_groups(model: nn.Module, weight_decay: float = 0.05, layer_decay: floa
     :func:`apply_lr`) and per-group weight decay."""
     if not 0.0 < layer_decay <= 1.0:
         raise ValueError(f"layer_decay={layer_decay} must be in (0, 1]")
-    return param_groups_layer_decay(model, weight_decay=weight_decay, layer_decay=layer_decay,
-                                    no_weight_decay_list=no_weight_decay_patterns(model))
+    groups = param_groups_layer_decay(model, weight_decay=weight_decay, layer_decay=layer_decay,
+                                      no_weight_decay_list=no_weight_decay_patterns(model))
+    offset = getattr(model, "layer_decay_offset", 0)
+    for group in groups:
+        group["lr_scale"] *= layer_decay**offset
+    return groups
 
 
 def create_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05, layer_decay: float | None = 0.7,

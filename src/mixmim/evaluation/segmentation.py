@@ -114,7 +114,8 @@ class UperNet(nn.Module):
         return {"backbone.encoder.absolute_pos_embed"}
 
     def no_weight_decay_keywords(self) -> set[str]:
-        return self.backbone.encoder.no_weight_decay_keywords()
+        # BEiT's segmentation settings (which MixMIM adopts for ADE20K) keep the tables out of decay.
+        return {"relative_position_bias_table"}
 
 
 class SegmentationFolder(Dataset):

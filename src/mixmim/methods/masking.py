@@ -45,8 +45,9 @@ def random_groups(grid: tuple[int, int], ratio: float = 0.5, *, num_groups: int 
     ``0..num_groups-1``.
 
     Two groups: exactly ``floor(L * ratio)`` cells in group 1 (taken from the partner), the rest in
-    group 0. k groups: every group but group 0 gets ``floor(L / k)`` cells, group 0 the rest, so each
-    image supplies about 1/k of the sample (MixMAE supplement, Table 4).
+    group 0, as the release draws it. k groups (MixMAE supplement Table 4, "k (1/k)"): every image
+    supplies 1/k of the cells; when k does not divide L the ``L mod k`` spare cells go to groups drawn
+    at random, so counts differ by at most one cell and no group is favoured (``ratio`` is unused).
     """
     h, w = grid
     length = h * w
@@ -56,13 +57,15 @@ def random_groups(grid: tuple[int, int], ratio: float = 0.5, *, num_groups: int 
         if num_groups == 2:
             r = sample_ratio(ratio, ratio_range, generator)
             check_ratio(r)
-            sizes = [int(length * r)]
+            sizes = [length - int(length * r), int(length * r)]
         else:
-            sizes = [length // num_groups] * (num_groups - 1)
+            sizes = [length // num_groups] * num_groups
+            for g in torch.randperm(num_groups, generator=generator)[: length % num_groups].tolist():
+                sizes[g] += 1
         start = 0
-        for g, size in enumerate(sizes, start=1):
-            masks[c, order[start:start + size]] = g
-            start += size
+        for g in range(1, num_groups):  # group 0 keeps what is left: sizes[0] cells
+            masks[c, order[start:start + sizes[g]]] = g
+            start += sizes[g]
     return masks.reshape(count, h, w)
 
 

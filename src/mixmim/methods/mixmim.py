@@ -12,8 +12,10 @@ MixMIM paper section 2.2 and 2.3. In tensors (one mask per batch, two images):
 5. Loss (eq. 2): MSE to per-patch normalised pixels on the cells hidden from each reconstructed image.
 
 Every ablation of MixMIM section 5 (Tables 6-10) and of the MixMAE supplement (Tables 3-6) is a
-field of :class:`MixMIMConfig`; the defaults are the paper's choices and reproduce the release
-bit for bit.
+field of :class:`MixMIMConfig`; the defaults are the paper's choices. With the release's weights
+loaded, the default forward pass (loss, reconstructions) equals the release's (the golden test);
+initialisation, weight decay and layer decay follow the release's code, not bit for bit (other
+random draws).
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ class MixMIMConfig:
       mask for the batch, as the release), ``mask_cell`` the cell side in pixels (a multiple of the
       encoder stride, 32 by default: section 3).
     - ``num_images`` (supplement Table 4): k images per sample, each cell from exactly one of them,
-      1/k each; k-way group attention and k-way unmixing. ``mask_token_ratio`` ("2 images with
+      1/k each (counts differ by at most one cell); k-way group attention and k-way unmixing.
+      ``mask_ratio`` has no meaning then and must stay at its default. ``mask_token_ratio`` ("2 images with
       [MASK]", supplement Table 4): this fraction of every image's cells is replaced by the learnable
       [MASK] token at the encoder input (0.5 with two images: 25% / 25% / 50%).
     """
@@ -103,6 +106,9 @@ class MixMIMConfig:
             raise ValueError(f"mask_type={self.mask_type!r}: expected 'random' or 'block'")
         if not 2 <= self.num_images <= 8:
             raise ValueError(f"num_images={self.num_images}: expected 2 to 8")
+        if self.num_images != 2 and self.mask_ratio != 0.5:
+            raise ValueError(f"mask_ratio={self.mask_ratio} has no meaning with num_images={self.num_images}: every "
+                             f"image supplies 1/{self.num_images} of the cells (MixMAE supplement Table 4)")
         if self.mask_type == "block" and self.num_images != 2:
             raise ValueError(f"mask_type='block' draws two groups; num_images={self.num_images} needs 'random'")
         if self.filling not in FILLINGS:
@@ -167,9 +173,10 @@ class MixMIM(nn.Module):
         return self.config.num_images
 
     def no_weight_decay(self) -> set[str]:
-        names = {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
-        extra = {n for n, _ in self.named_parameters() if n == "mask_token" or n.startswith("mix_embed.")}
-        return names | {f"decoder.{n}" for n in self.decoder.no_weight_decay()} | extra
+        """Nothing beyond the 1-d parameters, as the release (timm's ``add_weight_decay`` without a
+        skip list): the decoder's mask token, the relative position bias tables and the ablations'
+        tokens and mix embeddings are decayed."""
+        return set()
 
     # ------------------------------------------------------------------ masks
     def sample_layout(self, batch: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
@@ -324,20 +331,19 @@ class MixMIM(nn.Module):
         return cells.reshape(b, gh, gw, f, f, ch).transpose(2, 3).reshape(b, gh * f * gw * f, ch)
 
     def shuffle_cells(self, tokens: Tensor, groups: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Shuffle filling: every sample's group-1 cells are permuted among themselves at random,
-        whole 32x32 cells (a jigsaw of the hidden part, section 5); other cells stay in place."""
+        """Shuffle filling (section 5: "randomly shuffles the masked tokens and fills the masked
+        locations with them"): every sample's group-1 cells are permuted among themselves, whole
+        32x32 cells, by a random permutation with no fixed point, so no hidden cell shows its own
+        content while it is scored as hidden (a sample with a single hidden cell keeps it: there is
+        nothing to swap with). Other cells stay in place."""
         cells = self._cells(tokens)
         b, length = cells.shape[:2]
         hidden = (groups.reshape(groups.shape[0], -1) == 1).expand(b, -1).cpu()
-        inf = torch.tensor(float("inf"))
-        keys = torch.rand(b, length, generator=generator)
-        # Stable sorts put the hidden cells first (random order vs index order) and the visible
-        # cells after them in index order in both, so the scatter maps visible cells to themselves.
-        shuffled = torch.where(hidden, keys, inf).sort(dim=1, stable=True).indices
-        ordered = torch.where(hidden, torch.arange(length, dtype=keys.dtype).expand(b, -1), inf)
-        ordered = ordered.sort(dim=1, stable=True).indices
-        source = torch.empty_like(ordered).scatter_(1, ordered, shuffled).to(tokens.device)
-        picked = cells.gather(1, source[:, :, None, None].expand_as(cells))
+        source = torch.arange(length).repeat(b, 1)
+        for i in range(b):
+            where = hidden[i].nonzero().flatten()
+            source[i, where] = where[derangement(len(where), generator)]
+        picked = cells.gather(1, source.to(tokens.device)[:, :, None, None].expand_as(cells))
         return self._uncells(picked)
 
     def zoom_boxes(self, batch: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, int, int]:
@@ -363,3 +369,14 @@ class MixMIM(nn.Module):
         per_cell = (prediction.float() - target.float()).pow(2).mean(dim=-1)
         weight = hidden.to(per_cell.dtype)
         return (per_cell * weight).sum() / weight.sum().clamp(min=1)
+
+
+def derangement(n: int, generator: torch.Generator | None = None) -> Tensor:
+    """A uniformly random permutation of ``range(n)`` with no fixed point (n >= 2; identity for n < 2).
+    Rejection sampling: a random permutation is a derangement with probability about 1/e."""
+    if n < 2:
+        return torch.arange(n)
+    while True:
+        perm = torch.randperm(n, generator=generator)
+        if not bool((perm == torch.arange(n)).any()):
+            return perm

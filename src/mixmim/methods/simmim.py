@@ -72,7 +72,14 @@ class SimMIM(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def no_weight_decay(self) -> set[str]:
-        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | {"mask_token"}
+        """SimMIM's own exclusions (its ``SimMIM`` and ``SwinTransformerForSimMIM``): the mask token and
+        the absolute positions. Its code also lists the relative position bias tables as a keyword,
+        but prefixed with ``encoder.``, which matches no parameter name, so its runs decayed them; we
+        follow what it declares (see :meth:`no_weight_decay_keywords`)."""
+        return {"mask_token", "encoder.absolute_pos_embed", "encoder.pos_embed", "encoder.cls_token"}
+
+    def no_weight_decay_keywords(self) -> set[str]:
+        return {"relative_position_bias_table"}
 
     def sample_mask(self, batch: int, generator: torch.Generator | None = None) -> Tensor:
         """(G, mh, mw) long, 1 = masked, on the ``mask_cell`` grid; ``ceil(L * ratio)`` cells as in

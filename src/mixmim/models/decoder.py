@@ -7,6 +7,7 @@ position replaced by the shared mask token, and predicts the pixels of every cel
 from __future__ import annotations
 
 import torch
+from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
@@ -32,10 +33,7 @@ class MaskTokenDecoder(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        nn.init.normal_(self.mask_token, std=0.02)
-
-    def no_weight_decay(self) -> set[str]:
-        return {"mask_token", "pos_embed"}
+        trunc_normal_(self.mask_token, std=0.02)  # as the release (timm's, bounds +-2 absolute)
 
     def forward(self, tokens: Tensor, visible: Tensor | None = None) -> Tensor:
         """``tokens``: (S, L, C_enc) encoder outputs; ``visible``: (S, L) bool, False where the mask

@@ -163,9 +163,9 @@ class MixMIMTransformer(nn.Module):
                                            downsample=i < self.num_stages - 1, attn_impl=attention_impl))
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        # The release initialises linear layers and norms only; the patch-embedding convolution keeps
+        # PyTorch's default (MAE's xavier on the flattened kernel is not applied there).
         self.apply(_init_weights)
-        w = self.patch_embed.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
 
     # ------------------------------------------------------------------ configuration helpers
     @property
@@ -189,21 +189,27 @@ class MixMIMTransformer(nn.Module):
             for blk in stage.blocks:
                 blk.compile(**compile_kwargs)
 
-    def no_weight_decay(self) -> set[str]:
-        return {"absolute_pos_embed"}
+    # Layer-wise lr decay as the release's ``get_layer_id_for_mixmim``: the final norm and the head share
+    # the last block's layer id, while the number of layers counts one more, so their scale is decay^1
+    # (never 1.0). timm's factory gives the top id scale 1.0; this offset adds the missing factor.
+    layer_decay_offset = 1
 
-    def no_weight_decay_keywords(self) -> set[str]:
-        return {"relative_position_bias_table"}
+    def no_weight_decay(self) -> set[str]:
+        """Nothing beyond the 1-d parameters: the release's fine-tuning model declares an empty set, so
+        its relative position bias tables are decayed (the fixed positions are not trained at all)."""
+        return set()
 
     def group_matcher(self, coarse: bool = False):
         """timm's parameter grouping (used by ``timm.optim`` for layer-wise lr decay, MixMIM section 8):
         a function from parameter name to an ordinal; equal ordinals share a layer.
 
-        Embeddings (``patch_embed``, ``absolute_pos_embed``) come first, then every block of every
-        stage is one layer (``coarse``: one layer per stage), the patch merging at the end of stage i
-        counted with stage i + 1 (it produces that stage's input), and the final norm with the head last.
+        As the release's ``get_layer_id_for_mixmim``: embeddings (``patch_embed``, ``absolute_pos_embed``)
+        come first, then every block of every stage is one layer (``coarse``: one layer per stage), the
+        patch merging at the end of stage i counted with the first block of stage i + 1 (it produces
+        that stage's input), and the final norm and the head with the last block.
         """
         starts = [sum(self.depths[:i]) for i in range(self.num_stages)]
+        last = (1, self.num_stages - 1) if coarse else (1, sum(self.depths) - 1)
 
         def ordinal(name: str) -> tuple[int, ...]:
             parts = name.split(".")
@@ -215,7 +221,7 @@ class MixMIMTransformer(nn.Module):
                 if block is None:  # layers.<i>.downsample.*
                     stage, block = stage + 1, 0
                 return (1, stage) if coarse else (1, starts[stage] + block)
-            return (2,)
+            return last
 
         return ordinal
 

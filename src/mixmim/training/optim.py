@@ -1,5 +1,9 @@
-"""AdamW for pretraining: lr = base_lr x global batch / 256, weight decay except on norms, biases,
-positional tables (absolute and relative) and mask tokens (MixMIM Table 11, following MAE)."""
+"""AdamW for pretraining: lr = base_lr x global batch / 256 (MixMIM Table 11, following MAE), weight
+decay on every parameter except the 1-d ones (norms, biases) and those the method itself declares.
+
+Each method declares its exclusions as its reference implementation does: MixMIM none (the release
+builds its groups with timm's ``add_weight_decay`` and no skip list, so the decoder's mask token and
+the relative position bias tables are decayed), SimMIM its mask token, positions and bias tables."""
 
 from __future__ import annotations
 
@@ -13,13 +17,10 @@ def peak_lr(optim_cfg, global_batch: int) -> float:
 
 
 def no_weight_decay_names(model: nn.Module) -> set[str]:
-    """Names from the model's ``no_weight_decay()`` plus every parameter matching a keyword some
-    sub-module lists in ``no_weight_decay_keywords()`` (the relative position bias tables)."""
+    """Names the model (the method, not its sub-modules) lists in ``no_weight_decay()``, plus every
+    parameter whose name contains a keyword of its ``no_weight_decay_keywords()``."""
     names = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    keywords = set()
-    for module in model.modules():
-        if hasattr(module, "no_weight_decay_keywords"):
-            keywords |= set(module.no_weight_decay_keywords())
+    keywords = set(model.no_weight_decay_keywords()) if hasattr(model, "no_weight_decay_keywords") else set()
     names |= {n for n, _ in model.named_parameters() if any(k in n for k in keywords)}
     return names
 

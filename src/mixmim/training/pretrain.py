@@ -305,6 +305,8 @@ class Pretraining:
         self.nan_streak = 0
         if latest is not None:
             self.load(latest)  # restores the checkpoint's lr_scale; halve it below
+            if self.info.is_main:
+                self.metrics.truncate_after(self.step)  # the steps after it are trained again
             self.lr_scale *= 0.5
             log.warning("reloaded %s (step %d) and halved the learning rate (scale %.3g)", latest, self.step,
                         self.lr_scale)
@@ -319,7 +321,7 @@ class Pretraining:
     @torch.no_grad()
     def save_pictures(self) -> None:
         from mixmim.viz.curves import save_loss_curves
-        from mixmim.viz.reconstruction import reconstruction_rows, save_reconstruction_grid
+        from mixmim.viz.reconstruction import picture_note, reconstruction_rows, save_reconstruction_grid
 
         model = self.model if self.config.train.distributed == "fsdp" else D.unwrap(self.model)
         was_training = model.training
@@ -334,10 +336,15 @@ class Pretraining:
             return
         cell = getattr(self.method, "cell", 32)
         norm_pix = bool(getattr(getattr(self.method, "config", None), "norm_pix_loss", False))
-        rows = reconstruction_rows(out, images, cell, norm_pix, self.config.data.mean, self.config.data.std)
-        save_reconstruction_grid(rows, self.run_dir / "reconstruction.png", cell=cell,
-                                 title=f"{self.config.name}: {self.config.method_name()} on {self.config.model.name}, "
-                                       f"step {self.step}, loss {float(out.loss):.4f}")
+        title = (f"{self.config.name}: {self.config.method_name()} on {self.config.model.name}, step {self.step}, "
+                 f"loss {float(out.loss):.4f}")
+        # With a normalised-pixel target the usual picture borrows each hidden cell's brightness and
+        # contrast from the original; the raw one shows only what the model predicts.
+        for raw, name in ((False, "reconstruction.png"), (True, "reconstruction_raw.png")):
+            if raw and not norm_pix:
+                continue
+            rows = reconstruction_rows(out, images, cell, norm_pix, self.config.data.mean, self.config.data.std, raw)
+            save_reconstruction_grid(rows, self.run_dir / name, cell=cell, title=title, note=picture_note(norm_pix, raw))
         if (self.run_dir / "metrics.csv").is_file():
             save_loss_curves(self.run_dir / "metrics.csv", self.run_dir / "loss.png", title=self.config.name)
 

@@ -2,6 +2,13 @@
 
 Rows: original images; the mixed input (cells of two or more images); each image's reconstruction;
 the reconstruction with the cells the image kept replaced by the original pixels.
+
+With the normalised-pixel target (norm_pix_loss, the default) the model predicts each cell at zero
+mean and unit variance. To draw it in colour, each predicted cell is by default given the mean and
+variance of the *true* cell, as MAE's visualisation does: the brightness and contrast of every
+cell then come from the original, not from the model, and the picture says so in its title. With
+``raw=True`` nothing is borrowed: the prediction is drawn as it is (normalised-image units), which
+shows the structure the model predicts inside each cell but no brightness or contrast.
 """
 
 from __future__ import annotations
@@ -17,11 +24,22 @@ from mixmim.methods.base import PretrainOutput
 from mixmim.methods.patches import patchify, unpatchify
 
 
-def _predicted_pixels(out: PretrainOutput, images: Tensor, cell: int, norm_pix: bool) -> Tensor:
-    """(S, L, P) predictions back in normalised-image space; a norm-pix prediction is rescaled by
-    the statistics of the true patch it stands for (as MAE's visualisation does)."""
-    pred = out.reconstruction.detach().float()
+BORROWED_NOTE = "hidden cells drawn with the true cell's mean and variance"
+RAW_NOTE = "raw prediction: per-cell normalised, no brightness or contrast"
+
+
+def picture_note(norm_pix: bool, raw: bool) -> str | None:
+    """What a picture's title must say about where the reconstruction's colours come from."""
     if not norm_pix:
+        return None
+    return RAW_NOTE if raw else BORROWED_NOTE
+
+
+def _predicted_pixels(out: PretrainOutput, images: Tensor, cell: int, norm_pix: bool, raw: bool = False) -> Tensor:
+    """(S, L, P) predictions back in normalised-image space; a norm-pix prediction is rescaled by
+    the statistics of the true patch it stands for (as MAE's visualisation does) unless ``raw``."""
+    pred = out.reconstruction.detach().float()
+    if not norm_pix or raw:
         return pred
     target = patchify(images.float(), cell)[out.sources]
     mean = target.mean(dim=-1, keepdim=True)
@@ -47,10 +65,12 @@ def _mixed_inputs(out: PretrainOutput, images: Tensor, cell: int) -> Tensor:
 
 
 def reconstruction_rows(out: PretrainOutput, images: Tensor, cell: int, norm_pix: bool,
-                        mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> list[Tensor]:
-    """Four (B, 3, H, W) tensors in [0, 1]: originals, mixed inputs, reconstructions, pasted."""
+                        mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                        raw: bool = False) -> list[Tensor]:
+    """Four (B, 3, H, W) tensors in [0, 1]: originals, mixed inputs, reconstructions, pasted.
+    ``raw``: draw a normalised-pixel prediction without the true cells' statistics."""
     b, _, h, w = images.shape
-    pred = _predicted_pixels(out, images, cell, norm_pix)
+    pred = _predicted_pixels(out, images, cell, norm_pix, raw)
     sources = out.sources if out.sources is not None else torch.arange(pred.shape[0], device=images.device)
     rows_for = [int((sources == i).nonzero()[0]) if (sources == i).any() else None for i in range(b)]
     truth = patchify(images.float(), cell)
@@ -69,8 +89,9 @@ ROW_TITLES = ("original", "mixed input", "reconstruction", "reconstruction + vis
 
 
 def save_reconstruction_grid(rows: list[Tensor], path: str | Path, title: str | None = None,
-                             cell: int | None = None) -> Path:
-    """One figure: a row per stage, a column per image; thin lines at the cell grid on the mixed row."""
+                             cell: int | None = None, note: str | None = None) -> Path:
+    """One figure: a row per stage, a column per image; thin lines at the cell grid on the mixed row.
+    ``note`` (see :func:`picture_note`) is added to the title as a second line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,8 +114,9 @@ def save_reconstruction_grid(rows: list[Tensor], path: str | Path, title: str | 
                     ax.axvline(t - 0.5, color="white", lw=0.3, alpha=0.6)
             if c == 0:
                 ax.set_ylabel(name, fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
+    text = "\n".join(t for t in (title, note) if t)
+    if text:
+        fig.suptitle(text, fontsize=9)
     fig.tight_layout()
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png"))
