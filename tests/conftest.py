@@ -16,6 +16,19 @@ TINY = dict(img_size=128, embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 2,
             decoder_dim=32, decoder_depth=1, decoder_num_heads=2)
 TINY_ENCODER = {k: v for k, v in TINY.items() if not k.startswith("decoder")}
 
+# One tiny configuration per encoder family, at 128 px (a 4 x 4 grid of 32-pixel mixing cells), for
+# the conformance tests of tests/test_encoders.py. Windows and strides are chosen so that some
+# attention windows or convolution kernels straddle cell borders.
+TINY_ENCODERS = {
+    "mixmim_tiny": TINY_ENCODER,
+    "vit_tiny": dict(img_size=128, embed_dim=32, depth=2, num_heads=2),
+    "swin_tiny": dict(img_size=128, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), window_size=4),
+    "pvt_v2_b2": dict(img_size=128, embed_dims=(16, 32, 40, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 5, 8),
+                      mlp_ratios=(2, 2, 2, 2)),
+    "resnetv2_50": dict(img_size=128, layers=(1, 1, 1, 1), channels=(128, 256, 512, 1024), stem_chs=32),
+}
+TINY_DECODER = dict(decoder_dim=32, decoder_depth=1, decoder_num_heads=2)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -60,16 +60,19 @@ def test_nearest_upsampling_aligns_with_32_pixel_cells():
         assert torch.equal(cells[..., 0], groups[0])
 
 
-def test_mixing_tokens_equals_mixing_pixels_by_cells():
-    """Eq. 1 after patch embedding is eq. 1 on the image, cell by cell: nothing straddles a cell."""
+def test_mixing_pixels_equals_the_releases_mixing_of_tokens():
+    """Eq. 1 on the image, cell by cell, then the patch embedding, is the release's eq. 1 after the
+    patch embedding (``x * (1 - m) + x.flip(0) * m``), bit for bit: no patch straddles a cell."""
     model = mixmim.create_pretrainer("mixmim", "mixmim_base", **TINY)
     images = torch.randn(4, 3, 128, 128)
     groups = random_groups(model.grid, 0.5)
     sources = partner_sources(4, 2)
-    mixed_tokens = model.mix(model.encoder.patch_embed(images), groups, sources)
+    mixed_pixels = model.mix(images, groups, sources)
     pixel_mask = upsample_groups(groups, 32).unsqueeze(1).bool()
-    mixed_pixels = torch.where(pixel_mask, images.flip(0), images)
-    torch.testing.assert_close(mixed_tokens, model.encoder.patch_embed(mixed_pixels), rtol=1e-5, atol=1e-5)
+    assert torch.equal(mixed_pixels, torch.where(pixel_mask, images.flip(0), images))
+    tokens = model.encoder.patch_embed(images)
+    m = upsample_groups(groups, 8).reshape(1, -1, 1).float()
+    assert torch.equal(model.encoder.embed(mixed_pixels, groups), tokens * (1 - m) + tokens.flip(0) * m)
 
 
 def test_partner_is_batch_reversed_for_two_images():

@@ -30,26 +30,29 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """The encoder: a named configuration plus optional overrides (None keeps the named value)."""
+    """The encoder: a named configuration plus optional overrides (None keeps the named value).
+    ``options`` passes any other constructor argument of the model's family (e.g. ``depth`` of a
+    ViT, ``window_size`` of a Swin, ``width_factor`` of a ResNet)."""
 
     name: str = "mixmim_tiny"
     img_size: int = 224
     patch_size: int | None = None
     embed_dim: int | None = None
     depths: list[int] | None = None
-    num_heads: list[int] | None = None
-    window_size: list[int | list[int]] | None = None
+    num_heads: list[int] | int | None = None
+    window_size: list[int | list[int]] | int | None = None
     mlp_ratio: float | None = None
     drop_path_rate: float = 0.0
-    attention_impl: Literal["reference", "fast", "flex"] = "fast"
-    learnable_pos_embed: bool = False
+    attention_impl: Literal["reference", "fast", "flex"] | None = None
+    learnable_pos_embed: bool | None = None
+    options: dict[str, Any] = field(default_factory=dict)
     grad_checkpointing: bool = False
     compile: bool = False
 
     def encoder_overrides(self) -> dict[str, Any]:
         keys = ("img_size", "patch_size", "embed_dim", "depths", "num_heads", "window_size", "mlp_ratio",
                 "drop_path_rate", "attention_impl", "learnable_pos_embed")
-        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        return {**{k: getattr(self, k) for k in keys if getattr(self, k) is not None}, **self.options}
 
 
 @dataclass
@@ -326,7 +329,7 @@ def validate(config: RunConfig) -> None:
     for key, value, low in [("train.epochs", t.epochs, 1), ("train.batch_size", t.batch_size, 1),
                             ("train.accum_steps", t.accum_steps, 1), ("train.checkpoint_every", t.checkpoint_every, 1),
                             ("train.keep_checkpoints", t.keep_checkpoints, 1), ("train.log_every", t.log_every, 1),
-                            ("train.num_workers", t.num_workers, 0), ("model.img_size", config.model.img_size, 32)]:
+                            ("train.num_workers", t.num_workers, 0), ("model.img_size", config.model.img_size, 16)]:
         if value < low:
             raise ConfigError(f"config key '{key}': {value} is below the minimum {low}")
     if t.max_steps is not None and t.max_steps < 1:
@@ -344,9 +347,6 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"config key 'data.max_bad_fraction': {d.max_bad_fraction} must lie in [0, 1]")
     if d.source == "folder" and not d.path:
         raise ConfigError("config key 'data.path': data.source=folder needs the image folder's path")
-    if config.model.img_size % 32:
-        raise ConfigError(f"config key 'model.img_size': {config.model.img_size} is not divisible by the "
-                          "encoder stride 32")
     _check_buildable(config)
 
 
@@ -362,6 +362,8 @@ def _check_buildable(config: RunConfig) -> None:
             create_pretrainer(method=config.method_name(), model=config.model.name,
                               **config.model.encoder_overrides(), **config.method_options())
     except (ValueError, TypeError, AssertionError) as exc:
+        if str(exc).startswith("img_size="):
+            raise ConfigError(f"config key 'model.img_size': {exc}") from None
         raise ConfigError(f"config sections 'model'/'method' ({config.model.name}, {config.method_name()}): "
                           f"{exc}") from None
 

@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from mixmim.interop.export import load_encoder_state, read_encoder_config
-from mixmim.training.checkpoint import resolve_checkpoint
-from mixmim.models.mixmim_vit import MixMIMTransformer
-from mixmim.models.registry import ENCODER_ARGS, MODELS, split_overrides
+from mixmim.interop.export import load_encoder_state, read_encoder_meta
+from mixmim.models.registry import encoder_args, family_class, family_of, name_for_config, split_overrides
 from mixmim.models.resize import load_resized
+from mixmim.training.checkpoint import resolve_checkpoint
 
 # What a pretraining run chose that a transfer task must not inherit.
 _NOT_INHERITED = ("num_classes", "drop_rate", "attn_drop_rate", "drop_path_rate")
@@ -32,9 +31,10 @@ class Pretrained:
     """Encoder weights plus the constructor arguments they were trained with."""
 
     state: dict[str, Tensor]
-    config: dict[str, Any]  # full constructor arguments of MixMIMTransformer
+    config: dict[str, Any]  # full constructor arguments of the family's encoder class
     model_name: str | None  # registry name when known (drop path defaults follow it)
     source: str  # "checkpoint", "export", "release" or "random"
+    family: str = "mixmim"
 
 
 @dataclass
@@ -80,15 +80,9 @@ def _checkpoint_model_section(path: Path) -> dict[str, Any] | None:
     return None
 
 
-def _name_for(config: Mapping[str, Any]) -> str | None:
-    for name, spec in MODELS.items():
-        if spec["embed_dim"] == config.get("embed_dim") and list(spec["depths"]) == list(config.get("depths", ())):
-            return name
-    return None
-
-
 def _full_config(model_name: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
-    encoder, _ = split_overrides(model_name, {k: v for k, v in overrides.items() if k in ENCODER_ARGS})
+    accepted = encoder_args(model_name)
+    encoder, _ = split_overrides(model_name, {k: v for k, v in overrides.items() if k in accepted})
     return encoder
 
 
@@ -98,48 +92,56 @@ def read_pretrained(path: str | Path | None, model: str | None = None) -> Pretra
     if path is None:
         if model is None:
             raise ValueError("no checkpoint given: name a --model for a randomly initialised encoder")
-        return Pretrained({}, _full_config(model, {}), model, "random")
+        return Pretrained({}, _full_config(model, {}), model, "random", family_of(model))
     path = resolve_checkpoint(path)  # a run folder means its newest good checkpoint
     state = load_encoder_state(path)
     if path.suffix == ".safetensors":
-        config = read_encoder_config(path)
-        if config is None:
+        meta = read_encoder_meta(path)
+        if meta is None:
             raise FileNotFoundError(f"{path.with_suffix('.json')} is missing: it holds the model's configuration")
-        return Pretrained(state, dict(config), _name_for(config), "export")
+        family, config = meta
+        return Pretrained(state, dict(config), name_for_config(family, config), "export", family)
     section = _checkpoint_model_section(path)
     if section is not None:
         name = str(section["name"])
-        overrides = {k: v for k, v in section.items() if k in ENCODER_ARGS and v is not None}
-        return Pretrained(state, _full_config(name, overrides), name, "checkpoint")
+        options = dict(section.get("options") or {})
+        overrides = {k: v for k, v in {**section, **options}.items() if v is not None}
+        return Pretrained(state, _full_config(name, overrides), name, "checkpoint", family_of(name))
     if model is None:
         raise ValueError(f"{path} is a release checkpoint: name its model with --model (e.g. mixmim_base)")
+    if family_of(model) != "mixmim":
+        raise ValueError(f"{path} is not a mixmim checkpoint or export; release checkpoints exist for the "
+                         f"mixmim_* models only, not {model}")
     config = _full_config(model, {})
     if "absolute_pos_embed" in state:
         # Release tables are (1, L, C); a 224 checkpoint of stride-4 patches has a 56 x 56 grid.
         side = int(state["absolute_pos_embed"].shape[1] ** 0.5)
         config["img_size"] = side * config.get("patch_size", 4)
-    return Pretrained(state, config, model, "release")
+    return Pretrained(state, config, model, "release", "mixmim")
 
 
-def build_encoder(pretrained: Pretrained, **overrides: Any) -> MixMIMTransformer:
-    """A MixMIMTransformer with ``pretrained``'s architecture, ``overrides`` (img_size, window_size,
+def build_encoder(pretrained: Pretrained, **overrides: Any) -> nn.Module:
+    """An encoder of ``pretrained``'s family and architecture, ``overrides`` (img_size, window_size,
     num_classes, drop_path_rate, ...) applied, and the weights loaded (resized where the grid or a
     window changed; a new head stays freshly initialised)."""
+    cls = family_class(pretrained.family)
+    accepted = set(encoder_args(pretrained.family))
     config = {k: v for k, v in pretrained.config.items() if k not in _NOT_INHERITED}
     config.update({k: v for k, v in overrides.items() if v is not None})
-    unknown = [k for k in config if k not in ENCODER_ARGS]
+    if "drop_path_rate" in config and "drop_path_rate" not in accepted:
+        config.pop("drop_path_rate")
+    unknown = [k for k in config if k not in accepted]
     if unknown:
-        raise ValueError(f"unknown encoder option(s) {', '.join(unknown)}")
-    model = MixMIMTransformer(**config)
+        raise ValueError(f"unknown {pretrained.family} encoder option(s) {', '.join(unknown)}")
+    model = cls(**config)
     if pretrained.state:
-        img = pretrained.config.get("img_size", 224)
-        img = (img, img) if isinstance(img, int) else tuple(img)
-        patch = pretrained.config.get("patch_size", 4)
+        with torch.device("meta"):  # the checkpoint's own grid, for resizing position tables
+            source = cls(**{k: v for k, v in pretrained.config.items() if k in accepted and k != "num_classes"})
         target = model.state_dict()
         # A head of another class count (a release fine-tuning checkpoint) is replaced by a new one.
         state = {k: v for k, v in pretrained.state.items()
                  if not (k.startswith("head.") and (k not in target or target[k].shape != v.shape))}
-        load_resized(model, state, source_grid=(img[0] // patch, img[1] // patch))
+        load_resized(model, state, source_grid=source.grids[0])
     return model
 
 

@@ -35,7 +35,6 @@ from mixmim.evaluation.metrics import MetricsCSV, segmentation_scores, write_jso
 from mixmim.evaluation.pretrained import TaskConfig, build_encoder, input_size, read_pretrained
 from mixmim.evaluation.runtime import autocast, pick_device, seed_everything
 from mixmim.models.dense import MixMIMBackbone
-from mixmim.models.mixmim_vit import MixMIMTransformer
 from mixmim.utils.files import atomic_write
 
 log = logging.getLogger("mixmim")
@@ -88,7 +87,7 @@ class UperHead(nn.Module):
 class UperNet(nn.Module):
     """MixMIM backbone + UperNet head; ``forward`` returns logits at the input resolution."""
 
-    def __init__(self, encoder: MixMIMTransformer, num_classes: int, channels: int = 512):
+    def __init__(self, encoder: nn.Module, num_classes: int, channels: int = 512):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes={num_classes} must be at least 1")
@@ -111,7 +110,7 @@ class UperNet(nn.Module):
         return ordinal
 
     def no_weight_decay(self) -> set[str]:
-        return {"backbone.encoder.absolute_pos_embed"}
+        return {f"backbone.encoder.{n}" for n in ("absolute_pos_embed", "pos_embed", "cls_token")}
 
     def no_weight_decay_keywords(self) -> set[str]:
         # BEiT's segmentation settings (which MixMIM adopts for ADE20K) keep the tables out of decay.

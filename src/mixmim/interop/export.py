@@ -16,38 +16,50 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from torch import nn
+
 from mixmim.interop.official import convert_official
-from mixmim.models.mixmim_vit import MixMIMTransformer
-from mixmim.models.registry import encoder_config
 from mixmim.utils.files import atomic_write, atomic_write_text
 
 FORMAT = "mixmim-encoder/1"
 
 
-def save_encoder(encoder: MixMIMTransformer, stem: str | Path, metadata: Mapping[str, Any] | None = None,
+def save_encoder(encoder: nn.Module, stem: str | Path, metadata: Mapping[str, Any] | None = None,
                  include_head: bool = False) -> tuple[Path, Path]:
-    """Write the encoder as safetensors + JSON config; both atomically. Returns the two paths."""
+    """Write the encoder as safetensors + JSON config; both atomically. Returns the two paths. The
+    weights of timm families keep timm's names, so ``timm.create_model(<timm_model>, pretrained=True,
+    pretrained_cfg_overlay=dict(file=...))`` loads them as they are (the JSON names the model)."""
     stem = Path(stem)
     if stem.suffix in (".safetensors", ".json"):
         stem = stem.with_suffix("")
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()
              if include_head or not k.startswith("head.")}
-    config = encoder_config(encoder)
+    config = encoder.config()
     if not include_head:
         config["num_classes"] = 0
     weights = atomic_write(stem.with_suffix(".safetensors"),
                            lambda tmp: save_file(state, str(tmp), metadata={"format": FORMAT}))
-    info = {"format": FORMAT, "architecture": "mixmim", "config": config, **dict(metadata or {})}
+    info = {"format": FORMAT, "architecture": getattr(encoder, "family", "mixmim"), "config": config}
+    if getattr(encoder, "timm_model", None):
+        info["timm_model"] = encoder.timm_model
+    info.update(dict(metadata or {}))
     meta = atomic_write_text(stem.with_suffix(".json"), json.dumps(info, indent=2) + "\n")
     return weights, meta
 
 
-def read_encoder_config(path: str | Path) -> dict[str, Any] | None:
-    """The constructor arguments saved next to exported weights, or None when there is no JSON."""
+def read_encoder_meta(path: str | Path) -> tuple[str, dict[str, Any]] | None:
+    """(family, constructor arguments) saved next to exported weights, or None when there is no JSON."""
     meta = Path(path).with_suffix(".json")
     if not meta.is_file():
         return None
-    return json.loads(meta.read_text())["config"]
+    info = json.loads(meta.read_text())
+    return str(info.get("architecture", "mixmim")), info["config"]
+
+
+def read_encoder_config(path: str | Path) -> dict[str, Any] | None:
+    """The constructor arguments saved next to exported weights, or None when there is no JSON."""
+    meta = read_encoder_meta(path)
+    return None if meta is None else meta[1]
 
 
 def load_encoder_state(path: str | Path) -> dict[str, Tensor]:
@@ -70,12 +82,15 @@ def load_encoder_state(path: str | Path) -> dict[str, Tensor]:
     return dict(state)
 
 
-def load_encoder(path: str | Path, **overrides: Any) -> MixMIMTransformer:
+def load_encoder(path: str | Path, **overrides: Any) -> nn.Module:
     """Rebuild an exported encoder from ``<stem>.safetensors`` + ``<stem>.json``."""
-    config = read_encoder_config(path)
-    if config is None:
+    from mixmim.models.registry import family_class
+
+    meta = read_encoder_meta(path)
+    if meta is None:
         raise FileNotFoundError(f"{Path(path).with_suffix('.json')} is missing: it holds the model's configuration")
-    model = MixMIMTransformer(**{**config, **overrides})
+    family, config = meta
+    model = family_class(family)(**{**config, **overrides})
     missing, unexpected = model.load_state_dict(load_encoder_state(path), strict=False)
     missing = [k for k in missing if not k.startswith("head.")]
     if missing or unexpected:

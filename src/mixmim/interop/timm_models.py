@@ -23,7 +23,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from mixmim.interop.export import read_encoder_config
 from mixmim.models.mixmim_vit import MixMIMTransformer
-from mixmim.models.registry import MODELS, split_overrides
+from mixmim.models.registry import MODELS, model_names, split_overrides
 from mixmim.models.resize import resize_state_dict
 
 _ARCHITECTURE = ("embed_dim", "depths", "num_heads", "patch_size")
@@ -35,7 +35,10 @@ def _cfg() -> dict[str, Any]:
             "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0"}
 
 
-default_cfgs = generate_default_cfgs({name: _cfg() for name in MODELS})
+# The other families are timm's own models (vit_*, swin_*, pvt_v2_*, resnetv2_*_bit): their exports load
+# into timm.create_model(<the JSON's timm_model>) directly, so only the MixMIM encoders need entries.
+MIXMIM_MODELS = model_names("mixmim")
+default_cfgs = generate_default_cfgs({name: _cfg() for name in MIXMIM_MODELS})
 
 
 def _filter(state: dict, model: MixMIMTransformer, source_grid: tuple[int, int] | None = None) -> dict:
@@ -78,5 +81,5 @@ def _entrypoint(name: str):
 
 
 # One timm entry point per named configuration (mixmim_tiny ... mixmim_huge), as module attributes.
-for _name in MODELS:
+for _name in MIXMIM_MODELS:
     globals()[_name] = register_model(_entrypoint(_name))

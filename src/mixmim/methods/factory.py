@@ -9,11 +9,11 @@ from torch import nn
 
 from mixmim.methods.mixmim import MixMIM, MixMIMConfig
 from mixmim.methods.simmim import SimMIM, SimMIMConfig
-from mixmim.models.mixmim_vit import MixMIMTransformer
-from mixmim.models.registry import MODELS, split_overrides
+from mixmim.models.registry import MODELS, family_class, family_of, split_overrides
 
-# method name -> (config dataclass, builder(encoder, config))
-METHODS: dict[str, tuple[type, Callable[[MixMIMTransformer, Any], nn.Module]]] = {
+# method name -> (config dataclass, builder(encoder, config)); every method takes any encoder with
+# the GroupedEncoder interface (a method that needs more says so when it is built).
+METHODS: dict[str, tuple[type, Callable[[nn.Module, Any], nn.Module]]] = {
     "mixmim": (MixMIMConfig, lambda encoder, config: MixMIM(encoder, config)),
     "simmim": (SimMIMConfig, lambda encoder, config: SimMIM(encoder, config)),
 }
@@ -57,4 +57,4 @@ def create_pretrainer(method: str = "mixmim", model: str = "mixmim_base", **over
         raise TypeError(f"unknown option(s) for method {method!r}: {', '.join(unknown)}; "
                         f"method options: {', '.join(sorted(known))}")
     config = config_cls(**options)
-    return build(MixMIMTransformer(**encoder_args), config)
+    return build(family_class(family_of(model))(**encoder_args), config)

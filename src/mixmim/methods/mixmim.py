@@ -20,6 +20,7 @@ random draws).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -31,8 +32,8 @@ from mixmim.methods.base import PretrainOutput
 from mixmim.methods.masking import (as_grid_masks, block_groups, check_ratio, partner_sources, random_groups, token_cells,
                                     upsample_groups)
 from mixmim.methods.patches import normalize_patches, patchify
+from mixmim.models.base import resize_groups
 from mixmim.models.decoder import MaskTokenDecoder
-from mixmim.models.mixmim_vit import MixMIMTransformer
 
 
 Filling = Literal["mix", "zero", "learnable", "shuffle", "zoomin"]
@@ -134,9 +135,10 @@ class MixMIMConfig:
 
 
 class MixMIM(nn.Module):
-    """images -> loss and reconstructions. The encoder is any :class:`MixMIMTransformer`."""
+    """images -> loss and reconstructions. The encoder is any
+    :class:`~mixmim.models.base.GroupedEncoder` (MixMIM's own, ViT, Swin, PVT v2, ResNet-v2)."""
 
-    def __init__(self, encoder: MixMIMTransformer, config: MixMIMConfig | None = None, in_chans: int = 3):
+    def __init__(self, encoder: nn.Module, config: MixMIMConfig | None = None, in_chans: int = 3):
         super().__init__()
         self.config = config or MixMIMConfig()
         self.config.validate()
@@ -150,7 +152,7 @@ class MixMIM(nn.Module):
             # would put two images into one last-stage token at the final patch merging, where no
             # attention mask can separate them again.
             raise ValueError(f"mask_cell={c.mask_cell} is not a multiple of the encoder stride {encoder.stride}: "
-                             "patch merging would merge tokens of two images into one last-stage token")
+                             "the last stage would hold tokens that see two images")
         self.mask_factor = c.mask_cell // encoder.stride
         if self.grid[0] % self.mask_factor or self.grid[1] % self.mask_factor:
             raise ValueError(f"mask_cell={c.mask_cell} does not divide the image size "
@@ -166,7 +168,8 @@ class MixMIM(nn.Module):
         if c.pretext == "mix_embedding":
             # Different random vectors from the start, so the groups differ before any update.
             self.mix_embed = nn.ParameterList(
-                [nn.Parameter(nn.init.trunc_normal_(torch.empty(c.num_images, d), std=0.02)) for d in encoder.dims])
+                [nn.Parameter(nn.init.trunc_normal_(torch.empty(c.num_images, d), std=0.02))
+                 for d in encoder.stage_in_dims])
 
     @property
     def num_groups(self) -> int:
@@ -254,13 +257,18 @@ class MixMIM(nn.Module):
         return self._reconstruct(images, latent, visible, hidden, sources[:decoded].reshape(-1), groups)
 
     def make_input(self, images: Tensor, groups: Tensor, sources: Tensor, tokens_at: Tensor | None = None) -> Tensor:
-        """Stage-1 tokens the encoder sees for mixed filling: eq. 1, then the [MASK] token on
-        ``tokens_at`` cells (before positions are added, as in SimMIM)."""
-        mixed = self.mix(self.encoder.patch_embed(images), groups, sources)
-        if tokens_at is not None:
-            at = self.encoder.stage_groups(tokens_at, 0).reshape(tokens_at.shape[0], -1, 1)
-            mixed = torch.where(at, self.mask_token.to(mixed.dtype), mixed)
-        return mixed
+        """Stage-1 tokens the encoder sees for mixed filling: eq. 1 on the pixels, embedded so that no
+        token sees another image's cells (a patch embedding sees only its patch; a convolutional
+        stem is a mixed convolution), then the [MASK] token on ``tokens_at`` cells (before
+        positions are added, as in SimMIM). [MASK] cells are embedded apart from the rest too, so
+        the pixels they hide reach no neighbour."""
+        mixed = self.mix(images, groups, sources)
+        if tokens_at is None:
+            return self.encoder.embed(mixed, groups)
+        segments = torch.where(tokens_at.to(groups.device), self.num_groups, groups)
+        tokens = self.encoder.embed(mixed, segments)
+        at = self.encoder.stage_groups(tokens_at.long(), 0).reshape(tokens_at.shape[0], -1, 1).bool()
+        return torch.where(at.to(tokens.device), self.mask_token.to(tokens.dtype), tokens)
 
     def encode(self, tokens: Tensor, groups: Tensor) -> Tensor:
         """The encoder on mixed stage-1 tokens with the chosen way to tell images apart (Table 10)."""
@@ -284,13 +292,14 @@ class MixMIM(nn.Module):
         return PretrainOutput(loss=loss, reconstruction=reconstruction, mask=groups, target=seq_target,
                               hidden=hidden, sources=seq_sources)
 
-    def mix(self, tokens: Tensor, groups: Tensor, sources: Tensor) -> Tensor:
-        """Eq. 1 on the stage-1 tokens (B, L1, C): each cell of sample i is taken from image
-        ``sources[g, i]`` where g is the cell's group."""
-        ids = self.encoder.stage_groups(groups, 0).reshape(groups.shape[0], -1, 1)
-        mixed = tokens
+    def mix(self, images: Tensor, groups: Tensor, sources: Tensor) -> Tensor:
+        """Eq. 1 on the pixels (B, C, H, W): each cell of sample i is taken from image
+        ``sources[g, i]`` where g is the cell's group. For a patch embedding this equals the
+        release's mixing of the stage-1 tokens."""
+        ids = resize_groups(groups, images.shape[-2:]).unsqueeze(1)
+        mixed = images
         for g in range(1, sources.shape[0]):
-            mixed = torch.where(ids == g, tokens[sources[g]], mixed)
+            mixed = torch.where(ids == g, images[sources[g]], mixed)
         return mixed
 
     # ------------------------------------------------------------------ non-mix fillings (Table 6)
@@ -303,31 +312,35 @@ class MixMIM(nn.Module):
         return self._reconstruct(images, latent, visible, ~visible, torch.arange(b, device=images.device), groups)
 
     def fill_input(self, images: Tensor, groups: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Stage-1 tokens of each image with its group-1 cells replaced by ``config.filling``."""
-        tokens = self.encoder.patch_embed(images)
+        """Stage-1 tokens of each image with its group-1 cells replaced by ``config.filling``. Shuffle
+        and zoom-in fill the pixels; zero and learnable fill the tokens. The visible and the hidden
+        cells are embedded apart, so the hidden pixels reach no visible token."""
         filling = self.config.filling
-        if filling == "zero":
-            fill = torch.zeros_like(tokens)
-        elif filling == "learnable":
-            fill = self.mask_token.to(tokens.dtype).expand_as(tokens)
-        elif filling == "shuffle":
-            fill = self.shuffle_cells(tokens, groups, generator)
-        elif filling == "zoomin":
-            fill = self.encoder.patch_embed(self.zoom_in(images, generator))
-        else:
+        if filling not in ("zero", "learnable", "shuffle", "zoomin"):
             raise ValueError(f"filling={filling!r} is not a single-image filling")
+        if filling == "shuffle":
+            b, c, h, w = images.shape
+            pixels = self.shuffle_cells(images.permute(0, 2, 3, 1).reshape(b, h * w, c), groups, generator)
+            return self.encoder.embed(pixels.reshape(b, h, w, c).permute(0, 3, 1, 2), groups)
+        if filling == "zoomin":
+            hidden = resize_groups(groups, images.shape[-2:]).unsqueeze(1) == 1
+            return self.encoder.embed(torch.where(hidden, self.zoom_in(images, generator), images), groups)
+        tokens = self.encoder.embed(images, groups)
+        fill = torch.zeros_like(tokens) if filling == "zero" else self.mask_token.to(tokens.dtype).expand_as(tokens)
         hidden = self.encoder.stage_groups(groups, 0).reshape(groups.shape[0], -1, 1) == 1
         return torch.where(hidden, fill, tokens)
 
     def _cells(self, tokens: Tensor) -> Tensor:
-        """(B, L1, C) stage-1 tokens -> (B, L, n, C): the n tokens of each last-grid cell."""
-        b, _, ch = tokens.shape
-        (gh, gw), f = self.grid, self.cell // self.encoder.patch_size
+        """(B, N, C) positions on a grid of f x f positions per last-grid cell (stage-1 tokens, or
+        pixels as channels-last rows) -> (B, L, f*f, C): the positions of each cell."""
+        b, n, ch = tokens.shape
+        gh, gw = self.grid
+        f = math.isqrt(n // (gh * gw))
         return tokens.reshape(b, gh, f, gw, f, ch).transpose(2, 3).reshape(b, gh * gw, f * f, ch)
 
     def _uncells(self, cells: Tensor) -> Tensor:
-        b, _, _, ch = cells.shape
-        (gh, gw), f = self.grid, self.cell // self.encoder.patch_size
+        b, _, n, ch = cells.shape
+        (gh, gw), f = self.grid, math.isqrt(n)
         return cells.reshape(b, gh, gw, f, f, ch).transpose(2, 3).reshape(b, gh * f * gw * f, ch)
 
     def shuffle_cells(self, tokens: Tensor, groups: Tensor, generator: torch.Generator | None = None) -> Tensor:

@@ -1,5 +1,5 @@
-"""SimMIM on the MixMIM encoder: the [MASK]-token baseline (SimMIM paper, section 3; MixMAE
-supplement Table 8 compares against it).
+"""SimMIM on any encoder: the [MASK]-token baseline (SimMIM paper, section 3; MixMAE supplement
+Table 8 compares against it).
 
 1. A random mask on a grid of ``mask_cell``-pixel cells (32 by default, the last-stage patch of
    Swin), ``ceil(L * 0.6)`` cells masked, one mask per image (section 3.1).
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from mixmim.methods.base import PretrainOutput
 from mixmim.methods.masking import as_grid_masks, check_ratio, upsample_groups
 from mixmim.methods.patches import normalize_patches, patchify
-from mixmim.models.mixmim_vit import MixMIMTransformer
+from mixmim.models.base import resize_groups
 
 LOSSES: tuple[str, ...] = ("l1", "smooth_l1", "l2")
 
@@ -51,7 +51,7 @@ class SimMIMConfig:
 class SimMIM(nn.Module):
     """images -> l1 loss on the masked pixels, with a learnable mask token at the encoder input."""
 
-    def __init__(self, encoder: MixMIMTransformer, config: SimMIMConfig | None = None, in_chans: int = 3):
+    def __init__(self, encoder: nn.Module, config: SimMIMConfig | None = None, in_chans: int = 3):
         super().__init__()
         self.config = config or SimMIMConfig()
         self.config.validate()
@@ -61,9 +61,9 @@ class SimMIM(nn.Module):
         self.grid = encoder.grids[-1]
         self.in_chans = in_chans
         h, w = encoder.img_size
-        if c.mask_cell % encoder.patch_size or h % c.mask_cell or w % c.mask_cell:
-            raise ValueError(f"mask_cell={c.mask_cell} must be a multiple of the patch size {encoder.patch_size} "
-                             f"and divide the image size {h}x{w}")
+        if c.mask_cell % encoder.strides[0] or h % c.mask_cell or w % c.mask_cell:
+            raise ValueError(f"mask_cell={c.mask_cell} must be a multiple of the encoder's first stride "
+                             f"{encoder.strides[0]} and divide the image size {h}x{w}")
         self.mask_grid = (h // c.mask_cell, w // c.mask_cell)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.embed_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
@@ -100,8 +100,10 @@ class SimMIM(nn.Module):
         mask = self.sample_mask(b) if mask is None else self._check_mask(mask, b)
         mask = mask.to(images.device)
         c = self.config
-        tokens = self.encoder.patch_embed(images)
-        at = upsample_groups(mask, c.mask_cell // self.encoder.patch_size).reshape(mask.shape[0], -1, 1).bool()
+        # Masked and visible cells are embedded apart (a no-op for patch embeddings): with a
+        # convolutional stem the masked pixels would otherwise reach visible tokens.
+        tokens = self.encoder.embed(images, mask)
+        at = resize_groups(mask, self.encoder.grids[0]).reshape(mask.shape[0], -1, 1).bool()
         x = torch.where(at, self.mask_token.to(tokens.dtype), tokens)
         latent = self.encoder.forward_tokens(x)
         prediction = self.head(latent)  # (B, L, stride*stride*C)

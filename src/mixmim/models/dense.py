@@ -22,30 +22,53 @@ from torch import Tensor, nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from mixmim.models.mixmim_vit import MixMIMTransformer
+class SimplePyramid(nn.Module):
+    """ViTDet's simple feature pyramid from one stride-16 map: strides 4, 8, 16, 32."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        half, quarter = dim // 2, dim // 4
+        self.up4 = nn.Sequential(nn.ConvTranspose2d(dim, half, 2, 2), nn.GroupNorm(1, half), nn.GELU(),
+                                 nn.ConvTranspose2d(half, quarter, 2, 2))
+        self.up8 = nn.ConvTranspose2d(dim, half, 2, 2)
+        self.down32 = nn.MaxPool2d(2, 2)
+        self.channels = [quarter, half, dim, dim]
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return [self.up4(x), self.up8(x), x, self.down32(x)]
 
 
 class MixMIMBackbone(nn.Module):
-    """Multi-scale features of a :class:`MixMIMTransformer`: ``{"0": stride 4, ..., "3": stride 32}``.
+    """Multi-scale features of an encoder: ``{"0": stride 4, ..., "3": stride 32}``.
 
-    The encoder's final norm and head are not used (one norm per output instead); the last output's
-    norm starts from the final norm's weights.
+    The encoder's final norm and head are not used (one norm per output instead); for the MixMIM
+    encoder the last output's norm starts from the final norm's weights.
     """
 
-    def __init__(self, encoder: MixMIMTransformer, out_indices: Sequence[int] = (0, 1, 2, 3)):
+    def __init__(self, encoder: nn.Module, out_indices: Sequence[int] = (0, 1, 2, 3)):
         super().__init__()
-        if not out_indices or any(not 0 <= i < encoder.num_stages for i in out_indices):
-            raise ValueError(f"out_indices={tuple(out_indices)}: expected stage indices in 0..{encoder.num_stages - 1}")
         self.encoder = encoder
+        self.pyramid = SimplePyramid(encoder.num_features) if encoder.num_stages == 1 else None
+        levels = 4 if self.pyramid is not None else encoder.num_stages
+        if not out_indices or any(not 0 <= i < levels for i in out_indices):
+            raise ValueError(f"out_indices={tuple(out_indices)}: expected stage indices in 0..{levels - 1}")
         self.out_indices = tuple(out_indices)
-        self.out_channels = [encoder.dims[i] for i in self.out_indices]
-        self.strides = [encoder.patch_size * 2**i for i in self.out_indices]
+        if self.pyramid is not None:
+            self.out_channels = [self.pyramid.channels[i] for i in self.out_indices]
+            self.strides = [encoder.stride * 2**i // 4 for i in self.out_indices]
+        else:
+            self.out_channels = [encoder.dims[i] for i in self.out_indices]
+            self.strides = [encoder.strides[i] for i in self.out_indices]
         self.norms = nn.ModuleList(nn.LayerNorm(c) for c in self.out_channels)
         last = encoder.num_stages - 1
-        if last in self.out_indices:
-            self.norms[self.out_indices.index(last)].load_state_dict(encoder.norm.state_dict())
+        norm = getattr(encoder, "norm", None)
+        if self.pyramid is None and last in self.out_indices and isinstance(norm, nn.LayerNorm) \
+                and norm.normalized_shape == (self.out_channels[self.out_indices.index(last)],):
+            self.norms[self.out_indices.index(last)].load_state_dict(norm.state_dict())
         # Unused parameters would break DDP's gradient bookkeeping.
-        encoder.norm, encoder.head = nn.Identity(), nn.Identity()
+        for name in ("norm", "head", "fc_norm"):
+            if isinstance(getattr(encoder, name, None), nn.Module):
+                setattr(encoder, name, nn.Identity())
 
     def forward(self, images: Tensor) -> "OrderedDict[str, Tensor]":
         h, w = images.shape[-2:]
@@ -54,11 +77,14 @@ class MixMIMBackbone(nn.Module):
             raise ValueError(f"input {h}x{w} is larger than the backbone's img_size {full_h}x{full_w}")
         if (h, w) != (full_h, full_w):
             images = F.pad(images, (0, full_w - w, 0, full_h - h))
-        stages = self.encoder.forward_stages(self.encoder.patch_embed(images))
+        stages = self.encoder.forward_stages(self.encoder.embed(images))
+        b = images.shape[0]
+        maps = [x.reshape(b, *self.encoder.grids[i], -1).permute(0, 3, 1, 2) for i, x in enumerate(stages)]
+        if self.pyramid is not None:
+            maps = self.pyramid(maps[-1])
         out: OrderedDict[str, Tensor] = OrderedDict()
         for name, (i, norm) in enumerate(zip(self.out_indices, self.norms)):
-            gh, gw = self.encoder.grids[i]
-            x = norm(stages[i]).reshape(images.shape[0], gh, gw, -1).permute(0, 3, 1, 2)
+            x = norm(maps[i].permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
             s = self.strides[name]
             out[str(name)] = x[:, :, : -(-h // s), : -(-w // s)].contiguous()
         return out
@@ -79,7 +105,7 @@ class MixMIMFPN(nn.Module):
         return self.fpn(self.body(images))
 
 
-def mask_rcnn(encoder: MixMIMTransformer, num_classes: int, fpn_channels: int = 256, **kwargs):
+def mask_rcnn(encoder: nn.Module, num_classes: int, fpn_channels: int = 256, **kwargs):
     """torchvision Mask R-CNN on the encoder + FPN. Images are resized so that their longer side fits
     the encoder's input size (``min_size``/``max_size`` default to it); ``kwargs`` go to MaskRCNN."""
     from torchvision.models.detection import MaskRCNN

@@ -19,6 +19,7 @@ from timm.layers import DropPath, Mlp, PatchEmbed
 from torch import Tensor, nn
 
 from mixmim.models.attention import AttentionImpl, GroupLayout, WindowAttention, window_partition, window_reverse
+from mixmim.models.base import GroupedEncoder
 from mixmim.models.pos_embed import sincos_2d
 
 
@@ -100,9 +101,11 @@ def _per_block(value: int | Sequence[int], depth: int, stage: int) -> list[int]:
     return value
 
 
-class MixMIMTransformer(nn.Module):
+class MixMIMTransformer(GroupedEncoder, nn.Module):
     """The MixMIM encoder; with ``num_classes > 0`` it is the fine-tuning classifier (average pooling
     of the last stage after the final norm, then a linear head), as in the release."""
+
+    family = "mixmim"
 
     def __init__(
         self,
@@ -124,21 +127,22 @@ class MixMIMTransformer(nn.Module):
     ):
         super().__init__()
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        self.num_stages = len(depths)
-        if not (len(num_heads) == len(window_size) == self.num_stages):
+        num_stages = len(depths)
+        if not (len(num_heads) == len(window_size) == num_stages):
             raise ValueError(f"depths, num_heads and window_size must have one entry per stage, got "
                              f"{len(depths)}, {len(num_heads)}, {len(window_size)}")
         self.img_size, self.patch_size, self.embed_dim = img_size, patch_size, embed_dim
-        self.stride = patch_size * 2 ** (self.num_stages - 1)
+        stride = patch_size * 2 ** (num_stages - 1)
         for side in img_size:
-            if side % self.stride:
-                raise ValueError(f"img_size={side} is not divisible by the encoder stride {self.stride}")
+            if side % stride:
+                raise ValueError(f"img_size={side} is not divisible by the encoder stride {stride}")
         self.depths, self.num_heads = list(depths), list(num_heads)
         self.num_classes = num_classes
-        self.dims = [embed_dim * 2**i for i in range(self.num_stages)]
+        self.dims = [embed_dim * 2**i for i in range(num_stages)]
+        self.stage_in_dims = list(self.dims)
         self.num_features = self.dims[-1]
-        self.grids = [(img_size[0] // (patch_size * 2**i), img_size[1] // (patch_size * 2**i))
-                      for i in range(self.num_stages)]
+        self.strides = [patch_size * 2**i for i in range(num_stages)]
+        self.grids = [(img_size[0] // s, img_size[1] // s) for s in self.strides]
 
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, norm_layer=nn.LayerNorm,
                                       strict_img_size=False)
@@ -225,38 +229,34 @@ class MixMIMTransformer(nn.Module):
 
         return ordinal
 
-    def check_input(self, images: Tensor) -> None:
-        """Raise a ValueError naming the size when the images do not fit this encoder."""
-        if images.ndim != 4:
-            raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(images.shape)}")
-        h, w = images.shape[-2:]
-        for side in (h, w):
-            if side % self.stride:
-                raise ValueError(f"input size {h}x{w} is not divisible by the encoder stride {self.stride}")
-        if (h, w) != self.img_size:
-            raise ValueError(f"input size {h}x{w} differs from the model's img_size {self.img_size[0]}x"
-                             f"{self.img_size[1]}; build the model with img_size={h} (weights load through "
-                             "mixmim.models.resize.resize_state_dict)")
-
     # ------------------------------------------------------------------ forward passes
-    def stage_groups(self, groups: Tensor, stage: int) -> Tensor:
-        """Nearest upsampling of (G, h, w) last-stage group ids to the grid of ``stage``."""
-        f = 2 ** (self.num_stages - 1 - stage)
-        return groups.repeat_interleave(f, 1).repeat_interleave(f, 2) if f > 1 else groups
+    def embed(self, images: Tensor, groups: Tensor | None = None) -> Tensor:
+        """Patch embedding (4x4 patches, LayerNorm): each token sees only its own patch, which lies
+        inside one mixing cell, so ``groups`` change nothing."""
+        return self.patch_embed(images)
+
+    def config(self) -> dict:
+        return dict(img_size=list(self.img_size), patch_size=self.patch_size, embed_dim=self.embed_dim,
+                    depths=list(self.depths), num_heads=list(self.num_heads),
+                    window_size=[list(w) if len(set(w)) > 1 else w[0] for w in self.window_sizes],
+                    in_chans=self.patch_embed.proj.in_channels, num_classes=self.num_classes,
+                    learnable_pos_embed=self.absolute_pos_embed.requires_grad)
 
     def forward_stages(self, x: Tensor, groups: Tensor | None = None, *, restrict_attention: bool = True,
                        stage_embeds: Sequence[Tensor] | None = None, num_groups: int | None = None) -> list[Tensor]:
         """Run the four stages on patch embeddings ``x`` (B, L1, C) and return each stage's output
         (before its patch merging).
 
-        ``groups``: (G, h, w) integer ids on the last stage's grid (G is 1 for a mask shared by the batch,
-        else B): which image each token came from. With ``restrict_attention`` a token attends only
+        ``groups``: (G, h, w) integer ids on the last stage's grid or a coarser aligned one (G is 1 for
+        a mask shared by the batch, else B): which image each token came from. With ``restrict_attention`` a token attends only
         to its own group (masked self-attention, section 2.3). ``stage_embeds``: one (num_groups, C_s)
         table per stage whose rows are added to each token by group at the start of the stage (the
         "mix embedding" of section 2.3).
         """
         if groups is not None and num_groups is None:
             num_groups = int(groups.max()) + 1
+        if groups is not None:
+            groups = self.stage_groups(groups, self.num_stages - 1)
         if stage_embeds is not None:
             if groups is None:
                 raise ValueError("stage_embeds (mix embeddings) need groups: which image each token is from")
@@ -281,7 +281,7 @@ class MixMIMTransformer(nn.Module):
 
     def forward_features(self, images: Tensor, groups: Tensor | None = None, **kwargs) -> Tensor:
         self.check_input(images)
-        return self.forward_tokens(self.patch_embed(images), groups, **kwargs)
+        return self.forward_tokens(self.embed(images, groups), groups, **kwargs)
 
     def forward_head(self, tokens: Tensor, pre_logits: bool = False) -> Tensor:
         pooled = tokens.mean(dim=1)

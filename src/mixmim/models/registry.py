@@ -1,41 +1,93 @@
 """Named encoder configurations and the factories that build them.
 
-MixMIM-B/L/H follow the paper (section 2.2): C = channels, H = heads, B = blocks per stage, windows
-14/14/14/7, decoder 512 wide with 8 blocks and 16 heads. ``mixmim_tiny`` and ``mixmim_small`` are
-this project's small models for CPU demos and tests.
+Families (one module each, all with the :class:`~mixmim.models.base.GroupedEncoder` interface):
+
+- ``mixmim``: the MixMIM hierarchical encoder (MixMIM paper section 2.2: C = channels, H = heads,
+  B = blocks per stage, windows 14/14/14/7, decoder 512 wide with 8 blocks and 16 heads).
+  ``mixmim_tiny`` and ``mixmim_small`` are this project's small models for CPU demos and tests.
+- ``vit``, ``swin``, ``pvt_v2``, ``resnetv2``: timm's models with the group restriction added
+  (MixMIM Table 3 and Table 13); each names the timm model whose state dict it loads unchanged.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import inspect
 from typing import Any
 
-from mixmim.models.mixmim_vit import MixMIMTransformer
+from torch import nn
 
-MODELS: dict[str, dict[str, Any]] = {
-    "mixmim_tiny": dict(embed_dim=64, depths=(2, 2, 6, 2), num_heads=(2, 4, 8, 16),
-                        decoder=dict(decoder_dim=256, decoder_depth=4, decoder_num_heads=8)),
-    "mixmim_small": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24),
-                         decoder=dict(decoder_dim=512, decoder_depth=8, decoder_num_heads=16)),
-    "mixmim_base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
-                        decoder=dict(decoder_dim=512, decoder_depth=8, decoder_num_heads=16)),
-    "mixmim_large": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48),
-                         decoder=dict(decoder_dim=512, decoder_depth=8, decoder_num_heads=16)),
-    "mixmim_huge": dict(embed_dim=352, depths=(2, 2, 18, 2), num_heads=(11, 22, 44, 88),
-                        decoder=dict(decoder_dim=512, decoder_depth=8, decoder_num_heads=16)),
+# family -> "module:Class"; imported on first use so that `mixmim info` stays light.
+FAMILIES: dict[str, str] = {
+    "mixmim": "mixmim.models.mixmim_vit:MixMIMTransformer",
+    "vit": "mixmim.models.vit:ViTEncoder",
+    "swin": "mixmim.models.swin:SwinEncoder",
+    "pvt_v2": "mixmim.models.pvt:PVTv2Encoder",
+    "resnetv2": "mixmim.models.resnet:ResNetV2Encoder",
 }
 
-# Drop path used when fine-tuning (MixMIM section 3 / Table 12).
-FINETUNE_DROP_PATH = {"mixmim_tiny": 0.1, "mixmim_small": 0.1, "mixmim_base": 0.1, "mixmim_large": 0.2,
-                      "mixmim_huge": 0.3}
+_MAE_DECODER = dict(decoder_dim=512, decoder_depth=8, decoder_num_heads=16)
 
-ENCODER_ARGS = ("img_size", "num_classes", "patch_size", "in_chans", "embed_dim", "depths", "num_heads", "window_size",
-                "mlp_ratio", "qkv_bias", "drop_rate", "attn_drop_rate", "drop_path_rate", "learnable_pos_embed",
-                "attention_impl")
+# name -> family, the timm model of the same architecture (None: not in timm), constructor arguments,
+# decoder defaults and the drop path used when fine-tuning.
+MODELS: dict[str, dict[str, Any]] = {
+    "mixmim_tiny": dict(family="mixmim", embed_dim=64, depths=(2, 2, 6, 2), num_heads=(2, 4, 8, 16),
+                        decoder=dict(decoder_dim=256, decoder_depth=4, decoder_num_heads=8), drop_path=0.1),
+    "mixmim_small": dict(family="mixmim", embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24),
+                         decoder=_MAE_DECODER, drop_path=0.1),
+    "mixmim_base": dict(family="mixmim", embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
+                        decoder=_MAE_DECODER, drop_path=0.1),
+    "mixmim_large": dict(family="mixmim", embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48),
+                         decoder=_MAE_DECODER, drop_path=0.2),
+    "mixmim_huge": dict(family="mixmim", embed_dim=352, depths=(2, 2, 18, 2), num_heads=(11, 22, 44, 88),
+                        decoder=_MAE_DECODER, drop_path=0.3),
+    # Plain ViT, patch 16 (MixMIM Table 3 "ViT-B"; MAE, MixedAE and SimMIM section 4.2).
+    "vit_tiny": dict(family="vit", timm="vit_tiny_patch16_224", embed_dim=192, depth=12, num_heads=3,
+                     decoder=_MAE_DECODER, drop_path=0.1),
+    "vit_small": dict(family="vit", timm="vit_small_patch16_224", embed_dim=384, depth=12, num_heads=6,
+                      decoder=_MAE_DECODER, drop_path=0.1),
+    "vit_base": dict(family="vit", timm="vit_base_patch16_224", embed_dim=768, depth=12, num_heads=12,
+                     decoder=_MAE_DECODER, drop_path=0.1),
+    "vit_large": dict(family="vit", timm="vit_large_patch16_224", embed_dim=1024, depth=24, num_heads=16,
+                      decoder=_MAE_DECODER, drop_path=0.2),
+    # Swin Transformer as published: window 7, shifted windows every other block (MixMIM Table 3).
+    "swin_tiny": dict(family="swin", timm="swin_tiny_patch4_window7_224", embed_dim=96, depths=(2, 2, 6, 2),
+                      num_heads=(3, 6, 12, 24), window_size=7, decoder=_MAE_DECODER, drop_path=0.1),
+    "swin_base": dict(family="swin", timm="swin_base_patch4_window7_224", embed_dim=128, depths=(2, 2, 18, 2),
+                      num_heads=(4, 8, 16, 32), window_size=7, decoder=_MAE_DECODER, drop_path=0.1),
+    "swin_large": dict(family="swin", timm="swin_large_patch4_window7_224", embed_dim=192, depths=(2, 2, 18, 2),
+                       num_heads=(6, 12, 24, 48), window_size=7, decoder=_MAE_DECODER, drop_path=0.2),
+    # PVT v2 with spatial-reduction attention (MixMIM Table 3 "PVT-L", MixMAE introduction).
+    "pvt_v2_b2": dict(family="pvt_v2", timm="pvt_v2_b2", embed_dims=(64, 128, 320, 512), depths=(3, 4, 6, 3),
+                      num_heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4), decoder=_MAE_DECODER, drop_path=0.1),
+    "pvt_v2_b5": dict(family="pvt_v2", timm="pvt_v2_b5", embed_dims=(64, 128, 320, 512), depths=(3, 6, 40, 3),
+                      num_heads=(1, 2, 5, 8), mlp_ratios=(4, 4, 4, 4), decoder=_MAE_DECODER, drop_path=0.3),
+    # ResNet-v2 as in BiT with mixed convolution (MixMIM supplement section 9, Table 13).
+    "resnetv2_50": dict(family="resnetv2", timm="resnetv2_50x1_bit", layers=(3, 4, 6, 3), width_factor=1,
+                        decoder=_MAE_DECODER, drop_path=0.1),
+    "resnetv2_50x3": dict(family="resnetv2", timm="resnetv2_50x3_bit", layers=(3, 4, 6, 3), width_factor=3,
+                          decoder=_MAE_DECODER, drop_path=0.1),
+    "resnetv2_101x3": dict(family="resnetv2", timm="resnetv2_101x3_bit", layers=(3, 4, 23, 3), width_factor=3,
+                           decoder=_MAE_DECODER, drop_path=0.1),
+}
+
+_META = ("family", "timm", "decoder", "drop_path")
+
+# Drop path used when fine-tuning (MixMIM section 3 / Table 12; timm's and MAE's habits elsewhere).
+FINETUNE_DROP_PATH = {name: spec["drop_path"] for name, spec in MODELS.items()}
 
 
-def model_names() -> list[str]:
-    return list(MODELS)
+def model_names(family: str | None = None) -> list[str]:
+    return [n for n, spec in MODELS.items() if family is None or spec["family"] == family]
+
+
+def family_class(family: str) -> type[nn.Module]:
+    """The encoder class of a family (imported on first use)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown encoder family {family!r}; known: {', '.join(FAMILIES)}")
+    module, name = FAMILIES[family].split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _spec(model: str) -> dict[str, Any]:
@@ -44,39 +96,72 @@ def _spec(model: str) -> dict[str, Any]:
     return MODELS[model]
 
 
+def family_of(model: str) -> str:
+    return _spec(model)["family"]
+
+
+def encoder_args(model_or_family: str) -> tuple[str, ...]:
+    """Constructor arguments the encoder class of a model name (or a family) accepts."""
+    family = model_or_family if model_or_family in FAMILIES else family_of(model_or_family)
+    params = inspect.signature(family_class(family).__init__).parameters
+    return tuple(p for p in params if p != "self")
+
+
+# Kept for the MixMIM family's callers: its constructor arguments.
+ENCODER_ARGS = ("img_size", "num_classes", "patch_size", "in_chans", "embed_dim", "depths", "num_heads", "window_size",
+                "mlp_ratio", "qkv_bias", "drop_rate", "attn_drop_rate", "drop_path_rate", "learnable_pos_embed",
+                "attention_impl")
+
+
 def split_overrides(model: str, overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(encoder kwargs, everything else) for ``model`` with ``overrides`` applied."""
     spec = _spec(model)
-    encoder = {k: v for k, v in spec.items() if k != "decoder"}
+    accepted = encoder_args(model)
+    encoder = {k: v for k, v in spec.items() if k not in _META}
+    encoder.setdefault("num_classes", 0)
     rest = dict(spec["decoder"])
     for key, value in overrides.items():
-        (encoder if key in ENCODER_ARGS else rest)[key] = value
+        (encoder if key in accepted else rest)[key] = value
     return encoder, rest
 
 
-def create_encoder(model: str = "mixmim_base", **overrides: Any) -> MixMIMTransformer:
+def create_encoder(model: str = "mixmim_base", **overrides: Any) -> nn.Module:
     """The encoder alone (no head)."""
-    encoder_args, rest = split_overrides(model, overrides)
+    encoder_kwargs, rest = split_overrides(model, overrides)
     extra = [k for k in rest if k not in _spec(model)["decoder"]]
     if extra:
-        raise TypeError(f"unknown encoder option(s) {', '.join(map(repr, extra))}; known: {', '.join(ENCODER_ARGS)}")
-    return MixMIMTransformer(**encoder_args)
+        raise TypeError(f"unknown encoder option(s) {', '.join(map(repr, extra))} for {model}; known: "
+                        f"{', '.join(encoder_args(model))}")
+    return family_class(family_of(model))(**encoder_kwargs)
 
 
-def create_classifier(model: str = "mixmim_base", num_classes: int = 1000, **overrides: Any) -> MixMIMTransformer:
-    """The encoder with average pooling of the last stage after the final norm and a linear head."""
+def create_classifier(model: str = "mixmim_base", num_classes: int = 1000, **overrides: Any) -> nn.Module:
+    """The encoder with its family's pooling and a linear head (timm's for timm families, so a timm
+    state dict of the same architecture loads with ``strict=True``)."""
     if num_classes < 1:
         raise ValueError(f"num_classes={num_classes} must be at least 1")
     return create_encoder(model, num_classes=num_classes, **overrides)
 
 
-def encoder_config(encoder: MixMIMTransformer) -> dict[str, Any]:
+def encoder_config(encoder: nn.Module) -> dict[str, Any]:
     """Constructor arguments that rebuild ``encoder`` (stored beside exported weights)."""
-    return dict(img_size=list(encoder.img_size), patch_size=encoder.patch_size, embed_dim=encoder.embed_dim,
-                depths=list(encoder.depths), num_heads=list(encoder.num_heads),
-                window_size=[list(w) if len(set(w)) > 1 else w[0] for w in encoder.window_sizes],
-                in_chans=encoder.patch_embed.proj.in_channels, num_classes=encoder.num_classes,
-                learnable_pos_embed=encoder.absolute_pos_embed.requires_grad)
+    return encoder.config()
+
+
+def name_for_config(family: str, config: dict[str, Any]) -> str | None:
+    """The registry name whose architecture ``config`` has (drop path defaults follow it)."""
+    keys = ("embed_dim", "depths", "depth", "embed_dims", "layers", "width_factor")
+    for name, spec in MODELS.items():
+        if spec["family"] != family:
+            continue
+        shared = [k for k in keys if k in spec and k in config]
+        if shared and all(_plain(spec[k]) == _plain(config[k]) for k in shared):
+            return name
+    return None
+
+
+def _plain(value: Any) -> Any:
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def fields_of(cls: type) -> list[str]:

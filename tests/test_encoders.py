@@ -1,0 +1,141 @@
+"""Every encoder family keeps the promise of mixmim.models.base: given a group map, no output position
+receives anything from another image (MixMIM section 2.3; supplement section 9 for ConvNets), with
+timm's weights it gives timm's logits, and every method runs on it unchanged."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+import mixmim
+from conftest import TINY_DECODER, TINY_ENCODERS
+from mixmim.methods.masking import random_groups
+from mixmim.models.base import resize_groups
+from mixmim.models.registry import FAMILIES, MODELS, family_of
+
+NAMES = list(TINY_ENCODERS)
+
+
+def _available(name: str) -> bool:
+    module = FAMILIES[family_of(name)].split(":")[0]
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name == module:
+            return False
+        raise
+    return True
+
+
+def needs(name: str):
+    return pytest.param(name, marks=pytest.mark.skipif(not _available(name), reason=f"{name}: family not built yet"))
+
+
+ENCODERS = [needs(n) for n in NAMES]
+
+
+def _tiny(name: str, **extra):
+    return mixmim.create_encoder(name, **TINY_ENCODERS[name], **extra)
+
+
+def _maps(kind: str, k: int, batch: int, grid=(4, 4)) -> torch.Tensor:
+    g = torch.Generator().manual_seed(k)
+    if kind == "shared":
+        return random_groups(grid, 0.5, num_groups=k, count=1, generator=g)
+    return random_groups(grid, 0.5, num_groups=k, count=batch, generator=g)
+
+
+@pytest.mark.parametrize("name", ENCODERS)
+@pytest.mark.parametrize("k,kind", [(2, "shared"), (2, "per_sample"), (4, "shared"), (4, "per_sample")])
+def test_no_information_crosses_images(name, k, kind):
+    """float64: the gradient of the outputs of one (sample, group) with respect to every input pixel of
+    another group, or of another sample, is exactly zero."""
+    torch.manual_seed(0)
+    encoder = _tiny(name).double().eval()
+    b = 4
+    x = torch.randn(b, 3, 128, 128, dtype=torch.float64, requires_grad=True)
+    groups = _maps(kind, k, b)
+    out = encoder.forward_tokens(encoder.embed(x, groups), groups, num_groups=k)
+    ids = resize_groups(groups, encoder.grids[-1]).reshape(groups.shape[0], -1).expand(b, -1)
+    pixels = resize_groups(groups, (128, 128)).expand(b, -1, -1)
+    weights = torch.randn_like(out)  # a random read-out: a plain sum of normalised tokens is constant
+    for sample in (0, 2):
+        for g in range(k):
+            if not (ids[sample] == g).any():
+                continue
+            x.grad = None
+            (out[sample] * weights[sample] * (ids[sample] == g).unsqueeze(-1)).sum().backward(retain_graph=True)
+            grad = x.grad.abs().sum(1)  # (B, H, W)
+            own = torch.zeros_like(grad, dtype=torch.bool)
+            own[sample] = pixels[sample] == g
+            assert grad[~own].max() == 0, (name, k, kind, sample, g)
+            assert grad[own].max() > 0, "the test must see some gradient"
+
+
+@pytest.mark.parametrize("name", ENCODERS)
+def test_stage_geometry(name):
+    encoder = _tiny(name)
+    assert encoder.stride in (16, 32)
+    assert encoder.grids[-1] == (128 // encoder.stride, 128 // encoder.stride)
+    tokens = encoder.embed(torch.randn(2, 3, 128, 128))
+    assert tokens.shape == (2, encoder.grids[0][0] * encoder.grids[0][1], encoder.embed_dim)
+    stages = encoder.forward_stages(tokens)
+    assert [s.shape[1:] for s in stages] == [(h * w, d) for (h, w), d in zip(encoder.grids, encoder.dims)]
+    assert encoder.forward_tokens(tokens).shape == (2, encoder.grids[-1][0] * encoder.grids[-1][1],
+                                                     encoder.num_features)
+
+
+@pytest.mark.parametrize("name", ENCODERS)
+def test_reconstruction_of_an_image_ignores_every_other_image(name):
+    """Through the public API: ``out.reconstruction[i]`` (i < B) is image i rebuilt from its own
+    cells; changing any other image of the batch leaves it unchanged (same ``mask=out.mask``)."""
+    torch.manual_seed(0)
+    model = mixmim.create_pretrainer("mixmim", name, **TINY_ENCODERS[name], **TINY_DECODER).eval()
+    images = torch.randn(4, 3, 128, 128)
+    with torch.no_grad():
+        out = model(images)
+        changed = images.clone()
+        changed[1:] = torch.randn(3, 3, 128, 128)
+        again = model(changed, mask=out.mask)
+    torch.testing.assert_close(again.reconstruction[0], out.reconstruction[0], rtol=0, atol=1e-5)
+    assert not torch.allclose(again.reconstruction[1], out.reconstruction[1])
+
+
+@pytest.mark.parametrize("method", ["mixmim", "simmim"])
+@pytest.mark.parametrize("name", ENCODERS)
+def test_two_pretraining_steps(name, method):
+    torch.manual_seed(0)
+    options = dict(TINY_DECODER) if method == "mixmim" else {}
+    model = mixmim.create_pretrainer(method, name, **TINY_ENCODERS[name], **options)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    images = torch.randn(4, 3, 128, 128)
+    losses = []
+    for _ in range(2):
+        loss = model(images).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert all(torch.isfinite(torch.tensor(losses)))
+
+
+TIMM_PAIRS = [(name, spec["timm"]) for name, spec in MODELS.items() if spec.get("timm")]
+
+
+@pytest.mark.parametrize("name,timm_name", [pytest.param(n, t, marks=pytest.mark.skipif(
+    not _available(n), reason=f"{n}: family not built yet")) for n, t in TIMM_PAIRS])
+def test_timm_weights_give_timm_logits(name, timm_name):
+    """create_classifier(NAME, 1000) loads the timm model's state dict with strict=True and gives its
+    logits (float32, relative error 1e-4); randomly initialised weights, as none can be downloaded."""
+    import timm
+
+    torch.manual_seed(0)
+    reference = timm.create_model(timm_name, pretrained=False).eval()
+    ours = mixmim.create_classifier(name, num_classes=1000).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        expected, got = reference(x), ours(x)
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
