@@ -139,3 +139,65 @@ def test_timm_weights_give_timm_logits(name, timm_name):
     with torch.no_grad():
         expected, got = reference(x), ours(x)
     assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+SMALL_NAMED = ["mixmim_tiny", "vit_tiny", "swin_tiny", "pvt_v2_b2", "resnetv2_50"]
+
+
+@pytest.mark.parametrize("name", [needs(n) for n in SMALL_NAMED])
+def test_export_reloads_and_timm_loads_it_unchanged(name, tmp_path):
+    """An export is this project's encoder again (load_encoder) and, for timm families, a plain timm
+    checkpoint: timm.create_model(<the JSON's timm_model>) loads it and computes the same features."""
+    import json
+
+    import timm
+
+    import mixmim.interop.timm_models  # noqa: F401  (registers the mixmim_* models with timm)
+    from mixmim.interop.export import load_encoder, save_encoder
+
+    torch.manual_seed(0)
+    encoder = mixmim.create_encoder(name).eval()
+    save_encoder(encoder, tmp_path / "enc")
+    info = json.loads((tmp_path / "enc.json").read_text())
+    assert info["architecture"] == family_of(name) and info["timm_model"]
+    x = torch.randn(1, 3, 224, 224)
+    again = load_encoder(tmp_path / "enc.safetensors").eval()
+    reference = timm.create_model(info["timm_model"], pretrained=True, num_classes=0,
+                                  pretrained_cfg_overlay=dict(file=str(tmp_path / "enc.safetensors"))).eval()
+    with torch.no_grad():
+        want = encoder(x)
+        assert torch.equal(again(x), want)
+        torch.testing.assert_close(reference(x), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def class_folder(tmp_path_factory):
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("classes")
+    rng = np.random.default_rng(0)
+    for name, colour in {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}.items():
+        (root / name).mkdir()
+        for i in range(6):
+            pixels = np.clip(np.array(colour) + rng.normal(0, 25, (48, 48, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("name", ENCODERS)
+def test_finetune_probe_and_knn_accept_every_family(name, class_folder, tmp_path):
+    import json
+
+    from mixmim.cli import main
+    from mixmim.interop.export import save_encoder
+
+    torch.manual_seed(0)
+    save_encoder(_tiny(name), tmp_path / "enc")
+    common = ["--checkpoint", str(tmp_path / "enc.safetensors"), "--data", str(class_folder), "--num-workers", "0",
+              "--no-progress", "--val-fraction", "0.34", "--batch-size", "4"]
+    assert main(["knn", *common, "--output", str(tmp_path / "knn")]) == 0
+    assert main(["linprobe", *common, "--output", str(tmp_path / "lp"), "--epochs", "2"]) == 0
+    assert main(["finetune", *common, "--output", str(tmp_path / "ft"), "--epochs", "1", "--warmup-epochs", "0"]) == 0
+    for out in ("knn", "lp", "ft"):
+        assert 0.0 <= json.loads((tmp_path / out / "results.json").read_text())["acc1"] <= 100.0

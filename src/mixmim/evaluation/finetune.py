@@ -89,8 +89,10 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     model = build_encoder(pretrained, img_size=img_size, window_size=cfg.window_size, num_classes=num_classes,
                           drop_path_rate=drop_path)
     # A near-zero head leaves the pretrained features in charge at the start (MAE's fine-tuning init).
-    nn.init.trunc_normal_(model.head.weight, std=2e-5)
-    nn.init.zeros_(model.head.bias)
+    head = model.get_classifier()
+    nn.init.trunc_normal_(head.weight, std=2e-5)
+    if head.bias is not None:
+        nn.init.zeros_(head.bias)
     model.to(device)
 
     train_loader = make_loader(splits.train, cfg.batch_size, True, cfg.num_workers, cfg.seed)

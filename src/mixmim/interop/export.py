@@ -39,12 +39,24 @@ def save_encoder(encoder: nn.Module, stem: str | Path, metadata: Mapping[str, An
         config["num_classes"] = 0
     weights = atomic_write(stem.with_suffix(".safetensors"),
                            lambda tmp: save_file(state, str(tmp), metadata={"format": FORMAT}))
-    info = {"format": FORMAT, "architecture": getattr(encoder, "family", "mixmim"), "config": config}
-    if getattr(encoder, "timm_model", None):
-        info["timm_model"] = encoder.timm_model
+    family = getattr(encoder, "family", "mixmim")
+    info = {"format": FORMAT, "architecture": family, "config": config}
+    timm_model = _timm_model_for(family, config)
+    if timm_model:
+        info["timm_model"] = timm_model
     info.update(dict(metadata or {}))
     meta = atomic_write_text(stem.with_suffix(".json"), json.dumps(info, indent=2) + "\n")
     return weights, meta
+
+
+def _timm_model_for(family: str, config: Mapping[str, Any]) -> str | None:
+    """The timm model of the same architecture (whose ``create_model`` loads this export), if any."""
+    from mixmim.models.registry import MODELS, name_for_config
+
+    if family == "mixmim":
+        return name_for_config(family, dict(config))  # registered with timm by mixmim.interop.timm_models
+    name = name_for_config(family, dict(config))
+    return MODELS[name].get("timm") if name else None
 
 
 def read_encoder_meta(path: str | Path) -> tuple[str, dict[str, Any]] | None:

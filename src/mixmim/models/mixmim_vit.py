@@ -198,6 +198,9 @@ class MixMIMTransformer(GroupedEncoder, nn.Module):
     # (never 1.0). timm's factory gives the top id scale 1.0; this offset adds the missing factor.
     layer_decay_offset = 1
 
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
     def no_weight_decay(self) -> set[str]:
         """Nothing beyond the 1-d parameters: the release's fine-tuning model declares an empty set, so
         its relative position bias tables are decayed (the fixed positions are not trained at all)."""

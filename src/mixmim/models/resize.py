@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -74,6 +75,15 @@ def resize_state_dict(state: Mapping[str, Tensor], model: nn.Module,
             if value.shape[1] != want.shape[1]:
                 raise ValueError(f"{key}: checkpoint has {value.shape[1]} heads, the model {want.shape[1]}")
             out[key] = resize_bias_table(value, (math.isqrt(want.shape[0]) + 1) // 2)
+        elif key == "pos_embed" and hasattr(model, "num_prefix_tokens"):
+            # A ViT's table: class-token rows first, then the patch grid.
+            if not model.pos_embed.requires_grad:
+                out[key] = want.clone()
+            else:
+                prefix = model.num_prefix_tokens
+                old = _grid_of(value.shape[1] - prefix, source_grid)
+                grid = resize_pos_table(value[:, prefix:], old, tuple(model.grids[0]))
+                out[key] = grid if not prefix else torch.cat([value[:, :prefix], grid], dim=1)
         elif key == "absolute_pos_embed":
             if not model.absolute_pos_embed.requires_grad:
                 out[key] = want.clone()  # fixed sine-cosine: the target's own table is exact
