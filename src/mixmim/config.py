@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 import yaml
 
+from mixmim.training.monitor_config import MonitorConfig
+
 
 class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type or out of range."""
@@ -102,6 +104,7 @@ class TrainConfig:
     distributed: Literal["ddp", "fsdp"] = "ddp"
     progress: bool = True
     nan_patience: int = 3
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
 @dataclass
@@ -293,9 +296,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """YAML file (optional) + dotted overrides -> validated :class:`RunConfig`. ``base`` is the tree the
     file is merged onto (``DEMO`` for the command line without ``--config``)."""
     tree: dict[str, Any] = copy.deepcopy(base or {})
-    if path is not None:
-        tree = _merge(tree, read_yaml(path))
-    tree = apply_overrides(tree, list(overrides))
+    user = read_yaml(path) if path is not None else {}
+    user = apply_overrides(user, list(overrides))
+    base_model = tree.get("model", {})
+    if "name" in user.get("model", {}) and user["model"]["name"] != base_model.get("name"):
+        # The base's model keys (windows, ...) belong to its model; another model starts from its own.
+        tree["model"] = {k: v for k, v in base_model.items() if k == "img_size"}
+    tree = _merge(tree, user)
     config = build_dataclass(RunConfig, tree)
     config.method = {"name": config.method.get("name", "mixmim"), **config.method_options()}
     validate(config)

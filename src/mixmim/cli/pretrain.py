@@ -16,6 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", help="run name (folder under output_dir); same as name=...")
     parser.add_argument("--data", help="image folder to pretrain on (sets data.source=folder and data.path), "
                         "or 'bundled' / 'fashion_mnist'")
+    parser.add_argument("--monitor-data", help="labelled images to watch representation quality on during training "
+                        "(k-NN every train.monitor.every steps): 'fashion_mnist' or a folder with class sub-folders")
     parser.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint of this run")
     parser.add_argument("--overwrite", action="store_true", help="delete this run's checkpoints and start again")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -32,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
             overrides.append(f"data.source={args.data}")
         else:
             overrides += ["data.source=folder", f"data.path={args.data}"]
+    if args.monitor_data:
+        overrides.append(f"train.monitor.data={args.monitor_data}")
     config = load_config(args.config, overrides, base=None if args.config else DEMO)
     if args.print_config:
         print(dump_config(config), end="")

@@ -127,6 +127,22 @@ def _subset(n: int, limit: int | None, seed: int) -> np.ndarray:
     return np.sort(order[:limit]) if limit is not None and limit < n else np.arange(n)
 
 
+def balanced_subset(labels: Sequence[int] | np.ndarray, size: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of ``size`` samples drawn at random with (as far as the classes allow) the same
+    number per class: the seeded, class-balanced label subsets of semi-supervised evaluation
+    (e.g. 1% and 10% of the labels)."""
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    rng = np.random.default_rng(seed)
+    pools = {c: rng.permutation(np.flatnonzero(labels == c)).tolist() for c in classes}
+    picked: list[int] = []
+    while len(picked) < min(size, len(labels)):
+        for c in rng.permutation(classes):  # one per class per round; the last round in random order
+            if pools[c] and len(picked) < size:
+                picked.append(pools[c].pop())
+    return np.sort(np.array(picked, dtype=np.int64))
+
+
 @dataclass
 class Splits:
     train: Dataset
@@ -136,14 +152,20 @@ class Splits:
 
 def load_splits(data: str | Path, train_tf: Callable | None, test_tf: Callable | None,
                 limit_train: int | None = None, limit_test: int | None = None, val_fraction: float = 0.2,
-                seed: int = 0) -> Splits:
+                seed: int = 0, balanced: bool = False) -> Splits:
     """Train and evaluation sets of ``data`` (``"fashion_mnist"`` or a folder), with optional seeded
-    subsets of ``limit_*`` samples for quick runs."""
+    subsets of ``limit_*`` samples for quick runs (``balanced``: the same count per class)."""
+
+    def pick(labels, limit, s):
+        if balanced and limit is not None and limit < len(labels):
+            return balanced_subset(labels, limit, s)
+        return _subset(len(labels), limit, s)
+
     if str(data) == FASHION_MNIST:
         from mixmim.data.fashion_mnist import read_fashion_mnist
 
         (xtr, ytr), (xte, yte) = read_fashion_mnist("train"), read_fashion_mnist("test")
-        tr, te = _subset(len(xtr), limit_train, seed), _subset(len(xte), limit_test, seed + 1)
+        tr, te = pick(ytr, limit_train, seed), pick(yte, limit_test, seed + 1)
         train = FashionMNISTLabelled(xtr[tr], ytr[tr], train_tf)
         return Splits(train, FashionMNISTLabelled(xte[te], yte[te], test_tf), train.classes)
     root = Path(data).expanduser()
@@ -167,8 +189,8 @@ def load_splits(data: str | Path, train_tf: Callable | None, test_tf: Callable |
             n_test = max(1, round(len(mine) * val_fraction)) if len(mine) > 1 else 0
             test_samples += [mine[i] for i in order[:n_test]]
             train_samples += [mine[i] for i in order[n_test:]]
-    train_samples = [train_samples[i] for i in _subset(len(train_samples), limit_train, seed)]
-    test_samples = [test_samples[i] for i in _subset(len(test_samples), limit_test, seed + 1)]
+    train_samples = [train_samples[i] for i in pick([y for _, y in train_samples], limit_train, seed)]
+    test_samples = [test_samples[i] for i in pick([y for _, y in test_samples], limit_test, seed + 1)]
     return Splits(LabelledImages(train_samples, classes, train_tf), LabelledImages(test_samples, classes, test_tf),
                   classes)
 

@@ -41,9 +41,10 @@ def setup_logging(run_dir: Path | None, is_main: bool) -> None:
 class MetricsLog:
     """Appends one CSV row per logged step and mirrors it to TensorBoard."""
 
-    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True, columns: list[str] | None = None):
         self.path = run_dir / "metrics.csv"
         self.enabled = enabled
+        self.declared = columns  # header of a new file; None: the first row's keys
         self.columns: list[str] | None = None
         self.writer = None
         if enabled and tensorboard:
@@ -77,7 +78,7 @@ class MetricsLog:
                 with open(self.path, newline="") as handle:
                     self.columns = next(csv.reader(handle))
             else:
-                self.columns = list(row)
+                self.columns = list(self.declared or row)
                 with open(self.path, "w", newline="") as handle:
                     csv.writer(handle).writerow(self.columns)
         with open(self.path, "a", newline="") as handle:

@@ -138,6 +138,7 @@ class Pretraining:
         o = config.optim
         warmup = o.warmup_steps if o.warmup_steps is not None else round(o.warmup_epochs * self.steps_per_epoch)
         self.warmup_steps = min(warmup, self.total_steps)
+        self.monitor_every = t.monitor.every or max(1, self.total_steps // 10)
         self.peak_lr = peak_lr(o, self.global_batch)
 
         self.model = D.wrap(self.method, info, device, t.distributed)
@@ -154,7 +155,16 @@ class Pretraining:
                                     config.data.max_bad_fraction)
         if getattr(self.dataset, "scan_problems", None):
             self.skipped.note(self.dataset.scan_problems)
-        self.metrics = MetricsLog(self.run_dir, enabled=info.is_main)
+        self.monitor = None
+        monitor_columns: list[str] = []
+        if t.monitor.data:
+            from mixmim.training.monitor import RepresentationMonitor
+
+            self.monitor = RepresentationMonitor(t.monitor, config.model.img_size, device, t.seed, info.rank,
+                                                 info.world_size)
+            monitor_columns = ["knn"] + (["linprobe"] if t.monitor.linprobe else [])
+        self.metrics = MetricsLog(self.run_dir, enabled=info.is_main,
+                                  columns=["step", "epoch", "loss", "lr", "img_per_s", *monitor_columns])
         self.step = 0
         self.lr_scale = 1.0
         self.nan_streak = 0
@@ -317,6 +327,30 @@ class Pretraining:
         log.warning("no checkpoint to reload yet; halved the learning rate (scale %.3g) and continue", self.lr_scale)
         return False
 
+    # ------------------------------------------------------------------ representation monitor
+    def evaluate_representation(self) -> dict[str, float]:
+        """The monitor's accuracies of the current encoder (every process takes part)."""
+        fsdp = self.config.train.distributed == "fsdp" and self.info.enabled
+        encoder = getattr(self.method, "encoder", self.method)
+        if fsdp:
+            self.model.unshard()  # the root's own parameters; blocks unshard in their forward
+        with self._autocast():
+            values = self.monitor(encoder, self.step)
+        if fsdp:
+            self.model.reshard()
+        return values
+
+    def _restore_monitor_baseline(self) -> None:
+        """On resume, the starting encoder's k-NN accuracy is the first value in metrics.csv."""
+        path = self.run_dir / "metrics.csv"
+        if self.monitor is None or not path.is_file():
+            return
+        from mixmim.viz.curves import read_metrics
+
+        knn = [v for v in read_metrics(path).get("knn", []) if v == v]
+        if knn:
+            self.monitor.baseline = knn[0]
+
     # ------------------------------------------------------------------ pictures
     @torch.no_grad()
     def save_pictures(self) -> None:
@@ -374,7 +408,15 @@ class Pretraining:
             atomic_write_text(self.run_dir / "config.yaml", dump_config(self.config))
             self.metrics.truncate_after(self.step)
         self._announce()
+        monitored: dict[str, float] = {}
+        if self.monitor is not None:
+            self._restore_monitor_baseline()
+            if self.step == 0 and t.monitor.at_start:
+                monitored = self.evaluate_representation()
+                self.metrics.write(0, {"epoch": 0.0, **monitored})
+                log.info("step 0 (starting encoder): %s", _format(monitored))
 
+        self.started = time.perf_counter()
         progress = None
         if self.info.is_main and t.progress:
             from tqdm import tqdm
@@ -407,16 +449,22 @@ class Pretraining:
                         last_loss = loss
                     if progress is not None:
                         progress.update(self.step - progress.n)
-                    if window_steps and (self.step % t.log_every == 0 or self.step == self.total_steps):
+                    monitor_due = self.monitor is not None and window_steps and (
+                        self.step % self.monitor_every == 0 or self.step == self.total_steps)
+                    if window_steps and (self.step % t.log_every == 0 or self.step == self.total_steps or monitor_due):
                         elapsed = time.perf_counter() - window_start
                         mean_loss = D.all_mean(window_loss / window_steps, self.device)
                         rate = window_steps * self.global_batch / max(elapsed, 1e-9)
                         values = {"epoch": self.step / self.steps_per_epoch, "loss": mean_loss, "lr": self.current_lr,
                                   "img_per_s": rate}
+                        if monitor_due:
+                            monitored = self.evaluate_representation()
+                            values.update(monitored)
                         self.metrics.write(self.step, values)
                         if progress is not None:
                             progress.set_postfix(epoch=f"{values['epoch']:.2f}", loss=f"{mean_loss:.4f}",
-                                                 lr=f"{self.current_lr:.2e}", img_s=f"{rate:.1f}")
+                                                 lr=f"{self.current_lr:.2e}", img_s=f"{rate:.1f}",
+                                                 **{k: f"{v:.1f}" for k, v in monitored.items()})
                         window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
                     if D.any_true(stop.signal_name is not None, self.device):
                         stopped = stop.signal_name or "signal on another rank"
@@ -444,9 +492,16 @@ class Pretraining:
                         stopped, self.step, self.total_steps, path)
         else:
             log.info("done: %d steps; files in %s", self.step, self.run_dir)
-        return {"run_dir": str(self.run_dir), "step": self.step, "total_steps": self.total_steps,
-                "first_loss": first_loss, "last_loss": last_loss, "stopped": stopped,
-                "checkpoint": str(path) if path else None, "skipped": len(self.skipped.seen)}
+        summary = {"run_dir": str(self.run_dir), "step": self.step, "total_steps": self.total_steps,
+                   "first_loss": first_loss, "last_loss": last_loss, "stopped": stopped,
+                   "checkpoint": str(path) if path else None, "skipped": len(self.skipped.seen),
+                   "seconds": time.perf_counter() - self.started}
+        if self.monitor is not None:
+            share = self.monitor.seconds / max(summary["seconds"], 1e-9)
+            log.info("monitor: %d evaluation(s), %.1f s, %.1f%% of the run's time; last %s",
+                     len(self.monitor.history), self.monitor.seconds, 100 * share, _format(monitored))
+            summary.update(monitor=self.monitor.history, monitor_seconds=self.monitor.seconds)
+        return summary
 
     def _announce(self) -> None:
         params = sum(p.numel() for p in self.method.parameters())
@@ -455,6 +510,10 @@ class Pretraining:
                  self.config.model.name, params / 1e6, self.config.data.source, len(self.dataset), self.total_steps,
                  self.global_batch, self.micro_batch, self.info.world_size, self.config.train.accum_steps,
                  self.peak_lr, self.amp, self.device)
+
+
+def _format(values: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.2f}%" for k, v in values.items()) or "-"
 
 
 def run_pretraining(config: RunConfig, resume: bool = False, method: nn.Module | None = None,
