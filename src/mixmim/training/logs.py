@@ -81,6 +81,15 @@ class MetricsLog:
                 self.columns = list(self.declared or row)
                 with open(self.path, "w", newline="") as handle:
                     csv.writer(handle).writerow(self.columns)
+        new = [k for k in row if k not in self.columns]
+        if new:  # a method reported a new metric: widen the header, keep the rows
+            with open(self.path, newline="") as handle:
+                old_rows = list(csv.reader(handle))[1:]
+            self.columns = self.columns + new
+            with open(self.path, "w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(self.columns)
+                writer.writerows(r + [""] * len(new) for r in old_rows)
         with open(self.path, "a", newline="") as handle:
             csv.writer(handle).writerow([_fmt(row.get(c, "")) for c in self.columns])
         if self.writer is not None:

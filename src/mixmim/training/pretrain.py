@@ -166,6 +166,7 @@ class Pretraining:
         self.metrics = MetricsLog(self.run_dir, enabled=info.is_main,
                                   columns=["step", "epoch", "loss", "lr", "img_per_s", *monitor_columns])
         self.step = 0
+        self.method_metrics: dict[str, list[float]] = {}  # what the method reports besides its loss
         self.lr_scale = 1.0
         self.nan_streak = 0
         self.lowered_lr = False
@@ -281,6 +282,8 @@ class Pretraining:
                 scaled = out.loss / len(micro_batches)
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             losses.append(out.loss.detach().float())
+            for key, value in (out.metrics or {}).items():
+                self.method_metrics.setdefault(key, []).append(float(value))
         # One host sync and one collective per step, not per micro-batch: a non-finite loss only
         # poisons gradients, which are dropped here on every rank before they reach the weights.
         loss = torch.stack(losses).mean()
@@ -457,6 +460,9 @@ class Pretraining:
                         rate = window_steps * self.global_batch / max(elapsed, 1e-9)
                         values = {"epoch": self.step / self.steps_per_epoch, "loss": mean_loss, "lr": self.current_lr,
                                   "img_per_s": rate}
+                        values.update({k: D.all_mean(sum(v) / len(v), self.device)
+                                       for k, v in sorted(self.method_metrics.items()) if v})
+                        self.method_metrics.clear()
                         if monitor_due:
                             monitored = self.evaluate_representation()
                             values.update(monitored)
