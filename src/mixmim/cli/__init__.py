@@ -19,6 +19,7 @@ VERBS: dict[str, str] = {
     "convert": "turn a release checkpoint into this project's names (.pt or .safetensors)",
     "export": "export a checkpoint's encoder as safetensors + JSON (loadable by timm.create_model)",
     "info": "list the named models with parameters and FLOPs at 224",
+    "study": "pretrain every arm of a study (random init, MixMIM, SimMIM, ablations...) and report what each buys",
 }
 
 
@@ -42,7 +43,14 @@ def _module(verb: str):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(argv).parse_args(argv)
+    parser = build_parser(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options too (`--data x model.name=y --name z`).
+    if hasattr(args, "overrides"):
+        args.overrides += [a for a in extra if "=" in a and not a.startswith("-")]
+        extra = [a for a in extra if not ("=" in a and not a.startswith("-"))]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(_module(args.verb).run(args) or 0)
     except (FileNotFoundError, ValueError) as exc:  # ConfigError is a ValueError

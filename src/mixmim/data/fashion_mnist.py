@@ -11,7 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_ROOT = Path(os.environ.get("MIXMIM_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
+DEBIAN_ROOT = Path("/usr/share/datasets/fashion-mnist")
+DEFAULT_ROOT = Path(os.environ.get("MIXMIM_FASHION_MNIST", DEBIAN_ROOT))
+
+
+def default_root() -> Path:
+    """Where the files are looked for: ``$MIXMIM_FASHION_MNIST`` (read at call time), else Debian's folder."""
+    return Path(os.environ.get("MIXMIM_FASHION_MNIST", DEBIAN_ROOT))
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 _FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
           "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
@@ -43,7 +49,7 @@ def read_fashion_mnist(split: str = "train", root: str | Path | None = None) -> 
     """(images uint8 (N, 28, 28), labels int64 (N,)) of the ``train`` (60k) or ``test`` (10k) split."""
     if split not in _FILES:
         raise ValueError(f"Fashion-MNIST split {split!r}: expected 'train' or 'test'")
-    folder = Path(root) if root is not None else DEFAULT_ROOT
+    folder = Path(root) if root is not None else default_root()
     images_name, labels_name = _FILES[split]
     images = _read_idx(folder, images_name, 3)
     labels = _read_idx(folder, labels_name, 1).astype(np.int64)

@@ -30,10 +30,12 @@ FASHION_MNIST = "fashion_mnist"
 RAND_AUGMENT = "rand-m9-mstd0.5-inc1"  # RandAug(9, 0.5) of Table 12, as MAE/BEiT write it for timm
 
 
-def train_transform(img_size: int, auto_augment: str | None = RAND_AUGMENT, re_prob: float = 0.25) -> Callable:
+def train_transform(img_size: int, auto_augment: str | None = RAND_AUGMENT, re_prob: float = 0.25,
+                    scale: tuple[float, float] = (0.08, 1.0)) -> Callable:
     """RandomResizedCrop + flip + RandAugment + random erasing (bicubic), timm's training pipeline."""
     transform = create_transform(img_size, is_training=True, auto_augment=auto_augment or None, re_prob=re_prob,
-                                 re_mode="pixel", re_count=1, interpolation="bicubic", mean=IMAGENET_MEAN,
+                                 scale=tuple(scale), re_mode="pixel", re_count=1, interpolation="bicubic",
+                                 mean=IMAGENET_MEAN,
                                  std=IMAGENET_STD)
     for step in getattr(transform, "transforms", []):
         for op in getattr(step, "ops", []):

@@ -5,7 +5,8 @@ AdamW (0.9, 0.999), lr = base lr 5e-4 x batch / 256, weight decay 0.05, layer-wi
 drop path 0.1/0.2/0.3 for B/L/H, RandAug(9, 0.5), Mixup 0.8, CutMix 1.0, label smoothing 0.1,
 random erasing 0.25, 5 warmup epochs then cosine decay per iteration. Evaluated every epoch
 (top-1/top-5); the best epoch's weights are kept; at the end the best model's confusion matrix and
-per-class accuracy are written.
+per-class accuracy are written. ``eval_every_epoch=False`` evaluates once, after the last epoch (what
+a study reports, with no choice of epoch made on the test set).
 
 Files in the output folder: ``config.json``, ``metrics.csv``, ``best.pt`` (format
 ``mixmim-classifier/1``: ``model`` state dict, ``encoder_config``, ``classes``), ``results.json``,
@@ -61,6 +62,8 @@ class FinetuneConfig(ClassificationConfig):
     auto_augment: str | None = RAND_AUGMENT
     re_prob: float = 0.25
     clip_grad: float | None = None
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop scale range
+    eval_every_epoch: bool = True  # False: evaluate only after the last epoch (no test-set selection)
 
 
 def _checkpoint_payload(model: nn.Module, classes: list[str], epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -81,9 +84,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     out = Path(cfg.output)
     pretrained = read_pretrained(cfg.checkpoint, cfg.model)
     img_size, side = input_size(pretrained, cfg.img_size)
-    splits = load_splits(cfg.data, train_transform(side, cfg.auto_augment, cfg.re_prob),
+    splits = load_splits(cfg.data, train_transform(side, cfg.auto_augment, cfg.re_prob, cfg.crop_scale),
                          eval_transform(side, cfg.crop_pct), cfg.limit_train, cfg.limit_test, cfg.val_fraction,
-                         cfg.seed)
+                         cfg.seed, cfg.balanced)
     num_classes = len(splits.classes)
     drop_path = cfg.drop_path if cfg.drop_path is not None else FINETUNE_DROP_PATH.get(pretrained.model_name, 0.1)
     model = build_encoder(pretrained, img_size=img_size, window_size=cfg.window_size, num_classes=num_classes,
@@ -147,10 +150,14 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             top_lr = max(g["lr"] for g in optimizer.param_groups)
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{top_lr:.2e}", img_s=f"{rate:.1f}")
         train_time = time.perf_counter() - start
-        result = evaluate(model, test_loader, device, num_classes, cfg.amp, cfg.progress)
         row = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(seen, 1),
-               "lr": max(g["lr"] for g in optimizer.param_groups), "test_loss": result["loss"],
-               "acc1": result["acc1"], "acc5": result["acc5"], "img_per_s": seen / max(train_time, 1e-9)}
+               "lr": max(g["lr"] for g in optimizer.param_groups), "img_per_s": seen / max(train_time, 1e-9)}
+        if not cfg.eval_every_epoch and epoch + 1 < cfg.epochs:
+            metrics_csv.add(row)
+            log.info("epoch %d/%d: train loss %.4f", epoch + 1, cfg.epochs, row["train_loss"])
+            continue
+        result = evaluate(model, test_loader, device, num_classes, cfg.amp, cfg.progress)
+        row.update(test_loss=result["loss"], acc1=result["acc1"], acc5=result["acc5"])
         metrics_csv.add(row)
         log.info("epoch %d/%d: train loss %.4f, test loss %.4f, top-1 %.2f%%, top-5 %.2f%%", epoch + 1, cfg.epochs,
                  row["train_loss"], result["loss"], result["acc1"], result["acc5"])

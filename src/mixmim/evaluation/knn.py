@@ -72,7 +72,7 @@ def frozen_features(cfg: Any, device: torch.device) -> FrozenFeatures:
     pretrained = read_pretrained(cfg.checkpoint, cfg.model)
     img_size, side = input_size(pretrained, cfg.img_size)
     tf = eval_transform(side, cfg.crop_pct)
-    splits = load_splits(cfg.data, tf, tf, cfg.limit_train, cfg.limit_test, cfg.val_fraction, cfg.seed)
+    splits = load_splits(cfg.data, tf, tf, cfg.limit_train, cfg.limit_test, cfg.val_fraction, cfg.seed, cfg.balanced)
     encoder = build_encoder(pretrained, img_size=img_size, window_size=cfg.window_size, num_classes=0).to(device)
     train_x, train_y = extract_features(encoder, make_loader(splits.train, cfg.batch_size, False, cfg.num_workers),
                                         device, cfg.amp, "train features", cfg.progress)

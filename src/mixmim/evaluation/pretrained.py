@@ -63,6 +63,7 @@ class ClassificationConfig(TaskConfig):
     crop_pct: float = 0.875
     limit_train: int | None = None
     limit_test: int | None = None
+    balanced: bool = False  # limit_* subsets with the same number of images per class
 
 
 def _checkpoint_model_section(path: Path) -> dict[str, Any] | None:

@@ -1,0 +1,416 @@
+"""``mixmim study``: does pretraining pay, and which design choices matter? One command that pretrains
+every *arm* of a study under the same budget of images, evaluates every arm the same way and writes
+a report (``docs/study/`` for the committed one).
+
+- Data: Fashion-MNIST (Debian's ``dataset-fashion-mnist``): the 60 000 training images without labels
+  for pretraining, labels only for evaluation; every reported accuracy on the full 10 000-image test
+  split (a profile may cap it for quick runs).
+- A *profile* (``configs/study/profiles/<name>.yaml``) fixes the encoder, the pretraining recipe, the
+  budget (images seen per arm), the seeds and the evaluation; an *arm* (``configs/study/arms/<arm>.yaml``)
+  is a method and its options merged onto the profile's run config, so adding a method is adding a
+  file. ``pretrain: false`` is the random-initialisation floor.
+- Evaluation per arm and seed: weighted k-NN (k = 20, T = 0.07) with a class-balanced bank of training
+  images, MAE's linear probe on the same frozen features, and full fine-tuning with 1% and 10% of the
+  training labels (seeded, class-balanced subsets). Accuracies are those of the last epoch, never an
+  epoch picked on the test set.
+- Every (arm, seed, metric) is cached as a JSON file as soon as it exists, and pretraining resumes
+  from its checkpoints, so an interrupted study picks up where it stopped and a study can be run in
+  parts (``--arms``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mixmim.config import ConfigError, build_dataclass, load_config, read_yaml
+
+log = logging.getLogger("mixmim")
+
+ROOT = Path(__file__).resolve().parents[3]
+STUDY_CONFIGS = ROOT / "configs" / "study"
+METRICS = ("knn", "linprobe", "finetune_1pct", "finetune_10pct")
+
+
+@dataclass
+class FinetuneSettings:
+    """Full fine-tuning of the encoder on a labelled fraction of the training set."""
+
+    fraction: float
+    epochs: int
+    batch_size: int = 64
+    base_lr: float = 1e-3
+    layer_decay: float = 0.75
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    drop_path: float = 0.1
+    smoothing: float = 0.1
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+
+
+@dataclass
+class EvaluationSettings:
+    """How every arm is measured."""
+
+    bank_size: int = 10000  # class-balanced training images for the k-NN bank and the probe
+    test_size: int | None = None  # None: the full test split
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    linprobe_epochs: int = 50
+    linprobe_batch_size: int = 256
+    finetune: list[FinetuneSettings] = field(default_factory=list)
+    batch_size: int = 256  # feature extraction
+
+
+@dataclass
+class Profile:
+    """A study's fixed parts: run config tree for pretraining, budget, seeds, evaluation, arms."""
+
+    name: str = ""
+    description: str = ""
+    run: dict[str, Any] = field(default_factory=dict)  # a mixmim run config tree (model, method, data, optim, train)
+    methods: dict[str, Any] = field(default_factory=dict)  # method name -> run tree merged under every arm of it
+    images: int = 100_000  # pretraining budget per arm, in images seen
+    seeds: int = 3  # for arms with ``seeds: all``
+    arms: list[str] = field(default_factory=list)
+    evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
+
+
+@dataclass
+class Arm:
+    """One row of the study: a method and its options (merged onto the profile's ``run``)."""
+
+    name: str
+    description: str = ""
+    paper: str = ""  # the table row it stands for
+    pretrain: bool = True
+    seeds: str = "one"  # "all": the profile's seeds; "one": seed 0
+    run: dict[str, Any] = field(default_factory=dict)
+
+
+def load_profile(name_or_path: str) -> Profile:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = STUDY_CONFIGS / "profiles" / f"{name_or_path}.yaml"
+    tree = read_yaml(path)
+    return build_dataclass(Profile, {"name": path.stem, **tree})
+
+
+def load_arm(name: str, folder: Path | None = None) -> Arm:
+    path = (folder or STUDY_CONFIGS / "arms") / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (folder or STUDY_CONFIGS / "arms").glob("*.yaml"))
+        raise ConfigError(f"study arm {name!r}: {path} does not exist; known arms: {', '.join(known)}")
+    return build_dataclass(Arm, {"name": name, **read_yaml(path)})
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(a)
+    for key, value in b.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def seeds_of(arm: Arm, profile: Profile) -> list[int]:
+    return list(range(profile.seeds)) if arm.seeds == "all" else [0]
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+class Study:
+    """Runs (or resumes) a study in ``output``; results land in ``output/results/<arm>/seed<k>/*.json``."""
+
+    def __init__(self, profile: Profile, output: str | Path, arms: list[str] | None = None, device: str = "auto",
+                 command: str | None = None, progress: bool = False):
+        self.profile, self.output, self.device, self.progress = profile, Path(output), device, progress
+        self.arms = [load_arm(a) for a in (arms or profile.arms)]
+        if not self.arms:
+            raise ConfigError("the study has no arms: list them in the profile or with --arms")
+        self.command = command or " ".join(["mixmim", *sys.argv[1:]])
+        from mixmim.data.fashion_mnist import read_fashion_mnist
+
+        self.train_images = len(read_fashion_mnist("train")[1])
+        self.batch = int(profile.run.get("train", {}).get("batch_size", 64))
+        self.steps = max(1, profile.images // self.batch)
+        for arm in self.arms:  # fail before any work on an arm that does not build
+            self.run_config(arm, 0)
+
+    # ------------------------------------------------------------------ configs
+    def run_config(self, arm: Arm, seed: int):
+        method = str(arm.run.get("method", {}).get("name", self.profile.run.get("method", {}).get("name", "mixmim")))
+        tree = _merge(_merge(self.profile.run, self.profile.methods.get(method, {})), arm.run)
+        tree = _merge(tree, {"name": f"{arm.name}/seed{seed}", "output_dir": str(self.output / "runs"),
+                             "train": {"seed": seed, "max_steps": self.steps, "epochs": 10**6,
+                                       "progress": self.progress}})
+        return load_config(None, base=tree)
+
+    def result_path(self, arm: Arm, seed: int, metric: str) -> Path:
+        return self.output / "results" / arm.name / f"seed{seed}" / f"{metric}.json"
+
+    # ------------------------------------------------------------------ running
+    def run(self) -> list[dict[str, Any]]:
+        for arm in self.arms:
+            for seed in seeds_of(arm, self.profile):
+                self.run_arm(arm, seed)
+        return self.collect()
+
+    def run_arm(self, arm: Arm, seed: int) -> None:
+        from mixmim.utils.files import atomic_write_text
+
+        config = self.run_config(arm, seed)
+        pretrain_seconds = 0.0
+        if arm.pretrain:
+            weights, pretrain_seconds = self._pretrain(config)
+        else:
+            weights = self._random_encoder(config, seed)
+        todo = [m for m in METRICS if not self.result_path(arm, seed, m).is_file()]
+        if not todo:
+            return
+        log.info("study: evaluating %s seed %d (%s)", arm.name, seed, ", ".join(todo))
+        for metric, value, seconds, extra in self._evaluate(config, weights, seed, todo):
+            record = {"arm": arm.name, "seed": seed, "metric": metric, "value": value, "seconds": seconds,
+                      "pretrain_seconds": pretrain_seconds, "images_seen": self.steps * self.batch if arm.pretrain
+                      else 0, **extra}
+            atomic_write_text(self.result_path(arm, seed, metric), json.dumps(record, indent=2) + "\n")
+            log.info("study: %s seed %d %s = %.4f (%.0f s)", arm.name, seed, metric, value, seconds)
+
+    def _pretrain(self, config) -> tuple[Path, float]:
+        """Pretrain (or resume, or reuse) the arm's run; returns its newest checkpoint and the wall time
+        the pretraining took (kept in ``study.json`` of the run, across resumptions)."""
+        from mixmim.training.checkpoint import CheckpointManager
+        from mixmim.training.pretrain import run_pretraining
+        from mixmim.utils.files import atomic_write_text
+
+        run_dir = config.run_dir
+        timing = run_dir / "study.json"
+        done = json.loads(timing.read_text()) if timing.is_file() else {"seconds": 0.0, "finished": False}
+        manager = CheckpointManager(run_dir / "checkpoints")
+        if not done["finished"]:
+            start = time.perf_counter()
+            summary = run_pretraining(config, resume=manager.latest() is not None)
+            done["seconds"] += time.perf_counter() - start
+            done["finished"] = summary["step"] >= summary["total_steps"] and summary["stopped"] is None
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(timing, json.dumps(done) + "\n")
+            if not done["finished"]:
+                raise KeyboardInterrupt(f"pretraining of {run_dir} stopped; run the study again to resume")
+        latest = manager.latest()
+        if latest is None:
+            raise FileNotFoundError(f"{run_dir} holds no checkpoint although its pretraining finished")
+        return latest, float(done["seconds"])
+
+    @staticmethod
+    def _random_encoder(config, seed: int) -> Path:
+        """The floor: the arm's encoder, randomly initialised with the seed, exported once."""
+        import torch
+
+        from mixmim.interop.export import save_encoder
+        from mixmim.models.registry import create_encoder
+
+        stem = config.run_dir / "encoder"
+        if not stem.with_suffix(".safetensors").is_file():
+            torch.manual_seed(seed)
+            overrides = {k: v for k, v in config.model.encoder_overrides().items() if k != "drop_path_rate"}
+            save_encoder(create_encoder(config.model.name, **overrides), stem, metadata={"method": "random",
+                                                                                       "seed": seed})
+        return stem.with_suffix(".safetensors")
+
+    def _evaluate(self, config, weights: Path, seed: int, todo: list[str]):
+        """Yield (metric, value in [0, 1], seconds, extra) for the metrics in ``todo``."""
+        import torch
+
+        from mixmim.evaluation.finetune import FinetuneConfig, finetune
+        from mixmim.evaluation.knn import knn_scores
+        from mixmim.evaluation.linprobe import fit_probe
+        from mixmim.evaluation.metrics import topk_correct
+        from mixmim.evaluation.pretrained import build_encoder, read_pretrained
+        from mixmim.evaluation.runtime import pick_device, seed_everything
+
+        ev = self.profile.evaluation
+        device = pick_device(self.device)
+        data = "fashion_mnist"
+        out_dir = self.output / "eval" / config.name
+        if {"knn", "linprobe"} & set(todo):
+            start = time.perf_counter()
+            seed_everything(seed)
+            pretrained = read_pretrained(str(weights), config.model.name)
+            encoder = build_encoder(pretrained, img_size=config.model.img_size, num_classes=0).to(device)
+            train_x, train_y, test_x, test_y = self._features(encoder, device, ev, seed)
+            extract = time.perf_counter() - start
+            classes = int(train_y.max()) + 1
+            if "knn" in todo:
+                start = time.perf_counter()
+                scores = knn_scores(train_x, train_y, test_x, classes, ev.knn_k, ev.knn_temperature)
+                acc = topk_correct(scores, test_y, (1,))[0] / len(test_y)
+                yield "knn", acc, extract + time.perf_counter() - start, {"test_images": len(test_y)}
+            if "linprobe" in todo:
+                start = time.perf_counter()
+                probe = fit_probe(train_x, train_y, test_x, test_y, classes, epochs=ev.linprobe_epochs,
+                                  batch_size=ev.linprobe_batch_size, warmup_epochs=min(5.0, ev.linprobe_epochs / 10),
+                                  seed=seed)
+                yield ("linprobe", probe.rows[-1]["acc1"] / 100.0, extract + time.perf_counter() - start,
+                       {"test_images": len(test_y)})
+        for settings in ev.finetune:
+            metric = f"finetune_{_percent(settings.fraction)}pct"
+            if metric not in todo:
+                continue
+            start = time.perf_counter()
+            labels = round(self.train_images * settings.fraction)
+            cfg = FinetuneConfig(
+                data=data, checkpoint=str(weights), model=config.model.name,
+                output=str(out_dir / metric), batch_size=settings.batch_size, img_size=config.model.img_size,
+                num_workers=0, device=self.device, seed=seed, progress=self.progress, crop_pct=1.0,
+                limit_train=labels, limit_test=ev.test_size, balanced=True, epochs=settings.epochs,
+                base_lr=settings.base_lr, layer_decay=settings.layer_decay, weight_decay=settings.weight_decay,
+                warmup_epochs=settings.warmup_epochs, drop_path=settings.drop_path, smoothing=settings.smoothing,
+                mixup=0.0, cutmix=0.0, auto_augment=None, re_prob=0.0, crop_scale=tuple(settings.crop_scale),
+                eval_every_epoch=False)
+            result = finetune(cfg)
+            yield metric, result["last_epoch_acc1"] / 100.0, time.perf_counter() - start, {
+                "labels": labels, "epochs": settings.epochs, "test_images": result["test_samples"]}
+
+    def _features(self, encoder, device, ev: EvaluationSettings, seed: int):
+        import torch
+
+        from mixmim.evaluation.data import eval_transform, load_splits, make_loader
+        from mixmim.evaluation.runtime import extract_features
+
+        tf = eval_transform(encoder.img_size[0], 1.0)
+        splits = load_splits("fashion_mnist", tf, tf, ev.bank_size, ev.test_size, seed=seed, balanced=True)
+        train_x, train_y = extract_features(encoder, make_loader(splits.train, ev.batch_size, False), device,
+                                            progress=self.progress)
+        test_x, test_y = extract_features(encoder, make_loader(splits.test, ev.batch_size, False), device,
+                                          progress=self.progress)
+        return train_x.to(device), train_y.to(device), test_x.to(device), test_y.to(device)
+
+    # ------------------------------------------------------------------ results
+    def collect(self) -> list[dict[str, Any]]:
+        """Every cached result of this study's arms."""
+        rows = []
+        for arm in self.arms:
+            for seed in seeds_of(arm, self.profile):
+                for metric in METRICS:
+                    path = self.result_path(arm, seed, metric)
+                    if path.is_file():
+                        rows.append(json.loads(path.read_text()))
+        return rows
+
+
+def _percent(fraction: float) -> str:
+    value = fraction * 100
+    return f"{value:g}"
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    """arm -> metric -> {mean, std (sample, ddof 1; 0 for one seed), n, seconds}."""
+    table: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for r in rows:
+        table.setdefault(r["arm"], {}).setdefault(r["metric"], []).append(r)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for arm, metrics in table.items():
+        for metric, items in metrics.items():
+            values = [float(i["value"]) for i in items]
+            mean = sum(values) / len(values)
+            std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+            out.setdefault(arm, {})[metric] = {"mean": mean, "std": std, "n": len(values),
+                                               "pretrain_seconds": sum(i.get("pretrain_seconds", 0.0) for i in items)
+                                               / len(items)}
+    return out
+
+
+def dataclass_dict(obj: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(obj)))
+
+
+def dump_yaml(obj: Any) -> str:
+    return yaml.safe_dump(dataclass_dict(obj), sort_keys=False)
+
+
+# Orderings the papers report, as (table, [arms from better to worse]); "=" joins arms the paper ties.
+PAPER_ORDERINGS = [
+    ("MixMIM Table 6 (filling)", ["mixmim", "mixmim_zero"]),
+    ("MixMIM Table 7 (dual reconstruction)", ["mixmim", "mixmim_single"]),
+    ("MixMIM Table 10 (how the encoder tells images apart)", ["mixmim", "mixmim_mix_embedding",
+                                                               "mixmim_no_unmixing"]),
+    ("pretraining pays", ["mixmim", "random"]),
+]
+
+
+def orderings(summary: dict[str, dict[str, dict[str, float]]]) -> list[dict[str, Any]]:
+    """For each paper ordering whose arms all ran and each metric: does each pair keep the paper's
+    order by more than the larger of the two spreads (``holds``), reverse it by more (``reversed``),
+    or neither (``within spread``)?"""
+    out = []
+    for table, arms in PAPER_ORDERINGS:
+        if not all(a in summary for a in arms):
+            continue
+        for metric in METRICS:
+            if not all(metric in summary[a] for a in arms):
+                continue
+            verdicts = []
+            for better, worse in zip(arms, arms[1:]):
+                b, w = summary[better][metric], summary[worse][metric]
+                gap, spread = b["mean"] - w["mean"], max(b["std"], w["std"])
+                verdicts.append("holds" if gap > spread else "reversed" if -gap > spread else "within spread")
+            out.append({"table": table, "metric": metric, "order": " > ".join(arms), "verdicts": verdicts})
+    return out
+
+
+def write_report(study: Study, rows: list[dict[str, Any]], folder: str | Path) -> Path:
+    """``results.json`` (per arm, seed and metric, with the commit and the command), ``results.md``
+    (mean +- spread per arm and metric, the papers' orderings) and the plots, in ``folder``."""
+    from mixmim.utils.files import atomic_write_text
+    from mixmim.viz.study import accuracy_vs_time, run_curves
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    commit = git_commit()
+    payload = {"commit": commit, "command": study.command,
+               "results": [{k: r[k] for k in ("arm", "seed", "metric", "value")} |
+                           {k: r[k] for k in ("seconds", "pretrain_seconds", "images_seen") if k in r} for r in rows]}
+    atomic_write_text(folder / "results.json", json.dumps(payload, indent=2) + "\n")
+    summary = summarise(rows)
+    lines = [f"# Study results: profile `{study.profile.name}`",
+             "", f"Code at commit `{commit}`; command: `{study.command}`.", "",
+             f"Pretraining budget per arm: {study.steps} steps of batch {study.batch} "
+             f"({study.steps * study.batch} images). Values: top-1 accuracy (%) on the test split, mean +- sample "
+             "standard deviation over seeds (n = number of seeds).", "",
+             "| arm | n | " + " | ".join(METRICS) + " | pretraining (min) |",
+             "| --- | --- | " + " | ".join("---" for _ in METRICS) + " | --- |"]
+    for arm in study.arms:
+        cells = summary.get(arm.name, {})
+        n = max((c["n"] for c in cells.values()), default=0)
+        values = [f"{100 * cells[m]['mean']:.2f} +- {100 * cells[m]['std']:.2f}" if m in cells else "-"
+                  for m in METRICS]
+        minutes = max((c["pretrain_seconds"] for c in cells.values()), default=0.0) / 60
+        lines.append(f"| `{arm.name}` | {n} | " + " | ".join(values) + f" | {minutes:.1f} |")
+    checks = orderings(summary)
+    if checks:
+        lines += ["", "## The papers' orderings at this scale", "",
+                  "A pair `A > B` *holds* when A's mean exceeds B's by more than the larger spread of the two, "
+                  "is *reversed* when B's exceeds A's by that much, and is *within spread* otherwise.", "",
+                  "| paper | metric | order | verdict per pair |", "| --- | --- | --- | --- |"]
+        lines += [f"| {c['table']} | {c['metric']} | {c['order']} | {', '.join(c['verdicts'])} |" for c in checks]
+    atomic_write_text(folder / "results.md", "\n".join(lines) + "\n")
+    accuracy_vs_time(rows, folder / "accuracy_vs_time.png", title="accuracy against pretraining time")
+    runs = {f"{a.name}": study.output / "runs" / a.name / "seed0" for a in study.arms if a.pretrain}
+    run_curves(runs, folder / "loss_curves.png", "loss", "reconstruction loss (smoothed)", "pretraining loss, seed 0")
+    run_curves(runs, folder / "monitor_knn.png", "knn", "k-NN top-1 (%)", "k-NN during pretraining, seed 0")
+    return folder

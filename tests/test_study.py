@@ -1,0 +1,116 @@
+"""`mixmim study --profile quick` end to end on a small stand-in for Fashion-MNIST (same file format),
+its caching, and the report's arithmetic; the representation monitor of the pretraining loop."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from conftest import tiny_run
+from mixmim.cli import main as cli
+
+
+def write_fashion_mnist(folder, n_train: int = 300, n_test: int = 100, seed: int = 0):
+    """IDX files like Debian's: 28x28 grey images whose class (0-9) sets a bright bar's row, plus noise."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def images_and_labels(n):
+        labels = np.arange(n) % 10
+        rng.shuffle(labels)
+        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        for i, c in enumerate(labels):
+            images[i, 2 + 2 * c: 5 + 2 * c, 4:24] = 230
+        return images, labels.astype(np.uint8)
+
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        images, labels = images_and_labels(n)
+        header = (0x0803).to_bytes(4, "big") + b"".join(v.to_bytes(4, "big") for v in images.shape)
+        with gzip.open(folder / f"{split}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(header + images.tobytes())
+        with gzip.open(folder / f"{split}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write((0x0801).to_bytes(4, "big") + n.to_bytes(4, "big") + labels.tobytes())
+    return folder
+
+
+@pytest.fixture
+def fake_fashion_mnist(tmp_path, monkeypatch):
+    folder = write_fashion_mnist(tmp_path / "fmnist")
+    monkeypatch.setenv("MIXMIM_FASHION_MNIST", str(folder))
+    return folder
+
+
+def test_quick_study_runs_end_to_end_caches_and_reports(fake_fashion_mnist, tmp_path, capsys):
+    out, report = tmp_path / "study", tmp_path / "report"
+    assert cli(["study", "--profile", "quick", "--output", str(out), "--report", str(report)]) == 0
+    payload = json.loads((report / "results.json").read_text())
+    assert set(payload) == {"commit", "command", "results"} and payload["command"].startswith("mixmim")
+    got = {(r["arm"], r["seed"], r["metric"]) for r in payload["results"]}
+    metrics = {"knn", "linprobe", "finetune_1pct", "finetune_10pct"}
+    want = {(arm, seed, m) for arm, seeds in (("random", (0, 1)), ("mixmim", (0, 1)), ("simmim", (0,)))
+            for seed in seeds for m in metrics}
+    assert got == want
+    assert all(0.0 <= r["value"] <= 1.0 for r in payload["results"])
+    table = (report / "results.md").read_text()
+    assert "| `mixmim` | 2 |" in table and "pretraining pays" in table
+    for picture in ("accuracy_vs_time.png", "loss_curves.png", "monitor_knn.png"):
+        assert (report / picture).stat().st_size > 5000, picture
+    # Cached: a second run recomputes nothing (the result files keep their contents and times).
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "results").rglob("*.json")}
+    assert cli(["study", "--profile", "quick", "--output", str(out), "--report", str(report)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "results").rglob("*.json")} == stamps
+
+
+def test_summary_spread_and_paper_orderings():
+    from mixmim.evaluation.study import orderings, summarise
+
+    rows = [{"arm": "mixmim", "seed": s, "metric": "knn", "value": v} for s, v in enumerate((0.80, 0.82, 0.84))]
+    rows += [{"arm": "random", "seed": s, "metric": "knn", "value": v} for s, v in enumerate((0.70, 0.71, 0.72))]
+    rows += [{"arm": "mixmim_single", "seed": 0, "metric": "knn", "value": 0.81}]
+    summary = summarise(rows)
+    assert summary["mixmim"]["knn"]["mean"] == pytest.approx(0.82)
+    assert summary["mixmim"]["knn"]["std"] == pytest.approx(0.02)  # sample standard deviation
+    assert summary["mixmim_single"]["knn"]["std"] == 0.0 and summary["mixmim_single"]["knn"]["n"] == 1
+    verdicts = {c["table"]: c["verdicts"] for c in orderings(summary)}
+    assert verdicts["pretraining pays"] == ["holds"]
+    assert verdicts["MixMIM Table 7 (dual reconstruction)"] == ["within spread"]  # 0.82 vs 0.81, spread 0.02
+
+
+def test_monitor_logs_knn_from_the_start_and_draws_it(tmp_path):
+    from PIL import Image
+
+    from mixmim.config import load_config
+    from mixmim.training.pretrain import run_pretraining
+    from mixmim.viz.curves import read_metrics
+
+    rng = np.random.default_rng(0)
+    for name, colour in {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}.items():
+        (tmp_path / "labelled" / name).mkdir(parents=True)
+        for i in range(6):
+            pixels = np.clip(np.array(colour) + rng.normal(0, 25, (40, 40, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "labelled" / name / f"{i}.png")
+    config = load_config(None, tiny_run(tmp_path, f"train.monitor.data={tmp_path / 'labelled'}",
+                                        "train.monitor.every=3", "train.monitor.linprobe=true",
+                                        "train.monitor.linprobe_epochs=2"))
+    summary = run_pretraining(config)
+    m = read_metrics(tmp_path / "t" / "metrics.csv")
+    steps_with_knn = [int(s) for s, v in zip(m["step"], m["knn"]) if v == v]
+    assert steps_with_knn == [0, 3, 6]
+    assert all(0 <= v <= 100 for v in m["knn"] if v == v) and any(v == v for v in m["linprobe"])
+    assert [h["step"] for h in summary["monitor"]] == [0, 3, 6] and summary["monitor_seconds"] > 0
+    assert (tmp_path / "t" / "loss.png").stat().st_size > 10_000
+
+
+def test_monitor_warns_when_features_fall_below_the_starting_encoder(caplog):
+    from mixmim.training.monitor import RepresentationMonitor
+
+    monitor = RepresentationMonitor.__new__(RepresentationMonitor)
+    monitor.baseline, monitor.warned = None, False
+    monitor._check(0, 70.0)
+    monitor._check(10, 69.0)  # within 2 points: noise
+    assert not monitor.warned
+    monitor._check(20, 60.0)
+    assert monitor.warned
