@@ -7,6 +7,8 @@ from typing import Any, Callable
 
 from torch import nn
 
+from mixmim.methods.mae import MAE, MAEConfig
+from mixmim.methods.mixedae import MixedAE, MixedAEConfig
 from mixmim.methods.mixmim import MixMIM, MixMIMConfig
 from mixmim.methods.simmim import SimMIM, SimMIMConfig
 from mixmim.models.registry import MODELS, family_class, family_of, split_overrides
@@ -16,6 +18,9 @@ from mixmim.models.registry import MODELS, family_class, family_of, split_overri
 METHODS: dict[str, tuple[type, Callable[[nn.Module, Any], nn.Module]]] = {
     "mixmim": (MixMIMConfig, lambda encoder, config: MixMIM(encoder, config)),
     "simmim": (SimMIMConfig, lambda encoder, config: SimMIM(encoder, config)),
+    # Plain ViT only (they drop tokens or pick keys per query): any other family is refused in one line.
+    "mae": (MAEConfig, lambda encoder, config: MAE(encoder, config)),
+    "mixedae": (MixedAEConfig, lambda encoder, config: MixedAE(encoder, config)),
 }
 
 

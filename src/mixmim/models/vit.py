@@ -12,6 +12,14 @@ mixing needs beyond timm's model (parameter names unchanged, so ``vit_*_patch16_
   copy (same weights, same position) that attends within the group only.
 - ``fixed_pos_embed``: MAE's fixed 2D sine-cosine positions (the class position all zeros) instead
   of timm's learnable table.
+
+What MAE and MixedAE need beyond that (same parameters, so the same weights serve every method):
+
+- :meth:`ViTEncoder.forward_visible`: the encoder on a subset of the patches, the others dropped
+  (MAE, MixedAE section 3.1), which only a plain ViT can do.
+- :meth:`ViTEncoder.forward_plans`: one attention plan per block (None for global attention, a
+  :class:`TopK` for MixedAE's homologous attention, a boolean mask) and an optional embedding added
+  to the input of every block (MixedAE's segment embeddings, appendix B).
 """
 
 from __future__ import annotations
@@ -37,11 +45,42 @@ class Segments:
     sizes: list[int]
 
 
+@dataclass(eq=False)
+class TopK:
+    """Homologous attention (MixedAE section 3.2, eq. 6): every query keeps its ``k`` highest scores
+    ``q k^T / sqrt(d)`` and the softmax runs over those only (all of them when ``k`` is at least the
+    sequence length). The class token takes part like any token, as a query and as a key: eq. 6
+    replaces the ViT's self-attention as it is, and the encoder is told nothing about the images.
+
+    ``sources``: optional ``(B, L)`` image ids of the patches (the sequence's prefix tokens are not
+    counted). They are read only to *measure* the TopK sampling accuracy of MixedAE Figure 6, never
+    to attend; after the block has run, ``accuracy`` holds the share of the ``k`` kept keys that are
+    patches of the query's own image, averaged over heads and patch queries (a 0-d tensor)."""
+
+    k: int
+    sources: Tensor | None = None
+    accuracy: Tensor | None = None
+
+
+def topk_accuracy(index: Tensor, sources: Tensor) -> Tensor:
+    """MixedAE section 4.5, Figure 6: the share of kept keys that come from the query's own image.
+    ``index``: (B, H, N, K) kept key positions; ``sources``: (B, N) image id per position, negative
+    for tokens of no image (the class token: as a key it counts as a miss, as a query it is skipped)."""
+    b, h, n, k = index.shape
+    kept = sources.gather(1, index.reshape(b, -1)).reshape(b, h, n, k)
+    hits = (kept == sources[:, None, :, None]).float().mean(dim=-1)  # (B, H, N)
+    # A weighted mean, not boolean indexing: no host synchronisation inside the forward pass.
+    queries = (sources >= 0)[:, None, :].float().expand(b, h, n)
+    return (hits * queries).sum() / queries.sum().clamp(min=1)
+
+
 class GroupAttention(Attention):
-    """timm's ``Attention``, whose ``attn_mask`` may also be a :class:`Segments` plan; a boolean
-    tensor mask (True = may attend) or None behaves as in timm."""
+    """timm's ``Attention``, whose ``attn_mask`` may also be a :class:`Segments` or a :class:`TopK`
+    plan; a boolean tensor mask (True = may attend) or None behaves as in timm."""
 
     def forward(self, x: Tensor, attn_mask: Any = None, is_causal: bool = False) -> Tensor:
+        if isinstance(attn_mask, TopK):
+            return self._topk_forward(x, attn_mask)
         if not isinstance(attn_mask, Segments):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         b, n, _ = x.shape
@@ -53,6 +92,32 @@ class GroupAttention(Attention):
                 for qs, ks, vs in zip(*(t.split(attn_mask.sizes, dim=2) for t in (q, k, v)))]
         out = torch.cat(outs, dim=2).transpose(1, 2).reshape(b, n, self.attn_dim)
         return self.proj_drop(self.proj(self.norm(out)))
+
+    def _topk_forward(self, x: Tensor, plan: TopK) -> Tensor:
+        """Eq. 6 of MixedAE: softmax over each query's TopK scores; the other keys get weight 0."""
+        b, n, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        scores = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
+        keep = min(int(plan.k), n)
+        top, index = scores.topk(keep, dim=-1)
+        # Scatter the K weights back into a dense row: exactly K keys per query even when scores tie
+        # (a threshold on the K-th value would keep every tied key). Softmax in float32 as the
+        # scores may be bf16 under autocast.
+        weights = top.float().softmax(dim=-1).to(v.dtype)
+        attn = torch.zeros(scores.shape, dtype=v.dtype, device=v.device).scatter(-1, index, weights)
+        out = self.attn_drop(attn) @ v
+        if plan.sources is not None:
+            with torch.no_grad():
+                ids = plan.sources.to(device=x.device, dtype=torch.long)
+                prefix = torch.full((b, n - ids.shape[1]), -1, dtype=torch.long, device=x.device)
+                plan.accuracy = topk_accuracy(index, torch.cat([prefix, ids.expand(b, -1)], dim=1))
+        out = self.norm(out.transpose(1, 2).reshape(b, n, self.attn_dim))
+        if gate is not None:
+            out = out * gate
+        return self.proj_drop(self.proj(out))
 
 
 class ViTEncoder(GroupedEncoder, VisionTransformer):
@@ -108,12 +173,19 @@ class ViTEncoder(GroupedEncoder, VisionTransformer):
     def _patches_with_positions(self, tokens: Tensor) -> Tensor:
         return tokens + self.pos_embed[:, self.num_prefix_tokens:]
 
-    def _run_blocks(self, x: Tensor, plan: Any) -> Tensor:
-        for blk in self.blocks:
+    def _run_blocks(self, x: Tensor, plan: Any, layer_embed: Tensor | None = None) -> Tensor:
+        """All blocks; ``plan`` is one attention plan for every block or a list of one per block;
+        ``layer_embed`` (broadcastable to ``x``) is added to the input of every block."""
+        plans = plan if isinstance(plan, (list, tuple)) else [plan] * len(self.blocks)
+        if len(plans) != len(self.blocks):
+            raise ValueError(f"{len(plans)} attention plans for {len(self.blocks)} blocks")
+        for blk, blk_plan in zip(self.blocks, plans):
+            if layer_embed is not None:
+                x = x + layer_embed
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(blk, x, plan, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(blk, x, blk_plan, use_reentrant=False)
             else:
-                x = blk(x, attn_mask=plan)
+                x = blk(x, attn_mask=blk_plan)
         return x
 
     def forward_stages(self, tokens: Tensor, groups: Tensor | None = None, *, restrict_attention: bool = True,
@@ -168,6 +240,39 @@ class ViTEncoder(GroupedEncoder, VisionTransformer):
 
     def forward_tokens(self, tokens: Tensor, groups: Tensor | None = None, **kwargs: Any) -> Tensor:
         return self.norm(self.forward_stages(tokens, groups, **kwargs)[-1])
+
+    # ------------------------------------------------------------------ MAE and MixedAE
+    def forward_visible(self, tokens: Tensor, keep_index: Tensor) -> Tensor:
+        """MAE's encoder (He et al. 2022 section 3; MixedAE section 3.1): only the kept patches are
+        processed, the others are dropped, not masked. ``tokens``: (B, L, C) from :meth:`embed`;
+        ``keep_index``: (B, n) positions to keep. Positions are added before gathering, so each
+        kept patch keeps its own; the class token is kept. Returns the (B, n) kept patches'
+        normalised features, in ``keep_index`` order."""
+        b, _, c = tokens.shape
+        x = self._patches_with_positions(tokens)
+        x = x.gather(1, keep_index.to(x.device).unsqueeze(-1).expand(-1, -1, c))
+        cls = self._prefix(b)
+        if cls is not None:
+            x = torch.cat([cls, x], dim=1)
+        x = self._run_blocks(self.pos_drop(x), None)
+        return self.norm(x)[:, self.num_prefix_tokens:]
+
+    def forward_plans(self, tokens: Tensor, plans: Sequence[Any], layer_embed: Tensor | None = None) -> Tensor:
+        """Patch tokens (B, L, C) -> (B, L, C) patch features *before* the final norm, block i
+        attending by ``plans[i]`` (None: global; :class:`TopK`: homologous attention, MixedAE eq. 6;
+        a boolean (B, 1, N, N) mask over the class token and the patches). ``layer_embed``: (B, L, C)
+        added to the patches at the input of every block (MixedAE's segment embeddings, appendix B:
+        "added to the input of each Transformer layer"); the class token gets none."""
+        b = tokens.shape[0]
+        x = self._patches_with_positions(tokens)
+        cls = self._prefix(b)
+        if cls is not None:
+            x = torch.cat([cls, x], dim=1)
+            if layer_embed is not None:
+                layer_embed = torch.cat([layer_embed.new_zeros(b, self.num_prefix_tokens, layer_embed.shape[-1]),
+                                         layer_embed.expand(b, -1, -1)], dim=1)
+        x = self._run_blocks(self.pos_drop(x), list(plans), layer_embed)
+        return x[:, self.num_prefix_tokens:]
 
     def compile_blocks(self, **compile_kwargs: Any) -> None:
         for blk in self.blocks:

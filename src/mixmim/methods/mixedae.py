@@ -1,0 +1,387 @@
+"""MixedAE: MAE with image mixing and homologous recognition (Chen et al., CVPR 2023, section 3 and
+appendix B), on the plain ViT.
+
+1. Mixing (section 3.1, eq. 1-2): the batch is split into groups of ``1/r`` consecutive images; a
+   random mixing mask ``M`` gives every position of a mixed sample to one member of its group, each
+   member supplying the same number of positions (``rL`` patches). The mask is drawn on cells of
+   ``mask_cell`` pixels (appendix B: "the mask patch size is set to be 32x32"), each cell 2x2
+   patches of 16. **compose** mode: one mixed sample per group (encoder batch ``B r``); **full**
+   mode: ``1/r`` mixed samples per group, ``M`` drawn ``1/r`` times independently (encoder batch
+   ``B``).
+2. Segment embeddings (section 3.2; appendix B): one vector per member position of the group,
+   shared by its patches; by default the fixed sine-cosine encoding of the member index, "added to
+   the input of each Transformer layer".
+3. Homologous attention (eq. 6): every query attends to its TopK keys only, K = rL, in every block
+   but the first (global). The encoder is never told which image a patch is from.
+4. Unmixing and reconstruction (eq. 3-4): for every member a decoder sequence keeps the encoder
+   features of its own patches and puts the [MASK] token everywhere else; MSE to per-patch
+   normalised pixels on the positions the member did not supply.
+5. Homologous contrastive loss (eq. 7) on the encoder's output (after its final LayerNorm) through a
+   linear projector to 128 dims, cosine similarity, temperature 0.25; the total loss is eq. 8,
+   reconstruction + 0.1 x contrastive.
+
+Every ablation of Table 3 and appendix Table 7 that is a switch is a field of :class:`MixedAEConfig`
+(see docs/mae_mixedae.md); the defaults are the paper's choices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mixmim.methods.base import PretrainOutput
+from mixmim.methods.mae import mae_init_, masked_patch_mse, require_token_dropping
+from mixmim.methods.masking import upsample_groups
+from mixmim.methods.patches import normalize_patches, patchify, unpatchify
+from mixmim.models.decoder import MaskTokenDecoder
+from mixmim.models.vit import TopK
+
+Mode = Literal["compose", "full"]
+AttentionKind = Literal["homologous", "global", "masked"]
+SegmentKind = Literal["sincos", "learnable", "none"]
+
+
+def group_size(mixing_ratio: float) -> int:
+    """1/r, the number of images mixed together; r must lie in (0, 0.5] with 1/r an integer
+    (section 3.1: "r in (0, 0.5] is the mixing ratio")."""
+    r = float(mixing_ratio)
+    if not 0.0 < r <= 0.5:
+        raise ValueError(f"mixing_ratio={mixing_ratio} is outside (0, 0.5] (MixedAE section 3.1)")
+    k = round(1.0 / r)
+    if abs(k * r - 1.0) > 1e-6:
+        raise ValueError(f"mixing_ratio={mixing_ratio}: 1/r must be an integer (each image supplies r of the "
+                         "patches of a mixed sample of 1/r images)")
+    return k
+
+
+def balanced_assignment(grid: tuple[int, int], k: int, count: int,
+                        generator: torch.Generator | None = None) -> Tensor:
+    """``count`` random mixing masks (count, h, w) with values 0..k-1 (eq. 1-2): every member gets
+    ``n // k`` of the n cells, exactly ``r n`` when k divides n; otherwise the ``n mod k`` spare
+    cells go to members drawn at random, so counts differ by at most one and no member is favoured.
+    Drawn on the CPU so runs replay on any device."""
+    h, w = grid
+    n = h * w
+    base = torch.arange(k).repeat(n // k).expand(count, -1)
+    spare = torch.rand(count, k, generator=generator).argsort(dim=1)[:, : n % k]
+    labels = torch.cat([base, spare], dim=1)
+    order = torch.rand(count, n, generator=generator).argsort(dim=1)
+    return labels.gather(1, order).reshape(count, h, w)
+
+
+def segment_sincos(count: int, dim: int) -> Tensor:
+    """(count, dim) fixed segment embeddings: the 1-D sine-cosine encoding (Vaswani et al.) of the
+    member index 0..count-1, first half sines, second half cosines (MixedAE appendix B: "we utilize
+    the sine-cosine encodings [52] for segment embeddings")."""
+    if dim % 2:
+        raise ValueError(f"sine-cosine segment embeddings need an even width, got {dim}")
+    half = dim // 2
+    freq = 1.0 / 10000 ** (torch.arange(half, dtype=torch.float64) / half)
+    angles = torch.arange(count, dtype=torch.float64)[:, None] * freq[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
+
+
+def homologous_contrastive_loss(features: Tensor, sources: Tensor, temperature: float = 0.25,
+                                positives: Literal["separate", "mean"] = "separate") -> Tensor:
+    """Eq. 7 of MixedAE on the patch features of each mixed sample: for a query patch l, every patch
+    l+ of the same image is a positive, the softmax runs over all other patches l' != l of the same
+    mixed sample (so over every image of the group), cosine similarity over ``temperature``.
+
+    ``features``: (S, L, D) (projected) features; ``sources``: (S, L) image of each patch.
+    ``positives="separate"`` (eq. 7): one term per (l, l+); ``"mean"`` (Table 3c): one term per
+    query whose single positive is the mean of the query's and all its homologous patches' features
+    ("the average of both the query and all its homologous patches"), contrasted with the
+    heterologous patches.
+
+    Eq. 7 is written as a sum; here each query's terms are averaged over its positives, then over
+    the queries (supervised contrastive learning's L_out, which MixedAE cites), so the loss does
+    not grow with L and the weight 0.1 of eq. 8 keeps its meaning at any size. Queries with no
+    homologous patch are skipped."""
+    z = F.normalize(features.float(), dim=-1)
+    sim = z @ z.transpose(1, 2) / temperature  # (S, L, L)
+    length = sim.shape[-1]
+    self_pair = torch.eye(length, dtype=torch.bool, device=sim.device)
+    log_denominator = sim.masked_fill(self_pair, float("-inf")).logsumexp(dim=-1)  # over l' != l
+    same = sources[:, :, None] == sources[:, None, :]
+    if positives == "separate":
+        pos = (same & ~self_pair).float()
+        count = pos.sum(dim=-1)
+        per_query = ((log_denominator[..., None] - sim) * pos).sum(dim=-1) / count.clamp(min=1)
+    elif positives == "mean":
+        members = same.float()
+        count = members.sum(dim=-1) - 1  # homologous patches besides the query
+        centre = F.normalize(members @ z, dim=-1)  # the mean's direction is all a cosine needs
+        positive = (z * centre).sum(dim=-1, keepdim=True) / temperature
+        # One positive, so an ordinary softmax over it and the heterologous patches: keeping the
+        # homologous patches in the denominator would reward pushing them away from the query.
+        others = sim.masked_fill(same, float("-inf"))
+        per_query = torch.cat([positive, others], dim=-1).logsumexp(dim=-1) - positive[..., 0]
+    else:
+        raise ValueError(f"positives={positives!r}: expected 'separate' or 'mean'")
+    valid = (count > 0).float()
+    return (per_query * valid).sum() / valid.sum().clamp(min=1)
+
+
+@dataclass
+class MixedAEConfig:
+    """Options of MixedAE; the defaults are the paper's choices (section 4.1, appendix B).
+
+    - ``mixing_ratio`` r (Table 3a): 1/r images per group, r in (0, 0.5]. ``mode``: ``compose``
+      (one mixed sample per group) or ``full`` (1/r independently mixed samples per group).
+      ``mask_cell``: side of a mixing cell in pixels (32, appendix B; 16 mixes single patches).
+    - ``attention``: ``homologous`` (eq. 6, TopK), ``global`` (plain ViT attention: the naive
+      baseline of section 3.1), ``masked`` (attention only within each image, told the mixing mask:
+      the "Naive + Masked SA" baseline of appendix Table 7a). ``topk_ratio``: K / L (Table 3d; None:
+      K = rL; 1.0 means no sampling). ``global_layers``: how many first blocks keep global attention
+      (Table 3e: 0, 1, 2, 3).
+    - ``segment_embed`` (Table 7c): ``sincos`` (fixed, appendix B), ``learnable`` (one trained
+      vector per member, as BERT's segment embeddings), ``none``. ``segment_embed_every_layer``:
+      added to the input of every block (appendix B) or once, beside the positions (section 3.2).
+    - Homologous contrastive loss: ``contrastive_weight`` lambda (eq. 8; 0 turns it off, Table 3f),
+      ``contrastive_dim`` (projector output), ``contrastive_temperature`` tau,
+      ``contrastive_features`` (Table 3b: after or before the final LayerNorm),
+      ``contrastive_positives`` (Table 3c: each positive separately, or their mean).
+    - ``reconstruction_weight``: 0 trains with the contrastive loss only (appendix Table 7b).
+    - ``measure_topk``: report the TopK sampling accuracy of every homologous block (Figure 6) in
+      the metrics as ``topk_acc_layer<i>`` (blocks counted from 1).
+    - ``xavier_init``: initialise the encoder as MAE's code (appendix B).
+    """
+
+    mixing_ratio: float = 0.25
+    mode: Mode = "compose"
+    mask_cell: int = 32
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    norm_pix_loss: bool = True
+    attention: AttentionKind = "homologous"
+    topk_ratio: float | None = None
+    global_layers: int = 1
+    segment_embed: SegmentKind = "sincos"
+    segment_embed_every_layer: bool = True
+    contrastive_weight: float = 0.1
+    contrastive_dim: int = 128
+    contrastive_temperature: float = 0.25
+    contrastive_features: Literal["post_norm", "pre_norm"] = "post_norm"
+    contrastive_positives: Literal["separate", "mean"] = "separate"
+    reconstruction_weight: float = 1.0
+    measure_topk: bool = True
+    xavier_init: bool = True
+
+    def validate(self) -> None:
+        group_size(self.mixing_ratio)
+        choices = {"mode": ("compose", "full"), "attention": ("homologous", "global", "masked"),
+                   "segment_embed": ("sincos", "learnable", "none"),
+                   "contrastive_features": ("post_norm", "pre_norm"), "contrastive_positives": ("separate", "mean")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+        for name in ("mask_cell", "decoder_dim", "decoder_depth", "decoder_num_heads", "contrastive_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}: expected a positive integer")
+        if isinstance(self.global_layers, bool) or not isinstance(self.global_layers, int) or self.global_layers < 0:
+            raise ValueError(f"global_layers={self.global_layers!r}: expected a count of blocks (0 or more)")
+        if self.topk_ratio is not None and not 0.0 < float(self.topk_ratio) <= 1.0:
+            raise ValueError(f"topk_ratio={self.topk_ratio} is outside (0, 1] (K = topk_ratio x L)")
+        if float(self.contrastive_temperature) <= 0:
+            raise ValueError(f"contrastive_temperature={self.contrastive_temperature} must be positive")
+        if float(self.contrastive_weight) < 0 or float(self.reconstruction_weight) < 0:
+            raise ValueError("contrastive_weight and reconstruction_weight must not be negative")
+        if float(self.contrastive_weight) == 0 and float(self.reconstruction_weight) == 0:
+            raise ValueError("contrastive_weight=0 and reconstruction_weight=0 leave nothing to train")
+        if self.attention == "masked" and self.segment_embed != "none":
+            raise ValueError(f"attention='masked' is told which image each patch is from (appendix Table 7a); "
+                             f"segment_embed={self.segment_embed!r} needs segment_embed='none'")
+
+
+class MixedAE(nn.Module):
+    """images -> eq. 8 loss, reconstructions and the TopK sampling accuracy per block."""
+
+    def __init__(self, encoder: nn.Module, config: MixedAEConfig | None = None, in_chans: int = 3):
+        super().__init__()
+        self.config = config or MixedAEConfig()
+        self.config.validate()
+        require_token_dropping(encoder, "MixedAE")
+        c = self.config
+        self.encoder = encoder
+        self.k = group_size(c.mixing_ratio)
+        self.cell = encoder.strides[0]  # one predicted patch per token: 16x16 pixels
+        self.grid = tuple(encoder.grids[0])
+        self.length = self.grid[0] * self.grid[1]
+        self.in_chans = in_chans
+        h, w = encoder.img_size
+        if c.mask_cell % self.cell or h % c.mask_cell or w % c.mask_cell:
+            raise ValueError(f"mask_cell={c.mask_cell} must be a multiple of the patch size {self.cell} and divide "
+                             f"the image size {h}x{w}")
+        self.mask_factor = c.mask_cell // self.cell
+        self.mask_grid = (h // c.mask_cell, w // c.mask_cell)
+        if self.mask_grid[0] * self.mask_grid[1] < self.k:
+            raise ValueError(f"{self.mask_grid[0] * self.mask_grid[1]} mixing cells of {c.mask_cell} px cannot be "
+                             f"shared by 1/r = {self.k} images")
+        depth = len(encoder.blocks)
+        if c.attention == "homologous" and c.global_layers > depth:
+            raise ValueError(f"global_layers={c.global_layers} exceeds the encoder's {depth} blocks")
+        ratio = c.mixing_ratio if c.topk_ratio is None else c.topk_ratio
+        self.topk = max(1, round(float(ratio) * self.length))  # K = rL (section 4.1)
+
+        dim = encoder.embed_dim
+        # MAE's decoder (section 4.1: "8 Transformer layers with the hidden dimension as 512").
+        self.decoder = MaskTokenDecoder(encoder.num_features, self.grid, self.cell**2 * in_chans, c.decoder_dim,
+                                        c.decoder_depth, c.decoder_num_heads)
+        if c.segment_embed == "sincos":
+            self.register_buffer("segment_embed", segment_sincos(self.k, dim), persistent=False)
+        elif c.segment_embed == "learnable":
+            # Different random vectors from the start, so the images differ before any update.
+            self.segment_embed = nn.Parameter(nn.init.trunc_normal_(torch.empty(self.k, dim), std=0.02))
+        else:
+            self.segment_embed = None
+        self.projector = None
+        if c.contrastive_weight > 0:
+            self.projector = nn.Linear(encoder.num_features, c.contrastive_dim)
+            nn.init.xavier_uniform_(self.projector.weight)
+            nn.init.zeros_(self.projector.bias)
+        if c.xavier_init:
+            mae_init_(encoder)
+
+    @property
+    def num_groups(self) -> int:
+        """Images per group (1/r); the pictures and ``mixmim reconstruct`` take a multiple of it."""
+        return self.k
+
+    def no_weight_decay(self) -> set[str]:
+        """Nothing beyond the 1-d parameters: MixedAE builds on MAE's code, which decays every other
+        parameter (class token, mask token, a learnable segment table and the projector included)."""
+        return set()
+
+    # ------------------------------------------------------------------ mixing (section 3.1)
+    def check_batch(self, batch: int) -> int:
+        """The number of groups; a batch that 1/r does not divide is refused."""
+        if batch % self.k:
+            raise ValueError(f"MixedAE mixes groups of 1/r = {self.k} images (mixing_ratio="
+                             f"{self.config.mixing_ratio}); a batch of {batch} images is not divisible by {self.k}")
+        return batch // self.k
+
+    def samples_per_group(self) -> int:
+        return 1 if self.config.mode == "compose" else self.k
+
+    def sample_masks(self, batch: int, generator: torch.Generator | None = None) -> Tensor:
+        """(S, h, w) long on the patch grid: for each mixed sample, which member of its group each
+        patch comes from; S = B r (compose) or B (full: 1/r independent draws per group)."""
+        count = self.check_batch(batch) * self.samples_per_group()
+        cells = balanced_assignment(self.mask_grid, self.k, count, generator)
+        return upsample_groups(cells, self.mask_factor)
+
+    def check_masks(self, masks: Tensor, batch: int) -> Tensor:
+        """Accept (S, h, w) member ids on the patch grid (S = B r or B as the mode says)."""
+        count = self.check_batch(batch) * self.samples_per_group()
+        if masks.ndim != 3 or masks.shape[0] != count or tuple(masks.shape[1:]) != self.grid:
+            raise ValueError(f"mask of shape {tuple(masks.shape)} does not fit: expected ({count}, {self.grid[0]}, "
+                             f"{self.grid[1]}) member ids on the patch grid ({self.config.mode} mode)")
+        masks = masks.long()
+        if int(masks.min()) < 0 or int(masks.max()) >= self.k:
+            raise ValueError(f"mask values must lie in 0..{self.k - 1}")
+        return masks
+
+    def first_images(self, samples: int, device: torch.device | None = None) -> Tensor:
+        """(S,) batch index of the first image of each mixed sample's group."""
+        return torch.arange(samples, device=device) // self.samples_per_group() * self.k
+
+    def sample_sources(self, masks: Tensor) -> Tensor:
+        """(S, L) batch index of the image each patch of each mixed sample comes from."""
+        s = masks.shape[0]
+        return self.first_images(s, masks.device)[:, None] + masks.reshape(s, -1)
+
+    def mix(self, images: Tensor, masks: Tensor) -> Tensor:
+        """Eq. 1 in pixels: (S, C, H, W) mixed samples, each patch taken from its member image at the
+        same place. A patch embedding of these equals the mixing of the embedded patches."""
+        sources = self.sample_sources(masks)
+        patches = patchify(images, self.cell)
+        positions = torch.arange(self.length, device=images.device)
+        return unpatchify(patches[sources, positions], self.cell, self.grid, images.shape[1])
+
+    # ------------------------------------------------------------------ encoder (section 3.2)
+    def segment_table(self) -> Tensor | None:
+        """(1/r, C) segment embeddings, one per member of a group, or None."""
+        return self.segment_embed
+
+    def attention_plans(self, members: Tensor | None = None) -> list[TopK | None]:
+        """One plan per encoder block: None (global attention) for the first ``global_layers``
+        blocks, homologous attention with K = rL after (eq. 6). ``members`` (S, L) is handed to
+        the plans only to measure the TopK sampling accuracy; the attention never reads it."""
+        depth = len(self.encoder.blocks)
+        c = self.config
+        if c.attention != "homologous" or self.topk >= self.length:  # K = L: "no sampling" (Table 3d)
+            return [None] * depth
+        first = min(c.global_layers, depth)
+        sources = members if c.measure_topk else None
+        return [None] * first + [TopK(self.topk, sources=sources) for _ in range(depth - first)]
+
+    def encode(self, mixed: Tensor, masks: Tensor) -> tuple[Tensor, list[TopK | None]]:
+        """(S, L, C) patch features of the mixed samples before the final norm, and the plans used."""
+        tokens = self.encoder.embed(mixed)
+        members = masks.reshape(masks.shape[0], -1)
+        if self.config.attention == "masked":
+            features = self.encoder.forward_stages(tokens, masks, num_groups=self.k)[-1]
+            return features, []
+        table = self.segment_table()
+        layer_embed = None
+        if table is not None:
+            segments = table.to(tokens.dtype)[members]
+            if self.config.segment_embed_every_layer:
+                layer_embed = segments
+            else:
+                tokens = tokens + segments  # beside the positions, once (section 3.2)
+        plans = self.attention_plans(members)
+        return self.encoder.forward_plans(tokens, plans, layer_embed), plans
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, images: Tensor, mask: Tensor | None = None) -> PretrainOutput:
+        """``mask``: (S, h, w) member ids per mixed sample on the patch grid (drawn when None)."""
+        self.encoder.check_input(images)
+        b = images.shape[0]
+        masks = self.sample_masks(b) if mask is None else self.check_masks(mask, b)
+        masks = masks.to(images.device)
+        c = self.config
+        mixed = self.mix(images, masks)
+        pre_norm, plans = self.encode(mixed, masks)
+        latent = self.encoder.norm(pre_norm)
+
+        # Unmixing (eq. 3): sequence s * k + t keeps the patches of member t of mixed sample s.
+        s = masks.shape[0]
+        members = masks.reshape(s, -1)
+        index = torch.arange(self.k, device=images.device)
+        visible = (members[:, None, :] == index[None, :, None]).reshape(s * self.k, -1)
+        seq_sources = (self.first_images(s, images.device)[:, None] + index[None, :]).reshape(-1)
+        reconstruction = self.decoder(latent.repeat_interleave(self.k, dim=0), visible)
+        target = patchify(images, self.cell)
+        if c.norm_pix_loss:
+            target = normalize_patches(target)
+        seq_target = target[seq_sources]
+        hidden = ~visible
+        recon_loss = masked_patch_mse(reconstruction, seq_target, hidden)  # eq. 4
+
+        loss = c.reconstruction_weight * recon_loss
+        metrics: dict[str, Tensor] = {"recon_loss": recon_loss.detach()}
+        if self.projector is not None:
+            features = latent if c.contrastive_features == "post_norm" else pre_norm
+            contrastive = homologous_contrastive_loss(self.projector(features), members,
+                                                      c.contrastive_temperature, c.contrastive_positives)
+            loss = loss + c.contrastive_weight * contrastive  # eq. 8
+            metrics["contrastive_loss"] = contrastive.detach()
+        for i, plan in enumerate(plans):
+            if isinstance(plan, TopK) and plan.accuracy is not None:
+                metrics[f"topk_acc_layer{i + 1}"] = plan.accuracy
+        # One host synchronisation for all values.
+        values = torch.stack([v.float() for v in metrics.values()]).tolist()
+        # What the encoder saw, one picture per image: the mixed sample whose reconstruction of that
+        # image the pictures show (the group's first sample).
+        first = torch.arange(0, s, self.samples_per_group(), device=images.device)
+        inputs = mixed[first].repeat_interleave(self.k, dim=0)
+        return PretrainOutput(loss=loss, reconstruction=reconstruction, mask=masks, target=seq_target, hidden=hidden,
+                              sources=seq_sources, inputs=inputs, metrics=dict(zip(metrics, values)))
+

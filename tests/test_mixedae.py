@@ -1,0 +1,484 @@
+"""MixedAE (Chen et al. 2023, section 3, appendix B) on the plain ViT: symmetric mixing (eq. 2), compose and
+full modes, segment embeddings, homologous TopK attention (eq. 6) and its sampling accuracy (Figure 6), the
+homologous contrastive loss (eq. 7) against a hand computation, and every recipe through the loop."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import mixmim
+from conftest import TINY_DECODER, TINY_ENCODERS, tiny_run
+from mixmim.config import load_config
+from mixmim.methods.mixedae import (MixedAE, balanced_assignment, group_size, homologous_contrastive_loss,
+                                    segment_sincos)
+from mixmim.models.vit import GroupAttention, TopK, topk_accuracy
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TINY = dict(TINY_ENCODERS["vit_tiny"], **TINY_DECODER)  # 128 px: L = 64 patches, 16 cells of 32 px
+# Four blocks: Table 3e keeps global attention in up to three.
+VIT_MODEL = ["model.name=vit_tiny", "model.img_size=128", "model.options.embed_dim=32", "model.options.depth=4",
+             "model.options.num_heads=2"]
+VIT_DECODER = ["method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_num_heads=2"]
+
+
+def tiny_mixedae(**options) -> MixedAE:
+    return mixmim.create_pretrainer("mixedae", "vit_tiny", **{**TINY, **options})
+
+
+# ---------------------------------------------------------------------------------------------- mixing
+@pytest.mark.parametrize("ratio,cell", [(0.5, 32), (0.25, 32), (0.25, 16), (0.125, 32), (0.125, 16)])
+@pytest.mark.parametrize("mode", ["compose", "full"])
+def test_every_image_supplies_exactly_rL_patches(ratio, cell, mode):
+    model = tiny_mixedae(mixing_ratio=ratio, mask_cell=cell, mode=mode)
+    k = round(1 / ratio)
+    b = 2 * k
+    masks = model.sample_masks(b, torch.Generator().manual_seed(0))
+    assert masks.shape == ((2 if mode == "compose" else b), 8, 8)
+    rl = int(ratio * 64)
+    for m in masks.reshape(masks.shape[0], -1):
+        assert torch.bincount(m, minlength=k).tolist() == [rl] * k  # eq. 2
+    sources = model.sample_sources(masks)
+    for s, row in enumerate(sources):
+        group = (s if mode == "compose" else s // k)
+        assert torch.bincount(row, minlength=b).tolist() == [rl if i // k == group else 0 for i in range(b)]
+    # A 32-px cell is 2x2 patches of one image.
+    if cell == 32:
+        assert torch.equal(masks, masks[:, ::2, ::2].repeat_interleave(2, 1).repeat_interleave(2, 2))
+
+
+def test_spare_cells_go_to_random_images():
+    counts = torch.stack([torch.bincount(m.flatten(), minlength=4)
+                          for m in balanced_assignment((7, 7), 4, 400, torch.Generator().manual_seed(0))])
+    assert set(counts.sum(1).tolist()) == {49} and counts.min() == 12 and counts.max() == 13
+    assert (counts == 13).float().mean(0).min() > 0.15  # no member always gets the spare cell
+
+
+def test_full_mode_draws_independent_masks_for_each_sample_of_a_group():
+    model = tiny_mixedae(mode="full")
+    masks = model.sample_masks(4, torch.Generator().manual_seed(0)).reshape(4, -1)
+    assert len({tuple(m.tolist()) for m in masks}) == 4
+
+
+def test_mixed_pixels_come_from_the_group_images_at_the_same_place():
+    model = tiny_mixedae()
+    images = torch.randn(8, 3, 128, 128)
+    masks = model.sample_masks(8, torch.Generator().manual_seed(0))
+    mixed = model.mix(images, masks)
+    assert mixed.shape == (2, 3, 128, 128)
+    for s in range(2):
+        for r in range(8):
+            for c in range(8):
+                image = s * 4 + int(masks[s, r, c])
+                patch = (slice(None), slice(16 * r, 16 * r + 16), slice(16 * c, 16 * c + 16))
+                assert torch.equal(mixed[s][patch], images[image][patch])
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 0.6, 1.0])
+def test_mixing_ratio_must_be_one_over_an_integer_in_range(ratio):
+    with pytest.raises(ValueError, match="mixing_ratio"):
+        group_size(ratio)
+    assert group_size(0.5) == 2 and group_size(0.25) == 4 and group_size(1 / 3) == 3
+
+
+def test_batch_not_divisible_by_the_group_size_is_refused():
+    model = tiny_mixedae()
+    with pytest.raises(ValueError, match="not divisible by 4"):
+        model(torch.randn(6, 3, 128, 128))
+
+
+# ---------------------------------------------------------------------------------------------- modes
+@pytest.mark.parametrize("mode,encoder_batch,sequences", [("compose", 2, 8), ("full", 8, 32)])
+def test_compose_and_full_modes_give_encoder_batches_Br_and_B(mode, encoder_batch, sequences):
+    model = tiny_mixedae(mode=mode)
+    seen = {}
+    original = model.encoder.forward_plans
+
+    def spy(tokens, plans, layer_embed=None):
+        seen["tokens"] = tokens.shape
+        seen["layer_embed"] = layer_embed
+        return original(tokens, plans, layer_embed)
+
+    model.encoder.forward_plans = spy
+    images = torch.randn(8, 3, 128, 128)
+    out = model(images)
+    assert seen["tokens"] == (encoder_batch, 64, 32)
+    assert out.reconstruction.shape == (sequences, 64, 768)
+    # Every image is reconstructed from its own patches once per mixed sample of its group.
+    assert torch.bincount(out.sources, minlength=8).tolist() == [sequences // 8] * 8
+    assert torch.equal(out.hidden.sum(1), torch.full((sequences,), 48))
+    assert out.inputs.shape == (8, 3, 128, 128) and out.mask.shape == (encoder_batch, 8, 8)
+    # The segment embedding of each patch is its member's row of the table (added at every block).
+    table = model.segment_table()
+    torch.testing.assert_close(seen["layer_embed"], table[out.mask.reshape(encoder_batch, -1)])
+
+
+def test_reconstruction_sequences_see_only_their_own_image():
+    model = tiny_mixedae()
+    images = torch.randn(4, 3, 128, 128)
+    masks = model.sample_masks(4, torch.Generator().manual_seed(5))
+    out = model(images, masks)
+    members = masks.reshape(1, -1)
+    for t in range(4):
+        assert torch.equal(~out.hidden[t], members[0] == t) and int(out.sources[t]) == t
+
+
+# ---------------------------------------------------------------------------------------------- segments
+@pytest.mark.parametrize("kind", ["sincos", "learnable"])
+def test_segment_embeddings_differ_by_image(kind):
+    model = tiny_mixedae(segment_embed=kind)
+    table = model.segment_table()
+    assert table.shape == (4, 32)
+    distances = torch.cdist(table, table) + torch.eye(4)
+    assert distances.min() > 1e-3
+    assert (kind == "learnable") == any(p is table for p in model.parameters())
+    images = torch.randn(4, 3, 128, 128)
+    masks = model.sample_masks(4, torch.Generator().manual_seed(0))
+    relabelled = (masks + 1) % 4  # same mixed pixels' layout, other member ids per patch
+    a, _ = model.encode(model.mix(images, masks), masks)
+    b, _ = model.encode(model.mix(images, masks), relabelled)
+    assert not torch.allclose(a, b)
+
+
+def test_sincos_segments_are_the_1d_encoding_of_the_member_index():
+    table = segment_sincos(3, 8)
+    assert torch.equal(table[0], torch.tensor([0.0] * 4 + [1.0] * 4))
+    torch.testing.assert_close(table[2, 0], torch.tensor(math.sin(2.0)))
+    torch.testing.assert_close(table[1, 5], torch.tensor(math.cos(1.0 / 10000 ** 0.25)))
+
+
+def test_without_segment_embeddings_member_ids_change_nothing():
+    model = tiny_mixedae(segment_embed="none", measure_topk=False).eval()
+    images = torch.randn(4, 3, 128, 128)
+    masks = model.sample_masks(4, torch.Generator().manual_seed(0))
+    a, _ = model.encode(model.mix(images, masks), masks)
+    b, _ = model.encode(model.mix(images, masks), (masks + 1) % 4)
+    torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------------------------- TopK
+def _probe_attention(n: int, scores_from: torch.Tensor | None = None) -> GroupAttention:
+    """One head whose output is its attention matrix: inputs are one-hot rows of width n, v = x and the
+    projection is the identity; q and k are random (or ``scores_from`` (n, n) for q, identity for k)."""
+    attn = GroupAttention(n, num_heads=1, qkv_bias=False)
+    with torch.no_grad():
+        q = torch.randn(n, n) if scores_from is None else scores_from
+        k = torch.randn(n, n) if scores_from is None else torch.eye(n)
+        attn.qkv.weight.copy_(torch.cat([q, k, torch.eye(n)]))
+        attn.proj.weight.copy_(torch.eye(n))
+        attn.proj.bias.zero_()
+    return attn
+
+
+def test_topk_attention_keeps_exactly_k_keys_per_query_and_none_keeps_all():
+    n = 13
+    attn = _probe_attention(n)
+    x = torch.eye(n).expand(2, n, n)
+    for k in (1, 4, 12):
+        weights = attn(x, attn_mask=TopK(k))
+        assert ((weights > 0).sum(-1) == k).all()
+        torch.testing.assert_close(weights.sum(-1), torch.ones(2, n))
+    # Ties keep exactly K as well (all scores equal).
+    flat = _probe_attention(n, scores_from=torch.zeros(n, n))
+    assert ((flat(x, attn_mask=TopK(5)) > 0).sum(-1) == 5).all()
+    assert ((attn(x, attn_mask=None) > 0).sum(-1) == n).all()
+    # Eq. 6: the kept weights are the softmax over the K largest scores.
+    scores = (x[0] @ attn.qkv.weight[:n].T) @ (x[0] @ attn.qkv.weight[n:2 * n].T).T * attn.scale
+    top, index = scores.topk(4, dim=-1)
+    expected = torch.zeros(n, n).scatter(-1, index, top.softmax(-1))
+    torch.testing.assert_close(attn(x, attn_mask=TopK(4))[0], expected)
+
+
+def test_first_block_keeps_global_attention_and_the_others_keep_rL_keys():
+    model = tiny_mixedae(depth=3)
+    plans = model.attention_plans()
+    assert plans[0] is None and [p.k for p in plans[1:]] == [16, 16]  # K = 0.25 x 64
+    assert all(isinstance(p, TopK) for p in tiny_mixedae(depth=3, global_layers=0).attention_plans())
+    assert tiny_mixedae(depth=3, global_layers=2).attention_plans()[:2] == [None, None]
+    assert [p.k for p in tiny_mixedae(depth=3, topk_ratio=0.125).attention_plans()[1:]] == [8, 8]
+    assert tiny_mixedae(depth=3, topk_ratio=1.0).attention_plans() == [None] * 3  # "no sampling"
+    assert tiny_mixedae(depth=3, attention="global").attention_plans() == [None] * 3
+
+
+def test_attention_never_reads_which_image_a_patch_is_from():
+    attn = _probe_attention(9)
+    x = torch.randn(2, 9, 9)
+    plain = attn(x, attn_mask=TopK(3))
+    told = attn(x, attn_mask=TopK(3, sources=torch.randint(0, 2, (2, 8))))
+    lied = attn(x, attn_mask=TopK(3, sources=torch.randint(0, 2, (2, 8))))
+    assert torch.equal(plain, told) and torch.equal(plain, lied)
+
+
+def test_topk_accuracy_by_hand():
+    # Two queries of images 0 and 1 (and a class token, id -1); K = 2 kept keys each.
+    sources = torch.tensor([[-1, 0, 1, 0]])
+    index = torch.tensor([[[[0, 1], [1, 3], [2, 0], [3, 2]]]])  # (B=1, H=1, N=4, K=2)
+    # query 1 (image 0): keys 1, 3 -> 2/2; query 2 (image 1): keys 2, 0 -> 1/2; query 3: keys 3, 2 -> 1/2.
+    assert topk_accuracy(index, sources).item() == pytest.approx((1 + 0.5 + 0.5) / 3)
+
+
+def test_topk_accuracy_is_one_when_attention_can_only_find_its_own_image():
+    # Attention level: q = k = 10 x one-hot(image); the class token is zero. Each image has K patches.
+    n_img, per = 3, 4
+    ids = torch.arange(n_img).repeat_interleave(per)[torch.randperm(n_img * per)]
+    x = torch.zeros(1, 1 + n_img * per, 16)
+    x[0, 1 + torch.arange(n_img * per), ids] = 10.0
+    attn = GroupAttention(16, num_heads=1, qkv_bias=False)
+    with torch.no_grad():
+        attn.qkv.weight.copy_(torch.cat([torch.eye(16), torch.eye(16), torch.randn(16, 16)]))
+    plan = TopK(per, sources=ids[None])
+    attn(x, attn_mask=plan)
+    assert plan.accuracy.item() == 1.0
+    shuffled = TopK(per, sources=ids[torch.randperm(len(ids))][None])
+    attn(x, attn_mask=shuffled)
+    assert 0.0 <= shuffled.accuracy.item() < 1.0
+
+
+def test_topk_accuracy_metric_of_the_method():
+    # End to end: learnable segment embeddings so large that, after LayerNorm, the second block's
+    # queries and keys (identity projections) are the segment pattern; K = rL = 16 own patches.
+    model = tiny_mixedae(segment_embed="learnable", xavier_init=False).eval()
+    with torch.no_grad():
+        table = torch.zeros(4, 32)
+        for t in range(4):
+            table[t, [t, 16 + t]] = 1000.0  # one coordinate in each head
+        model.segment_embed.copy_(table)
+        model.encoder.cls_token.zero_()
+        model.encoder.pos_embed.zero_()
+        qkv = model.encoder.blocks[1].attn.qkv
+        qkv.weight[:64].copy_(torch.cat([torch.eye(32), torch.eye(32)]))
+        qkv.bias.zero_()
+    out = model(torch.randn(8, 3, 128, 128))
+    assert out.metrics["topk_acc_layer2"] == 1.0
+    assert "topk_acc_layer1" not in out.metrics  # the first block attends globally
+    random = tiny_mixedae()(torch.randn(8, 3, 128, 128))
+    assert 0.0 <= random.metrics["topk_acc_layer2"] <= 1.0
+
+
+# ---------------------------------------------------------------------------------------------- contrastive
+@pytest.mark.parametrize("images,per_image", [(2, 2), (4, 3)])
+@pytest.mark.parametrize("positives", ["separate", "mean"])
+def test_contrastive_loss_by_hand_when_images_are_orthogonal(images, per_image, positives):
+    """Homologous features equal, heterologous ones orthogonal: cos = 1 with the m - 1 positives and
+    0 with the (k - 1) m others, so every term of eq. 7 is -log(e^{1/tau} / ((m-1) e^{1/tau} + (k-1) m));
+    with the mean positive (cos 1) against the heterologous patches, -log(e^{1/tau} / (e^{1/tau} + (k-1) m)).
+    Among features whose images are not anti-correlated this is the minimum: moving homologous
+    features apart, or giving different images something in common, raises the loss."""
+    tau, width = 0.25, 4
+    ids = torch.arange(images).repeat_interleave(per_image)[torch.randperm(images * per_image)][None]
+    # Image g owns the coordinates [g * width, (g + 1) * width); its patches all point along the first.
+    features = torch.zeros(1, images * per_image, images * width)
+    features[0, torch.arange(images * per_image), ids[0] * width] = 3.0  # the scale does not matter
+    same_image = (per_image - 1) if positives == "separate" else 1
+    expected = math.log(same_image + (images - 1) * per_image * math.exp(-1 / tau))
+    loss = homologous_contrastive_loss(features, ids, tau, positives)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    g = torch.Generator().manual_seed(0)
+    own_block = torch.zeros_like(features, dtype=torch.bool)
+    for i, image in enumerate(ids[0].tolist()):
+        own_block[0, i, image * width:(image + 1) * width] = True
+    apart = features + torch.where(own_block, torch.randn(features.shape, generator=g), 0.0)  # still orthogonal
+    shared = features + 1.0  # a common component: heterologous cosines above 0
+    random = torch.randn(features.shape, generator=g)
+    for other in (apart, shared, random):
+        assert homologous_contrastive_loss(other, ids, tau, positives) > loss + 1e-4
+
+
+def test_contrastive_loss_contrasts_within_each_mixed_sample_only():
+    ids = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1]])
+    features = torch.randn(2, 4, 8)
+    both = homologous_contrastive_loss(features, ids)
+    one = homologous_contrastive_loss(features[:1], ids[:1])
+    two = homologous_contrastive_loss(features[1:], ids[1:])
+    assert both.item() == pytest.approx((one.item() + two.item()) / 2, rel=1e-6)
+
+
+def test_total_loss_is_reconstruction_plus_a_tenth_of_contrastive():
+    model = tiny_mixedae().eval()
+    out = model(torch.randn(4, 3, 128, 128))
+    assert out.loss.item() == pytest.approx(out.metrics["recon_loss"] + 0.1 * out.metrics["contrastive_loss"],
+                                            rel=1e-5)
+    assert model.projector.out_features == 128
+
+
+# ---------------------------------------------------------------------------------------------- ablations
+@pytest.mark.parametrize("options", [
+    dict(attention="global", segment_embed="none", contrastive_weight=0.0),
+    dict(attention="masked", segment_embed="none", contrastive_weight=0.0),
+    dict(contrastive_features="pre_norm", contrastive_positives="mean"),
+    dict(segment_embed_every_layer=False, segment_embed="learnable"),
+    dict(reconstruction_weight=0.0),
+    dict(mixing_ratio=0.5, mode="full"),
+], ids=["naive", "masked", "pre_ln_mean", "input_segments", "contrastive_only", "pairs_full"])
+def test_ablations_train(options):
+    _two_steps(tiny_mixedae(**options))
+
+
+def test_naive_mixing_has_no_recognition_parts():
+    model = tiny_mixedae(attention="global", segment_embed="none", contrastive_weight=0.0)
+    assert model.segment_table() is None and model.projector is None
+    out = model(torch.randn(4, 3, 128, 128))
+    assert set(out.metrics) == {"recon_loss"} and out.loss.item() == pytest.approx(out.metrics["recon_loss"])
+
+
+def test_masked_attention_keeps_images_apart():
+    model = tiny_mixedae(attention="masked", segment_embed="none", contrastive_weight=0.0).double().eval()
+    images = torch.randn(4, 3, 128, 128, dtype=torch.float64)
+    masks = model.sample_masks(4, torch.Generator().manual_seed(0))
+    mixed = model.mix(images, masks).requires_grad_(True)
+    features, _ = model.encode(mixed, masks)
+    own = masks.reshape(-1) == 0
+    features[0, own].sum().backward()
+    pixels_of_others = (masks != 0).repeat_interleave(16, 1).repeat_interleave(16, 2)[:, None].expand_as(mixed)
+    assert mixed.grad[pixels_of_others].abs().max() == 0
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(attention="masked"), "segment_embed"),
+    (dict(topk_ratio=1.5), "topk_ratio"),
+    (dict(contrastive_weight=0.0, reconstruction_weight=0.0), "nothing to train"),
+    (dict(mask_cell=24), "mask_cell"),
+    (dict(global_layers=3), "global_layers"),
+])
+def test_bad_options_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_mixedae(**options)
+
+
+def test_weight_decay_follows_mae_code():
+    from mixmim.training.optim import no_weight_decay_names
+
+    assert no_weight_decay_names(tiny_mixedae(segment_embed="learnable")) == set()
+
+
+def _two_steps(model, batch=8, size=128):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05)
+    before = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    images = torch.randn(batch, 3, size, size)
+    losses = []
+    for _ in range(2):
+        out = model(images)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    changed = {k for k, v in model.named_parameters() if v.requires_grad and not torch.equal(v, before[k])}
+    assert any(k.startswith("encoder.blocks") for k in changed)
+    return model
+
+
+def test_two_training_steps():
+    model = _two_steps(tiny_mixedae())
+    assert isinstance(model.projector, nn.Linear)
+
+
+# ---------------------------------------------------------------------------------------------- recipes
+RECIPES = sorted((CONFIGS / "mixedae").glob("*.yaml"))
+TABLE_ROWS = {"table3a_ratio_025", "table3a_ratio_050", "table3b_contrastive_pre_ln", "table3b_contrastive_post_ln",
+              "table3c_positives_separate", "table3c_positives_mean", "table3d_topk_0125", "table3d_topk_025",
+              "table3d_topk_050", "table3d_topk_100", "table3e_global_none", "table3e_global_1st",
+              "table3e_global_1st_2nd", "table3e_global_1st_2nd_3rd", "table3f_none", "table3f_homoatt",
+              "table3f_homocon", "table3f_both", "table7a_mae", "table7a_naive", "table7a_masked_attention",
+              "table7b_recon_only", "table7b_homocon_only", "table7b_both", "table7c_no_segment_embed",
+              "table7c_mixing_and_segment_embed"}
+MAIN = {"mixedae_vit_base_300ep", "mixedae_vit_base_800ep", "mixedae_vit_base_1600ep", "mixedae_vit_base_300ep_full",
+        "mixedae_vit_base_300ep_full_light"}
+
+
+def test_there_is_a_recipe_per_table_row():
+    assert {p.stem for p in RECIPES} == TABLE_ROWS | MAIN
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_has_paper_values_and_trains_two_tiny_steps(path):
+    paper = load_config(path)
+    assert paper.model.name == "vit_base" and paper.model.img_size == 224
+    assert paper.model.options == {"fixed_pos_embed": True}
+    assert paper.optim.weight_decay == 0.05 and paper.optim.betas == (0.9, 0.95) and paper.optim.warmup_epochs == 40
+    options = paper.method_options()
+    if path.stem in MAIN:
+        full = options["mode"] == "full"
+        assert paper.optim.base_lr == 7.5e-5 and paper.train.batch_size == (1024 if full else 4096)
+        assert paper.train.epochs == int(path.stem.split("_")[3][:-2])
+    else:
+        assert paper.optim.base_lr == 1.5e-4 and paper.train.batch_size == 4096 and paper.train.epochs == 300
+        assert paper.method_name() == "mae" or options["mode"] == "compose"
+    cfg = load_config(path, VIT_MODEL + VIT_DECODER)
+    model = mixmim.create_pretrainer(cfg.method_name(), cfg.model.name, **cfg.model.encoder_overrides(),
+                                     **cfg.method_options())
+    _two_steps(model)
+    for key, value in options.items():
+        if not key.startswith("decoder"):
+            assert getattr(model.config, key) == value, key
+
+
+@pytest.mark.parametrize("stem,expected", [
+    ("mixedae_vit_base_300ep", dict(attention="homologous", global_layers=1, contrastive_weight=0.1,
+                                    segment_embed="sincos", mixing_ratio=0.25)),
+    ("table3a_ratio_050", dict(attention="global", segment_embed="none", contrastive_weight=0.0, mixing_ratio=0.5)),
+    ("table3d_topk_0125", dict(topk_ratio=0.125, global_layers=0)),
+    ("table3e_global_1st_2nd", dict(global_layers=2, topk_ratio=None)),
+    ("table3f_homoatt", dict(attention="homologous", contrastive_weight=0.0)),
+    ("table3f_homocon", dict(attention="global", contrastive_weight=0.1)),
+    ("table7a_masked_attention", dict(attention="masked", segment_embed="none")),
+    ("table7b_homocon_only", dict(reconstruction_weight=0.0)),
+    ("table7c_no_segment_embed", dict(segment_embed="none", attention="homologous")),
+])
+def test_recipes_say_what_their_row_changes(stem, expected):
+    options = load_config(CONFIGS / "mixedae" / f"{stem}.yaml").method_options()
+    assert {k: options[k] for k in expected} == expected
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+@pytest.fixture(scope="module")
+def mixedae_run(tmp_path_factory):
+    from mixmim.training.pretrain import run_pretraining
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        root = tmp_path_factory.mktemp("mixedae_run")
+        overrides = [o for o in tiny_run(root, "method.name=mixedae") if not o.startswith("model.")]
+        overrides += ["model.name=vit_tiny", "model.img_size=128",
+                      "model.options={embed_dim: 32, depth: 2, num_heads: 2}", "train.max_steps=3"]
+        summary = run_pretraining(load_config(None, overrides))
+    finally:
+        torch.set_num_threads(threads)
+    return Path(summary["run_dir"]), summary
+
+
+def test_pretrain_run_logs_topk_accuracy_and_writes_everything(mixedae_run):
+    import csv
+
+    run_dir, summary = mixedae_run
+    assert summary["step"] == 3 and summary["stopped"] is None
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt")) == ["step_00000003.pt"]
+    for name in ("reconstruction.png", "encoder.safetensors", "encoder.json"):
+        assert (run_dir / name).is_file(), name
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 3
+    assert {"recon_loss", "contrastive_loss", "topk_acc_layer2"} <= set(rows[0])
+    assert all(0.0 <= float(r["topk_acc_layer2"]) <= 1.0 for r in rows)
+
+
+def test_transfer_commands_accept_the_run_folder(mixedae_run, tmp_path):
+    import json
+
+    from mixmim.cli import main
+    from test_mae import _class_folder
+
+    run_dir, _ = mixedae_run
+    data = _class_folder(tmp_path / "classes")
+    common = ["--checkpoint", str(run_dir), "--data", str(data), "--num-workers", "0", "--no-progress",
+              "--val-fraction", "0.34", "--batch-size", "4"]
+    assert main(["knn", *common, "--output", str(tmp_path / "knn")]) == 0
+    assert main(["linprobe", *common, "--output", str(tmp_path / "lp"), "--epochs", "1"]) == 0
+    assert main(["finetune", *common, "--output", str(tmp_path / "ft"), "--epochs", "1", "--warmup-epochs", "0"]) == 0
+    for out in ("knn", "lp", "ft"):
+        assert 0.0 <= json.loads((tmp_path / out / "results.json").read_text())["acc1"] <= 100.0
