@@ -188,3 +188,23 @@ def test_fused_fast_attention_keeps_only_input_output_and_lse(monkeypatch, mode)
     exp = torch.autograd.grad((want * w).sum(), [x, *[p for _, p in sorted(ref.named_parameters())]])
     for a, b in zip(got, exp):
         assert_close_scaled(a, b, 1e-5, "gradient")
+
+
+def test_auto_attention_is_fast_on_cpu_and_checks_flex_before_trusting_it(monkeypatch):
+    """attention_impl="auto" (the default) runs the fast path on the CPU; on CUDA it uses FlexAttention
+    only after a self-check, and falls back to the fast path when the check fails or errors."""
+    import mixmim.models.attention as A
+    import mixmim.models.flex as flex_module
+
+    assert A.resolve_auto(torch.device("cpu")) == "fast"
+    assert A.resolve_auto(torch.device("cuda"), dropout=0.1) == "fast"
+    # The self-check itself, run on the CPU (where flex falls back to fast, so it agrees).
+    with pytest.warns(UserWarning, match="needs CUDA"):
+        assert A._flex_self_check(torch.device("cpu"))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no triton")
+
+    monkeypatch.setattr(flex_module, "flex_window_attention", broken)
+    with pytest.warns(UserWarning, match="FlexAttention failed"):
+        assert not A._flex_self_check(torch.device("cpu"))

@@ -349,7 +349,7 @@ class MixedAE(nn.Module):
         c = self.config
         mixed = self.mix(images, masks)
         pre_norm, plans = self.encode(mixed, masks)
-        latent = self.encoder.norm(pre_norm)
+        latent = self.encoder.final_norm(pre_norm)
 
         # Unmixing (eq. 3): sequence s * k + t keeps the patches of member t of mixed sample s.
         s = masks.shape[0]

@@ -16,6 +16,10 @@ with the mixing mask upsampled to every stage. Three implementations compute the
   In eager CPU training without dropout or autocast the ``qkv`` projection joins the same autograd
   node, which keeps only the block's input, its output and the log-sum-exps and recomputes the rest.
 - ``flex``: FlexAttention block masks (CUDA only), see :mod:`mixmim.models.flex`.
+- ``auto`` (the default): the fastest correct path for the device of each call: ``flex`` on CUDA,
+  once a small self-check of its output against ``fast`` has passed there (a failing or erroring
+  check falls back to ``fast`` with a warning), and ``fast`` everywhere else or with attention
+  dropout (which FlexAttention does not take).
 """
 
 from __future__ import annotations
@@ -27,8 +31,49 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-AttentionImpl = Literal["reference", "fast", "flex"]
-ATTENTION_IMPLS: tuple[str, ...] = ("reference", "fast", "flex")
+AttentionImpl = Literal["auto", "reference", "fast", "flex"]
+ATTENTION_IMPLS: tuple[str, ...] = ("auto", "reference", "fast", "flex")
+
+_AUTO_CHOICE: dict[str, str] = {}  # device type -> implementation chosen by "auto"
+
+
+@torch.compiler.disable
+def resolve_auto(device: torch.device, dropout: float = 0.0) -> str:
+    """What ``attention_impl="auto"`` runs on ``device``: ``flex`` on CUDA after a self-check, else ``fast``."""
+    if device.type != "cuda" or dropout > 0:
+        return "fast"
+    key = str(device)
+    if key not in _AUTO_CHOICE:
+        _AUTO_CHOICE[key] = "flex" if _flex_self_check(device) else "fast"
+    return _AUTO_CHOICE[key]
+
+
+def _flex_self_check(device: torch.device, tol: float = 1e-3) -> bool:
+    """FlexAttention against the fast path on a small grouped window problem, on ``device``."""
+    import warnings
+
+    try:
+        from mixmim.models.flex import flex_window_attention
+
+        g = torch.Generator(device="cpu").manual_seed(0)
+        window, heads, dim = 4, 2, 16
+        q, k, v = (torch.randn(2, 4, heads, window * window, dim, generator=g).to(device) for _ in range(3))
+        table = torch.randn((2 * window - 1) ** 2, heads, generator=g).to(device)
+        ids = (torch.arange(64).reshape(8, 8) // 4 % 2).unsqueeze(0)  # 4x4-token cells, two groups
+        layout = GroupLayout.from_grid(ids.to(device), window, 2)
+        index = relative_position_index(window).to(device)
+        flex = flex_window_attention(q, k, v, table, index, layout, dim**-0.5)
+        fast = fast_window_attention(q, k, v, table, index, GroupLayout.from_grid(ids.to(device), window, 2),
+                                     dim**-0.5)
+        error = float((flex.float() - fast.float()).abs().max())
+        if error <= tol:
+            return True
+        warnings.warn(f"attention_impl='auto': FlexAttention differs from the fast path by {error:.2e} on {device}; "
+                      "using 'fast'", stacklevel=3)
+    except Exception as exc:  # a missing or broken compiler stack must not stop training
+        warnings.warn(f"attention_impl='auto': FlexAttention failed on {device} ({exc.__class__.__name__}: {exc}); "
+                      "using 'fast'", stacklevel=3)
+    return False
 
 
 def relative_position_index(window: int) -> Tensor:
@@ -245,7 +290,7 @@ class WindowAttention(nn.Module):
         qkv_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
-        impl: AttentionImpl = "fast",
+        impl: AttentionImpl = "auto",
     ):
         super().__init__()
         if dim % num_heads:
@@ -274,17 +319,18 @@ class WindowAttention(nn.Module):
         """``x``: (B, nW, N, C) windows of B images; returns the same shape."""
         b, nw, n, c = x.shape
         drop = self.attn_drop if self.training else 0.0
-        if self.impl == "fast" and fused_attention_applies(x, drop):
+        impl = resolve_auto(x.device, drop) if self.impl == "auto" else self.impl
+        if impl == "fast" and fused_attention_applies(x, drop):
             out = _FusedWindowAttention.apply(x, self.qkv.weight, self.qkv.bias, self.relative_position_bias_table,
                                               self.relative_position_index, layout, self.num_heads, self.scale)
             return self.proj_drop(self.proj(out))
         qkv = self.qkv(x)
-        if self.impl == "fast":
+        if impl == "fast":
             out = fast_qkv_attention(qkv, self.num_heads, self.relative_position_bias_table,
                                      self.relative_position_index, layout, self.scale, drop)
             return self.proj_drop(self.proj(out))
         q, k, v = qkv.reshape(b, nw, n, 3, self.num_heads, self.head_dim).permute(3, 0, 1, 4, 2, 5).unbind(0)
-        if self.impl == "flex":
+        if impl == "flex":
             from mixmim.models.flex import flex_window_attention
 
             out = flex_window_attention(q, k, v, self.relative_position_bias_table, self.relative_position_index,

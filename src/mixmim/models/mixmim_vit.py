@@ -27,7 +27,7 @@ class MixMIMBlock(nn.Module):
     """Pre-norm transformer block: window attention (group-restricted) then MLP, with drop path."""
 
     def __init__(self, dim: int, num_heads: int, window_size: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, attn_impl: AttentionImpl = "fast"):
+                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, attn_impl: AttentionImpl = "auto"):
         super().__init__()
         self.window_size = window_size
         self.norm1 = nn.LayerNorm(dim)
@@ -123,7 +123,7 @@ class MixMIMTransformer(GroupedEncoder, nn.Module):
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         learnable_pos_embed: bool = False,
-        attention_impl: AttentionImpl = "fast",
+        attention_impl: AttentionImpl = "auto",
     ):
         super().__init__()
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)

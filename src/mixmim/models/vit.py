@@ -11,7 +11,8 @@ mixing needs beyond timm's model (parameter names unchanged, so ``vit_*_patch16_
 - The class token would carry information from one image to the other, so each group gets its own
   copy (same weights, same position) that attends within the group only.
 - ``fixed_pos_embed``: MAE's fixed 2D sine-cosine positions (the class position all zeros) instead
-  of timm's learnable table.
+  of timm's learnable table. ``global_pool="avg", fc_norm=False``: the final norm on every token, then
+  the average of the patches (MixMIM's pooling) instead of the class token.
 
 What MAE and MixedAE need beyond that (same parameters, so the same weights serve every method):
 
@@ -129,13 +130,14 @@ class ViTEncoder(GroupedEncoder, VisionTransformer):
     def __init__(self, img_size: int | Sequence[int] = 224, patch_size: int = 16, in_chans: int = 3,
                  num_classes: int = 0, global_pool: str = "token", embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True, class_token: bool = True,
-                 fixed_pos_embed: bool = False, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0):
+                 fixed_pos_embed: bool = False, fc_norm: bool | None = None, drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0):
         self._config = dict(img_size=list(img_size) if not isinstance(img_size, int) else img_size,
                             patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
                             global_pool=global_pool, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
                             mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, class_token=class_token,
-                            fixed_pos_embed=fixed_pos_embed, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
+                            fixed_pos_embed=fixed_pos_embed, fc_norm=fc_norm, drop_rate=drop_rate,
+                            attn_drop_rate=attn_drop_rate,
                             drop_path_rate=drop_path_rate)
         size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         for side in size:
@@ -145,7 +147,7 @@ class ViTEncoder(GroupedEncoder, VisionTransformer):
             self, img_size=size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
             global_pool=global_pool if class_token or global_pool != "token" else "avg", embed_dim=embed_dim,
             depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, class_token=class_token,
-            drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate,
+            fc_norm=fc_norm, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate,
             attn_layer=GroupAttention)
         self.img_size = size
         self.patch_size = patch_size
@@ -238,8 +240,13 @@ class ViTEncoder(GroupedEncoder, VisionTransformer):
         y = self._run_blocks(x, mask)
         return y[:, k:] if cls is not None else y
 
+    def final_norm(self, x: Tensor) -> Tensor:
+        """The final LayerNorm on tokens: ``norm``, or, where timm moved it after the pooling
+        (``global_pool="avg"`` with ``fc_norm``), that same layer applied to every token."""
+        return self.norm(x) if not isinstance(self.norm, nn.Identity) else self.fc_norm(x)
+
     def forward_tokens(self, tokens: Tensor, groups: Tensor | None = None, **kwargs: Any) -> Tensor:
-        return self.norm(self.forward_stages(tokens, groups, **kwargs)[-1])
+        return self.final_norm(self.forward_stages(tokens, groups, **kwargs)[-1])
 
     # ------------------------------------------------------------------ MAE and MixedAE
     def forward_visible(self, tokens: Tensor, keep_index: Tensor) -> Tensor:
@@ -255,7 +262,7 @@ class ViTEncoder(GroupedEncoder, VisionTransformer):
         if cls is not None:
             x = torch.cat([cls, x], dim=1)
         x = self._run_blocks(self.pos_drop(x), None)
-        return self.norm(x)[:, self.num_prefix_tokens:]
+        return self.final_norm(x)[:, self.num_prefix_tokens:]
 
     def forward_plans(self, tokens: Tensor, plans: Sequence[Any], layer_embed: Tensor | None = None) -> Tensor:
         """Patch tokens (B, L, C) -> (B, L, C) patch features *before* the final norm, block i
