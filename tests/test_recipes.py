@@ -57,5 +57,5 @@ def test_main_recipes_run_two_tiny_steps():
     cfg = load_config(CONFIGS / "mixmim_base_in1k.yaml", TINY_MODEL + TINY_DECODER)
     assert cfg.method_options()["pretext"] == "masked_attention"
     two_steps(cfg)
-    cfg = load_config(CONFIGS / "simmim_base.yaml", TINY_MODEL)
+    cfg = load_config(CONFIGS / "simmim" / "mixmim_base_192_800ep_step.yaml", TINY_MODEL)
     assert type(two_steps(cfg)).__name__ == "SimMIM"

@@ -45,7 +45,7 @@ class ModelConfig:
     window_size: list[int | list[int]] | int | None = None
     mlp_ratio: float | None = None
     drop_path_rate: float = 0.0
-    attention_impl: Literal["reference", "fast", "flex"] | None = None
+    attention_impl: Literal["auto", "reference", "fast", "flex"] | None = None
     learnable_pos_embed: bool | None = None
     options: dict[str, Any] = field(default_factory=dict)
     grad_checkpointing: bool = False
@@ -73,7 +73,9 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with warmup then cosine, per iteration (MixMIM Table 11)."""
+    """AdamW with warmup then cosine, per iteration (MixMIM Table 11). ``schedule: step`` holds the
+    peak after the warm-up and multiplies it by ``step_gamma`` at each of ``step_fractions`` of the
+    run (SimMIM section 4.3: [0.875] and 0.1; appendix B: [0.9, 0.95]); ``min_lr`` is for cosine."""
 
     base_lr: float = 1.5e-4
     lr: float | None = None
@@ -84,6 +86,9 @@ class OptimConfig:
     warmup_steps: int | None = None
     clip_grad: float | None = None
     fused: bool | None = None
+    schedule: Literal["cosine", "step"] = "cosine"
+    step_fractions: list[float] = field(default_factory=lambda: [0.875])
+    step_gamma: float = 0.1
 
 
 @dataclass

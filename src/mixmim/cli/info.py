@@ -1,4 +1,5 @@
-"""``mixmim info``: the named models with their parameters and FLOPs at 224 (counted, not quoted)."""
+"""``mixmim info``: the named models with their parameters and FLOPs at 224 (counted, not quoted);
+with ``--mask``, the AvgDist of a masking strategy instead (SimMIM section 4.1.2)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,15 @@ import argparse
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--models", nargs="*", help="names to list (default: all)")
+    m = parser.add_argument_group("AvgDist of a masking strategy (SimMIM section 4.1.2, Figure 3)")
+    m.add_argument("--mask", choices=("random", "square", "block"),
+                   help="print the mean distance of masked pixels to the nearest visible one for this strategy")
+    m.add_argument("--mask-method", choices=("simmim", "mixmim"), default="simmim",
+                   help="whose generator draws the masks (MixMIM has random and block)")
+    m.add_argument("--mask-ratio", type=float, default=0.6)
+    m.add_argument("--mask-cell", type=int, default=32, help="masked patch size in pixels")
+    m.add_argument("--draws", type=int, default=100, help="masks to average over")
+    m.add_argument("--seed", type=int, default=0)
 
 
 def model_table(img_size: int = 224, names: list[str] | None = None) -> list[dict]:
@@ -38,7 +48,22 @@ def model_table(img_size: int = 224, names: list[str] | None = None) -> list[dic
     return rows
 
 
+def print_avg_dist(args: argparse.Namespace) -> int:
+    from mixmim.evaluation.avgdist import mask_avg_dist
+
+    if args.draws < 1:
+        raise ValueError(f"--draws {args.draws}: expected at least one mask")
+    value, fraction = mask_avg_dist(args.mask, args.mask_ratio, args.mask_cell, args.img_size, args.draws,
+                                    args.mask_method, args.seed)
+    print(f"AvgDist {value:.2f} px: {args.mask_method} {args.mask} masking, {args.mask_cell}-px cells, ratio "
+          f"{args.mask_ratio} ({fraction:.3f} of the pixels masked), {args.img_size}x{args.img_size} images, "
+          f"mean of {args.draws} draws")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.mask:
+        return print_avg_dist(args)
     rows = model_table(args.img_size, args.models)
     print(f"{'model':14s} {'C':>4s} {'blocks':>13s} {'heads':>15s} {'encoder M':>10s} {'+decoder M':>11s} "
           f"{'GFLOPs@' + str(args.img_size):>11s}")

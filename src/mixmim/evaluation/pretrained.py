@@ -152,7 +152,7 @@ def input_size(pretrained: Pretrained, requested: int | None) -> tuple[int | lis
     return img_size, img_size if isinstance(img_size, int) else int(img_size[0])
 
 
-def parse_windows(text: str | None) -> list[int | list[int]] | None:
+def parse_windows(text: str | None) -> int | list[int | list[int]] | None:
     """``"8,8,4,2"`` -> [8, 8, 4, 2]; a stage may list one window per block: ``"16,16,16+16+32,16"``."""
     if text is None or text == "":
         return None
@@ -161,4 +161,6 @@ def parse_windows(text: str | None) -> list[int | list[int]] | None:
     except ValueError:
         raise ValueError(f"--window-size {text!r}: expected comma-separated integers per stage, "
                          "'+' between the windows of one stage's blocks") from None
+    if len(stages) == 1 and len(stages[0]) == 1:
+        return stages[0][0]  # one window for every stage (a Swin's window_size=7)
     return [s[0] if len(s) == 1 else s for s in stages]

@@ -1,18 +1,22 @@
 """SimMIM on any encoder: the [MASK]-token baseline (SimMIM paper, section 3; MixMAE supplement
 Table 8 compares against it).
 
-1. A random mask on a grid of ``mask_cell``-pixel cells (32 by default, the last-stage patch of
-   Swin), ``ceil(L * 0.6)`` cells masked, one mask per image (section 3.1).
+1. A mask on a grid of ``mask_cell``-pixel cells (32 by default, the last-stage patch of Swin), one
+   per image: random ``ceil(L * 0.6)`` cells by default, or a square or BEiT's blocks (section 3.2,
+   Table 1; :mod:`mixmim.methods.simmim_masks`).
 2. After patch embedding a learnable mask token replaces every masked stage-1 token; the
    positions are added after, as for any token. The encoder attends over the whole image.
-3. A linear prediction head maps each last-stage token to its 32x32x3 pixels (section 3.3).
-4. l1 loss on the raw pixels of the masked area only (section 3.4); no per-patch normalisation by
-   default.
+3. A prediction head maps the last-stage tokens to a map of predictions at the target resolution
+   (section 3.3, Table 2; :mod:`mixmim.methods.simmim_heads`): a linear layer by default, 32x32x3
+   values per Swin token.
+4. The target (section 3.4): the image itself, or the image downsampled by ``target_downsample``
+   (Table 3: area averages of d x d pixels, see :func:`downsample`), as raw pixels (l1 by default;
+   l2, smooth-l1: Table 5) or as channel-wise colour bins classified with cross-entropy (Table 5 and
+   13). The loss covers the masked pixels (eq. 1) or the whole image (Table 4).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -22,34 +26,139 @@ from torch import Tensor, nn
 
 from mixmim.methods.base import PretrainOutput
 from mixmim.methods.masking import as_grid_masks, check_ratio, upsample_groups
-from mixmim.methods.patches import normalize_patches, patchify
+from mixmim.methods.patches import normalize_patches, patchify, unpatchify
+from mixmim.methods.simmim_heads import HEADS, build_head
+from mixmim.methods.simmim_masks import MASK_TYPES, sample_cells
 from mixmim.models.base import resize_groups
 
-LOSSES: tuple[str, ...] = ("l1", "smooth_l1", "l2")
+LOSSES: tuple[str, ...] = ("l1", "smooth_l1", "l2", "bins")
+LOSS_AREAS: tuple[str, ...] = ("masked", "full")
+# ImageNet's normalisation, DataConfig's default: how to get 8-bit colours back for the bin targets.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
 class SimMIMConfig:
-    """Options of SimMIM; the defaults are the paper's (section 4.1: random masking, 32x32 cells,
-    ratio 0.6, linear head, l1 loss). ``loss`` also offers the smooth-l1 and l2 rows of its Table 4;
-    ``mask_cell`` may be any multiple of the encoder's patch size (its Table 1 uses 4 to 64)."""
+    """Options of SimMIM; the defaults are the paper's (section 4.1.1: random masking of 32x32 cells
+    at ratio 0.6, linear head, target at the input resolution, l1 loss on the masked pixels). Each
+    ablation of section 4.1 is one field:
 
+    - ``mask_type`` (Table 1): ``random``, ``square`` (one k x k square of cells at a random place,
+      k nearest to ``sqrt(mask_ratio * L)``) or ``block`` (BEiT's block-wise masking);
+      ``mask_cell`` is the masked patch size in pixels (4 to 64 in Table 1; a multiple of the
+      encoder's first stride that divides the image); ``mask_ratio`` the masked fraction.
+    - ``head`` (Table 2): ``linear``, ``mlp`` (2 layers), ``inverse_swin_t``, ``inverse_swin_b``;
+      ``head_window``: the window of the inverse Swin heads (6, as the encoder at 192 px).
+    - ``target_downsample`` (Table 3): the target is the image downsampled d times (1, 2, 4, 8,
+      16, 32: 192^2 to 6^2 at 192 px).
+    - ``loss_area`` (Table 4): ``masked`` (prediction) or ``full`` (prediction + reconstruction).
+    - ``loss`` (Table 5): ``l1``, ``l2``, ``smooth_l1`` (PyTorch's, beta 1, on normalised pixels) or
+      ``bins``: every channel's 8-bit value in one of ``num_bins`` equal bins (2 to 256, Table 13),
+      predicted by cross-entropy. ``pixel_mean``/``pixel_std`` undo the input normalisation for
+      it (keep them equal to ``data.mean``/``data.std``).
+    - ``norm_pix_loss``: MAE's per-patch normalised target (not in the SimMIM paper; regression only).
+    """
+
+    mask_type: Literal["random", "square", "block"] = "random"
     mask_ratio: float = 0.6
     mask_cell: int = 32
     mask_per_sample: bool = True
+    head: Literal["linear", "mlp", "inverse_swin_t", "inverse_swin_b"] = "linear"
+    head_window: int = 6
+    target_downsample: int = 1
+    loss_area: Literal["masked", "full"] = "masked"
+    loss: Literal["l1", "smooth_l1", "l2", "bins"] = "l1"
+    num_bins: int = 8
     norm_pix_loss: bool = False
-    loss: Literal["l1", "smooth_l1", "l2"] = "l1"
+    pixel_mean: tuple[float, float, float] = IMAGENET_MEAN
+    pixel_std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        # YAML and the run config's method section give lists; keep the declared tuples.
+        self.pixel_mean, self.pixel_std = tuple(self.pixel_mean), tuple(self.pixel_std)
 
     def validate(self) -> None:
         check_ratio(self.mask_ratio)
-        if isinstance(self.mask_cell, bool) or not isinstance(self.mask_cell, int) or self.mask_cell < 1:
-            raise ValueError(f"mask_cell={self.mask_cell!r}: expected a positive number of pixels")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss={self.loss!r}: expected one of {', '.join(LOSSES)}")
+        for name, value, choices in (("mask_type", self.mask_type, MASK_TYPES), ("head", self.head, HEADS),
+                                     ("loss_area", self.loss_area, LOSS_AREAS), ("loss", self.loss, LOSSES)):
+            if value not in choices:
+                raise ValueError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+        for name, value in (("mask_cell", self.mask_cell), ("head_window", self.head_window),
+                            ("target_downsample", self.target_downsample)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}: expected a positive whole number")
+        if self.loss == "bins":
+            if isinstance(self.num_bins, bool) or not isinstance(self.num_bins, int) or not 2 <= self.num_bins <= 256:
+                raise ValueError(f"num_bins={self.num_bins!r}: expected 2 to 256 bins of 8-bit colour values")
+            if self.norm_pix_loss:
+                raise ValueError("norm_pix_loss normalises a regression target; loss='bins' classifies colours")
+        if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3 or min(self.pixel_std) <= 0:
+            raise ValueError(f"pixel_mean={list(self.pixel_mean)} / pixel_std={list(self.pixel_std)}: expected three "
+                             "values each, positive deviations")
+
+
+# ---------------------------------------------------------------------------------------------------
+# targets and losses (section 3.4)
+
+def downsample(images: Tensor, factor: int) -> Tensor:
+    """The image downsampled ``factor`` times by averaging every factor x factor block of pixels: the
+    paper says only "downsampling the original images"; the area average is the antialiased resize."""
+    return images if factor == 1 else F.avg_pool2d(images, factor)
+
+
+def colour_bins(images: Tensor, bins: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    """Normalised images ``(B, 3, h, w)`` -> bin of every channel's 8-bit value, ``bins`` equal bins
+    (256 bins: the 8-bit value itself). Channel-wise bin colour discretisation, section 3.4."""
+    m = images.new_tensor(mean).view(1, -1, 1, 1)
+    s = images.new_tensor(std).view(1, -1, 1, 1)
+    levels = ((images.float() * s + m).clamp(0, 1) * 255).round().long()
+    return levels * bins // 256
+
+
+def bin_colours(bins_or_logits: Tensor, bins: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    """Bin ids ``(B, 3, h, w)`` (or logits ``(B, 3 * bins, h, w)``, decoded by argmax) -> the
+    normalised colour of each bin's centre, for pictures."""
+    ids = bins_or_logits
+    if ids.is_floating_point():
+        b, _, h, w = ids.shape
+        ids = ids.reshape(b, -1, bins, h, w).argmax(2)
+    centre = ((ids.float() + 0.5) * 256 / bins - 0.5) / 255
+    m = centre.new_tensor(mean).view(1, -1, 1, 1)
+    s = centre.new_tensor(std).view(1, -1, 1, 1)
+    return (centre - m) / s
+
+
+def value_errors(prediction: Tensor, target: Tensor, loss: str, bins: int = 8) -> Tensor:
+    """Per-value loss ``(B, C, h, w)``: a distance between predicted and true pixels, or the
+    cross-entropy of every channel's bin (``prediction`` then holds C x bins logits per pixel)."""
+    pred = prediction.float()
+    if loss == "bins":
+        b, _, h, w = pred.shape
+        logits = pred.reshape(b, -1, bins, h, w)
+        channels = logits.shape[1]
+        ce = F.cross_entropy(logits.reshape(b * channels, bins, h, w), target.reshape(b * channels, h, w),
+                             reduction="none")
+        return ce.reshape(b, channels, h, w)
+    tgt = target.float()
+    if loss == "l1":
+        return (pred - tgt).abs()
+    if loss == "smooth_l1":
+        return F.smooth_l1_loss(pred, tgt, reduction="none")
+    return (pred - tgt).pow(2)
+
+
+def weighted_mean(errors: Tensor, weight: Tensor) -> Tensor:
+    """Mean of ``errors`` ``(B, C, h, w)`` over the weighted pixels, every channel counted (eq. 1:
+    divided by the number of masked values). ``weight`` ``(B or 1, 1, h, w)`` in [0, 1]: the masked
+    share of each target pixel, or 1 everywhere for the full-image loss."""
+    weight = weight.float().expand(errors.shape[0], 1, *errors.shape[-2:])
+    total = weight.sum() * errors.shape[1]
+    return (errors * weight).sum() / total.clamp(min=1e-6)
 
 
 class SimMIM(nn.Module):
-    """images -> l1 loss on the masked pixels, with a learnable mask token at the encoder input."""
+    """images -> loss on the masked pixels, with a learnable mask token at the encoder input."""
 
     def __init__(self, encoder: nn.Module, config: SimMIMConfig | None = None, in_chans: int = 3):
         super().__init__()
@@ -57,19 +166,20 @@ class SimMIM(nn.Module):
         self.config.validate()
         c = self.config
         self.encoder = encoder
-        self.cell = encoder.stride  # the head predicts one stride x stride patch per last-stage token
+        self.cell = encoder.stride  # pixels per last-stage token: the patches of the reconstruction
         self.grid = encoder.grids[-1]
         self.in_chans = in_chans
         h, w = encoder.img_size
         if c.mask_cell % encoder.strides[0] or h % c.mask_cell or w % c.mask_cell:
             raise ValueError(f"mask_cell={c.mask_cell} must be a multiple of the encoder's first stride "
                              f"{encoder.strides[0]} and divide the image size {h}x{w}")
+        if h % c.target_downsample or w % c.target_downsample:
+            raise ValueError(f"target_downsample={c.target_downsample} must divide the image size {h}x{w}")
         self.mask_grid = (h // c.mask_cell, w // c.mask_cell)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.embed_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-        self.head = nn.Linear(encoder.num_features, self.cell**2 * in_chans)
-        nn.init.xavier_uniform_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        values = in_chans * (c.num_bins if c.loss == "bins" else 1)
+        self.head = build_head(c.head, encoder, values, c.target_downsample, c.head_window)
 
     def no_weight_decay(self) -> set[str]:
         """SimMIM's own exclusions (its ``SimMIM`` and ``SwinTransformerForSimMIM``): the mask token and
@@ -82,16 +192,11 @@ class SimMIM(nn.Module):
         return {"relative_position_bias_table"}
 
     def sample_mask(self, batch: int, generator: torch.Generator | None = None) -> Tensor:
-        """(G, mh, mw) long, 1 = masked, on the ``mask_cell`` grid; ``ceil(L * ratio)`` cells as in
-        SimMIM's mask generator. G is B per image (the paper) or 1 for a batch-shared mask."""
-        mh, mw = self.mask_grid
-        length = mh * mw
-        count = batch if self.config.mask_per_sample else 1
-        masked = math.ceil(length * self.config.mask_ratio)
-        masks = torch.zeros(count, length, dtype=torch.long)
-        for i in range(count):
-            masks[i, torch.randperm(length, generator=generator)[:masked]] = 1
-        return masks.reshape(count, mh, mw)
+        """(G, mh, mw) long, 1 = masked, on the ``mask_cell`` grid, drawn on the CPU so runs replay on
+        any device. G is B per image (the paper) or 1 for a batch-shared mask."""
+        c = self.config
+        count = batch if c.mask_per_sample else 1
+        return sample_cells(c.mask_type, self.mask_grid, c.mask_ratio, count, c.mask_cell, generator)
 
     def forward(self, images: Tensor, mask: Tensor | None = None) -> PretrainOutput:
         """``mask``: (mh, mw), (1, mh, mw) or (B, mh, mw) with 1 = masked on the ``mask_cell`` grid."""
@@ -105,31 +210,48 @@ class SimMIM(nn.Module):
         tokens = self.encoder.embed(images, mask)
         at = resize_groups(mask, self.encoder.grids[0]).reshape(mask.shape[0], -1, 1).bool()
         x = torch.where(at, self.mask_token.to(tokens.dtype), tokens)
-        latent = self.encoder.forward_tokens(x)
-        prediction = self.head(latent)  # (B, L, stride*stride*C)
+        prediction = self.head(self.encoder.forward_tokens(x))  # (B, V, H/d, W/d)
 
-        target = patchify(images, self.cell)
+        pixels = upsample_groups(mask, c.mask_cell).unsqueeze(1).to(images.dtype)  # (G, 1, H, W)
+        # A target pixel covering d x d image pixels counts by its masked share (cells smaller
+        # than d straddle it); the full-image loss of Table 4 counts every pixel.
+        weight = downsample(pixels, c.target_downsample)
+        if c.loss_area == "full":
+            weight = torch.ones_like(weight)
+        target = self.make_target(images)
+        loss = weighted_mean(value_errors(prediction, target, c.loss, c.num_bins), weight)
+        return self._output(loss, prediction, target, weight, mask, pixels, images)
+
+    def make_target(self, images: Tensor) -> Tensor:
+        """``(B, 3, H/d, W/d)``: normalised pixels (per patch with ``norm_pix_loss``) or colour bins."""
+        c = self.config
+        small = downsample(images, c.target_downsample)
+        if c.loss == "bins":
+            return colour_bins(small, c.num_bins, c.pixel_mean, c.pixel_std)
         if c.norm_pix_loss:
-            target = normalize_patches(target)
-        # Per-value weights: masked pixels of every channel, so cells smaller than the stride count
-        # exactly their own pixels inside a predicted patch.
-        pixels = upsample_groups(mask, c.mask_cell).unsqueeze(1).expand(b, self.in_chans, -1, -1)
-        weight = patchify(pixels.to(prediction.dtype), self.cell)
-        loss = self.pixel_loss(prediction, target, weight)
-        return PretrainOutput(loss=loss, reconstruction=prediction, mask=mask, target=target,
-                              hidden=weight.amax(dim=-1) > 0, sources=torch.arange(b, device=images.device))
+            # Normalise per last-stage token, the patch each token predicts.
+            per = self.cell // c.target_downsample
+            grid = (small.shape[-2] // per, small.shape[-1] // per)
+            small = unpatchify(normalize_patches(patchify(small, per)), per, grid, small.shape[1])
+        return small
 
-    def pixel_loss(self, prediction: Tensor, target: Tensor, weight: Tensor) -> Tensor:
-        """Mean of the chosen distance over the masked pixel values (SimMIM eq. 1)."""
-        pred, tgt = prediction.float(), target.float()
-        if self.config.loss == "l1":
-            err = (pred - tgt).abs()
-        elif self.config.loss == "smooth_l1":
-            err = F.smooth_l1_loss(pred, tgt, reduction="none")
-        else:
-            err = (pred - tgt).pow(2)
-        weight = weight.float()
-        return (err * weight).sum() / weight.sum().clamp(min=1)
+    def _output(self, loss: Tensor, prediction: Tensor, target: Tensor, weight: Tensor, mask: Tensor,
+                pixels: Tensor, images: Tensor) -> PretrainOutput:
+        """Reconstruction and target as (B, L, stride^2 x 3) patches of normalised pixels at the input
+        resolution (a coarse target repeated over its d x d pixels; bins as their centre colours)."""
+        c = self.config
+        with torch.no_grad():
+            pred = prediction.detach().float()
+            truth = target
+            if c.loss == "bins":
+                pred = bin_colours(pred, c.num_bins, c.pixel_mean, c.pixel_std)
+                truth = bin_colours(target, c.num_bins, c.pixel_mean, c.pixel_std)
+            pred, truth, scored = (upsample_groups(t, c.target_downsample) for t in (pred, truth.float(), weight))
+            hidden = patchify(scored.expand(images.shape[0], 1, -1, -1), self.cell).amax(dim=-1) > 0
+            shown = torch.where(pixels.bool(), torch.zeros_like(images), images)  # [MASK] drawn as the mean colour
+        return PretrainOutput(loss=loss, reconstruction=patchify(pred, self.cell), mask=mask,
+                              target=patchify(truth, self.cell), hidden=hidden,
+                              sources=torch.arange(images.shape[0], device=images.device), inputs=shown)
 
     def _check_mask(self, mask: Tensor, batch: int) -> Tensor:
         mask = as_grid_masks(mask, self.mask_grid, batch, f"on the {self.config.mask_cell}-pixel cell grid")

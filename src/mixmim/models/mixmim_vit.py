@@ -116,7 +116,7 @@ class MixMIMTransformer(GroupedEncoder, nn.Module):
         embed_dim: int = 128,
         depths: Sequence[int] = (2, 2, 18, 2),
         num_heads: Sequence[int] = (4, 8, 16, 32),
-        window_size: Sequence[int | Sequence[int]] = (14, 14, 14, 7),
+        window_size: int | Sequence[int | Sequence[int]] = (14, 14, 14, 7),
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         drop_rate: float = 0.0,
@@ -128,6 +128,8 @@ class MixMIMTransformer(GroupedEncoder, nn.Module):
         super().__init__()
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         num_stages = len(depths)
+        if isinstance(window_size, int):  # one window for every stage
+            window_size = [window_size] * num_stages
         if not (len(num_heads) == len(window_size) == num_stages):
             raise ValueError(f"depths, num_heads and window_size must have one entry per stage, got "
                              f"{len(depths)}, {len(num_heads)}, {len(window_size)}")

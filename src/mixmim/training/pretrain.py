@@ -261,7 +261,9 @@ class Pretraining:
     def train_step(self, micro_batches: list[dict]) -> float | None:
         """One optimiser update; returns the mean loss, or None when the step was skipped (non-finite)."""
         t = self.config.train
-        lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.peak_lr, self.config.optim.min_lr) * self.lr_scale
+        o = self.config.optim
+        lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.peak_lr, o.min_lr, schedule=o.schedule,
+                   step_fractions=o.step_fractions, step_gamma=o.step_gamma) * self.lr_scale
         set_lr(self.optimizer, lr)
         self.current_lr = lr
         self.model.train()
