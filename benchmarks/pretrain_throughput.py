@@ -1,4 +1,15 @@
-"""Pretraining throughput: MixMIM fast path vs MixMIM reference path vs SimMIM, same encoder.
+"""Pretraining throughput: MixMIM vs SimMIM on the same encoder, for any encoder of the registry
+(``mixmim_*``, ``vit_*``, ``swin_*``, ``pvt_v2_*``, ``resnetv2_*``).
+
+Variants (``--variants``; by default every variant that exists for the model):
+
+- ``fast`` / ``reference``: MixMIM with ``attention_impl="fast"`` / ``"reference"``; these
+  attention implementations exist for the ``mixmim_*`` encoders only;
+- ``mixmim``: MixMIM with the encoder as built by default (the default variants of a ``mixmim_*``
+  model are ``fast``, ``reference``, ``simmim``, as before; of any other model ``mixmim``, ``simmim``);
+- ``simmim``: SimMIM on the same encoder.
+
+Ratios (``x base``) are to ``reference`` for ``mixmim_*`` models and to ``mixmim`` for the others.
 
 Every (model, batch size, variant) runs a full training step (forward, backward, AdamW; fused AdamW
 on CUDA) in its own fresh subprocess, so that peak memory is comparable between variants:
@@ -7,13 +18,18 @@ size (``ru_maxrss``) over the resident size measured after the model, optimiser 
 i.e. what the steps themselves add (activations, gradients, optimiser state, workspaces).
 
 Model FLOPs per image are counted with ``torch.utils.flop_counter.FlopCounterMode`` over one
-forward and backward of a small batch on the reference path (the function every MixMIM path
-computes; the fast path skips cross-group pairs and recomputes in the backward, which would
-otherwise change the count), and on SimMIM's own path. MFU = FLOPs/image x images/s / peak, given
-for CUDA (H100 bf16 dense peak 989 TFLOP/s unless ``--peak-tflops`` says otherwise).
+forward and backward of a small batch: for ``mixmim_*`` on the reference path (the function every
+MixMIM path computes; the fast path skips cross-group pairs and recomputes in the backward, which
+would otherwise change the count), for other encoders on the path that runs, and on SimMIM's own
+path. MFU = FLOPs/image x images/s / peak, given for CUDA (H100 bf16 dense peak 989 TFLOP/s unless
+``--peak-tflops`` says otherwise). The load average (``/proc/loadavg``) at the start and the end of
+the invocation is printed and kept in the JSON: on a shared machine it says how far to trust the
+speeds (memory does not depend on the load).
 
     python benchmarks/pretrain_throughput.py --models mixmim_tiny --batch-sizes 16 --img-size 224 \\
         --steps 3 --warmup 1 --amp fp32 --device cpu --threads 2 --json benchmarks/results/cpu.json
+    python benchmarks/pretrain_throughput.py --models vit_tiny swin_tiny pvt_v2_b2 resnetv2_50 \\
+        --batch-sizes 4 --steps 2 --warmup 1 --device cpu --json benchmarks/results/cpu_encoders.json
 """
 
 from __future__ import annotations
@@ -27,7 +43,31 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("fast", "reference", "simmim")
+VARIANTS = ("fast", "reference", "mixmim", "simmim")
+ATTENTION_VARIANTS = ("fast", "reference")  # MixMIM's attention implementations: mixmim_* encoders only
+
+
+def _family(model: str) -> str:
+    from mixmim.models.registry import family_of
+
+    return family_of(model)
+
+
+def default_variants(model: str) -> list[str]:
+    """What runs for ``model`` when --variants is not given."""
+    return ["fast", "reference", "simmim"] if _family(model) == "mixmim" else ["mixmim", "simmim"]
+
+
+def baseline_variant(model: str) -> str:
+    """The variant the ``x base`` ratios divide by."""
+    return "reference" if _family(model) == "mixmim" else "mixmim"
+
+
+def _unavailable(variant: str, model: str) -> str | None:
+    """Why ``variant`` cannot run on ``model`` (None: it can)."""
+    if variant in ATTENTION_VARIANTS and _family(model) != "mixmim":
+        return f"attention_impl={variant!r} exists for the mixmim_* encoders only, not {model}"
+    return None
 
 
 def _build(variant: str, model: str, img_size: int):
@@ -37,6 +77,8 @@ def _build(variant: str, model: str, img_size: int):
         if "simmim" not in method_names():
             return None
         return create_pretrainer("simmim", model, img_size=img_size)
+    if variant == "mixmim":
+        return create_pretrainer("mixmim", model, img_size=img_size)
     return create_pretrainer("mixmim", model, img_size=img_size, attention_impl=variant)
 
 
@@ -45,14 +87,29 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                         _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+    """``aten.convolution_backward`` as FLOPs: the input gradient and the weight gradient each cost
+    what the forward convolution costs. torch's own formula (2.14) counts the weight gradient of a
+    grouped convolution as if it were dense, ``groups`` times too many (a depth-wise 3x3 conv over
+    512 channels at 56x56: 14.8 GFLOP counted for a 0.03 GFLOP forward); PVT v2's MLPs are full of
+    depth-wise convs. Equal to torch's count for ungrouped convolutions."""
+    from torch.utils.flop_counter import conv_flop_count
+
+    forward = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape), transposed)
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
 def _count_flops(variant: str, args, device) -> float:
     """Forward + backward FLOPs per image on a batch of 2 (FLOPs are linear in the batch)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = _build("reference" if variant != "simmim" else "simmim", args.model, args.img_size).to(device)
+    if variant != "simmim" and _family(args.model) == "mixmim":
+        variant = "reference"
+    model = _build(variant, args.model, args.img_size).to(device)
     images = torch.randn(2, 3, args.img_size, args.img_size, device=device)
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flops})
     with counter, _autocast(args, device):
         model(images).loss.backward()
     return counter.get_total_flops() / 2
@@ -79,6 +136,8 @@ def worker(args) -> dict:
     if model is None:
         return {"skipped": "method 'simmim' is not registered in mixmim.methods.factory"}
     model = model.to(device).train()
+    params = {"params": sum(p.numel() for p in model.parameters()),
+              "encoder_params": sum(p.numel() for p in model.encoder.parameters())}
     if args.grad_checkpointing:
         model.encoder.set_grad_checkpointing(True)
     if args.compile:
@@ -110,6 +169,7 @@ def worker(args) -> dict:
         sync()
         times.append(time.perf_counter() - t0)
     result = {
+        **params,
         "images_per_s": args.batch * len(times) / sum(times),
         "images_per_s_best_step": args.batch / min(times),
         "step_s": times,
@@ -132,6 +192,15 @@ def _device_name(device: str) -> str:
     return f"{platform.processor() or platform.machine()} CPU ({os.cpu_count()} cores visible)"
 
 
+def _loadavg() -> str | None:
+    """/proc/loadavg (1, 5 and 15 minute load averages, ...): how busy the machine was."""
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["mixmim_tiny"])
@@ -144,7 +213,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every variant")
     p.add_argument("--compile", action="store_true", help="torch.compile every encoder block")
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing per stage")
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=None,
+                   help="default: fast reference simmim for mixmim_* models, mixmim simmim for the others; "
+                        "fast/reference are skipped with a note on other encoders")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="device peak for MFU (H100 bf16 dense)")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
     p.add_argument("--json", help="write the results here")
@@ -158,10 +229,21 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(worker(args)))
         return 0
 
+    from mixmim.models.registry import MODELS
+
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown:
+        p.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(MODELS)}")
+    loadavg_start = _loadavg()
     rows = []
     for model in args.models:
         for batch in args.batch_sizes:
-            for variant in args.variants:
+            for variant in args.variants or default_variants(model):
+                why = _unavailable(variant, model)
+                if why is not None:
+                    print(f"note: {model} {variant} skipped: {why}")
+                    rows.append(dict(model=model, family=_family(model), batch=batch, variant=variant, skipped=why))
+                    continue
                 cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--model", model, "--batch", str(batch),
                        "--variant", variant, "--img-size", str(args.img_size), "--steps", str(args.steps),
                        "--warmup", str(args.warmup), "--amp", args.amp, "--device", args.device,
@@ -178,36 +260,45 @@ def main(argv=None) -> int:
                     res = json.loads(lines[-1][7:])
                 if "skipped" in res:
                     print(f"note: {variant} skipped: {res['skipped']}")
-                rows.append(dict(model=model, batch=batch, variant=variant, **res))
+                rows.append(dict(model=model, family=_family(model), batch=batch, variant=variant, **res))
+    loadavg_end = _loadavg()
 
     for row in rows:
-        ref = next((r for r in rows if r["model"] == row["model"] and r["batch"] == row["batch"]
-                    and r["variant"] == "reference" and "images_per_s" in r), None)
-        if "images_per_s" in row and ref is not None:
-            row["speed_vs_reference"] = row["images_per_s"] / ref["images_per_s"]
-            row["memory_vs_reference"] = row["peak_memory_bytes"] / ref["peak_memory_bytes"]
+        base_name = baseline_variant(row["model"])
+        base = next((r for r in rows if r["model"] == row["model"] and r["batch"] == row["batch"]
+                     and r["variant"] == base_name and "images_per_s" in r), None)
+        if "images_per_s" in row and base is not None:
+            row["baseline"] = base_name
+            row["speed_vs_baseline"] = row["images_per_s"] / base["images_per_s"]
+            row["memory_vs_baseline"] = row["peak_memory_bytes"] / base["peak_memory_bytes"]
+            if base_name == "reference":  # the keys of earlier result files
+                row["speed_vs_reference"] = row["speed_vs_baseline"]
+                row["memory_vs_reference"] = row["memory_vs_baseline"]
         if args.device == "cuda" and "flops_per_image" in row and "images_per_s" in row:
             row["mfu"] = row["flops_per_image"] * row["images_per_s"] / (args.peak_tflops * 1e12)
 
-    header = f"{'model':<14}{'batch':>6} {'variant':<10}{'img/s':>9}{'x ref':>7}{'peak MiB':>10}{'x ref':>7}" \
+    header = f"{'model':<16}{'batch':>6} {'variant':<10}{'img/s':>9}{'x base':>7}{'peak MiB':>10}{'x base':>7}" \
              f"{'GFLOP/img':>11}{'MFU':>7}"
     print(header)
     print("-" * len(header))
     for r in rows:
         if "images_per_s" not in r:
-            print(f"{r['model']:<14}{r['batch']:>6} {r['variant']:<10}  {'skipped' if 'skipped' in r else 'failed'}")
+            print(f"{r['model']:<16}{r['batch']:>6} {r['variant']:<10}  {'skipped' if 'skipped' in r else 'failed'}")
             continue
         flops = r.get("flops_per_image")
-        print(f"{r['model']:<14}{r['batch']:>6} {r['variant']:<10}{r['images_per_s']:>9.2f}"
-              f"{r.get('speed_vs_reference', float('nan')):>7.2f}{r['peak_memory_bytes'] / 2**20:>10.0f}"
-              f"{r.get('memory_vs_reference', float('nan')):>7.2f}"
+        print(f"{r['model']:<16}{r['batch']:>6} {r['variant']:<10}{r['images_per_s']:>9.2f}"
+              f"{r.get('speed_vs_baseline', float('nan')):>7.2f}{r['peak_memory_bytes'] / 2**20:>10.0f}"
+              f"{r.get('memory_vs_baseline', float('nan')):>7.2f}"
               f"{(flops / 1e9 if flops else float('nan')):>11.1f}"
               f"{(100 * r['mfu'] if 'mfu' in r else float('nan')):>6.1f}%")
+    print("x base: ratio to the 'reference' variant for mixmim_* models, to 'mixmim' for the others")
+    print(f"load average at start: {loadavg_start}; at end: {loadavg_end}")
     if args.json:
         import torch
 
         meta = {k: v for k, v in vars(args).items() if k not in ("worker", "model", "batch", "variant", "json")}
-        out = {"device": _device_name(args.device), "torch": torch.__version__, "args": meta, "results": rows}
+        out = {"device": _device_name(args.device), "torch": torch.__version__, "args": meta,
+               "loadavg_start": loadavg_start, "loadavg_end": loadavg_end, "results": rows}
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
