@@ -32,6 +32,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--tol", type=float, default=1e-4, help="max error relative to the tensor's max magnitude")
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--json", help="write the per-case errors here")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("CUDA is not available: FlexAttention is only used on CUDA")
@@ -44,6 +45,7 @@ def main() -> int:
     for prm in ref.parameters():
         prm.data.add_(torch.randn_like(prm) * 0.02)
     worst = 0.0
+    cases = []
     for impl in ("flex", "fast"):
         other = MixMIMTransformer(**cfg, attention_impl=impl).cuda()
         other.load_state_dict(ref.state_dict())
@@ -57,9 +59,17 @@ def main() -> int:
                 rel = err / max(scale, 1e-12)
                 worst = max(worst, rel)
                 out_err = errs["output"][0]
+                cases.append({"impl": impl, "k": k, "per_sample": per_sample, "output_abs": out_err,
+                              "worst_tensor": name, "worst_rel": rel})
                 print(f"{impl:<5} k={k} per_sample={per_sample!s:<5}  output max abs err {out_err:.3g}  "
                       f"worst tensor {name}: abs {err:.3g}, rel {rel:.3g}")
     print(f"worst relative error {worst:.3g} (tolerance {args.tol:g}) on {torch.cuda.get_device_name()}")
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "tolerance": args.tol, "worst_rel": worst,
+                       "pass": worst <= args.tol, "cases": cases}, f, indent=2)
     return 0 if worst <= args.tol else 1
 
 

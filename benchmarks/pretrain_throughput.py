@@ -43,8 +43,10 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("fast", "reference", "mixmim", "simmim")
-ATTENTION_VARIANTS = ("fast", "reference")  # MixMIM's attention implementations: mixmim_* encoders only
+VARIANTS = ("fast", "reference", "flex", "auto", "fast+compile", "mixmim", "simmim", "mae", "mixedae")
+# MixMIM's attention implementations (mixmim_* encoders only); "+compile" adds torch.compile per block.
+ATTENTION_VARIANTS = ("fast", "reference", "flex", "auto", "fast+compile")
+VIT_ONLY = ("mae", "mixedae")  # methods that need a plain ViT
 
 
 def _family(model: str) -> str:
@@ -67,6 +69,8 @@ def _unavailable(variant: str, model: str) -> str | None:
     """Why ``variant`` cannot run on ``model`` (None: it can)."""
     if variant in ATTENTION_VARIANTS and _family(model) != "mixmim":
         return f"attention_impl={variant!r} exists for the mixmim_* encoders only, not {model}"
+    if variant in VIT_ONLY and _family(model) != "vit":
+        return f"{variant} needs a plain ViT, not {model}"
     return None
 
 
@@ -77,9 +81,9 @@ def _build(variant: str, model: str, img_size: int):
         if "simmim" not in method_names():
             return None
         return create_pretrainer("simmim", model, img_size=img_size)
-    if variant == "mixmim":
-        return create_pretrainer("mixmim", model, img_size=img_size)
-    return create_pretrainer("mixmim", model, img_size=img_size, attention_impl=variant)
+    if variant in ("mixmim", "mae", "mixedae"):
+        return create_pretrainer(variant, model, img_size=img_size)
+    return create_pretrainer("mixmim", model, img_size=img_size, attention_impl=variant.split("+")[0])
 
 
 def _rss_bytes() -> int:
@@ -105,7 +109,7 @@ def _count_flops(variant: str, args, device) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    if variant != "simmim" and _family(args.model) == "mixmim":
+    if variant in ATTENTION_VARIANTS:  # every attention path computes the reference's function
         variant = "reference"
     model = _build(variant, args.model, args.img_size).to(device)
     images = torch.randn(2, 3, args.img_size, args.img_size, device=device)
@@ -140,7 +144,7 @@ def worker(args) -> dict:
               "encoder_params": sum(p.numel() for p in model.encoder.parameters())}
     if args.grad_checkpointing:
         model.encoder.set_grad_checkpointing(True)
-    if args.compile:
+    if args.compile or args.variant.endswith("+compile"):
         model.encoder.compile_blocks()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
