@@ -96,6 +96,7 @@ class Arm:
     paper: str = ""  # the table row it stands for
     pretrain: bool = True
     seeds: str = "one"  # "all": the profile's seeds; "one": seed 0
+    metrics: list[str] = field(default_factory=lambda: list(METRICS))  # a subset for cheap sweeps
     run: dict[str, Any] = field(default_factory=dict)
 
 
@@ -150,15 +151,20 @@ class Study:
         self.batch = int(profile.run.get("train", {}).get("batch_size", 64))
         self.steps = max(1, profile.images // self.batch)
         for arm in self.arms:  # fail before any work on an arm that does not build
+            unknown = sorted(set(arm.metrics) - set(METRICS))
+            if unknown:
+                raise ConfigError(f"study arm {arm.name!r}: unknown metric(s) {', '.join(unknown)}; known: "
+                                  f"{', '.join(METRICS)}")
             self.run_config(arm, 0)
 
     # ------------------------------------------------------------------ configs
     def run_config(self, arm: Arm, seed: int):
         method = str(arm.run.get("method", {}).get("name", self.profile.run.get("method", {}).get("name", "mixmim")))
         tree = _merge(_merge(self.profile.run, self.profile.methods.get(method, {})), arm.run)
+        batch = int(tree.get("train", {}).get("batch_size", self.batch))
         tree = _merge(tree, {"name": f"{arm.name}/seed{seed}", "output_dir": str(self.output / "runs"),
-                             "train": {"seed": seed, "max_steps": self.steps, "epochs": 10**6,
-                                       "progress": self.progress}})
+                             "train": {"seed": seed, "max_steps": max(1, self.profile.images // batch),
+                                       "epochs": 10**6, "progress": self.progress}})
         return load_config(None, base=tree)
 
     def result_path(self, arm: Arm, seed: int, metric: str) -> Path:
@@ -180,14 +186,14 @@ class Study:
             weights, pretrain_seconds = self._pretrain(config)
         else:
             weights = self._random_encoder(config, seed)
-        todo = [m for m in METRICS if not self.result_path(arm, seed, m).is_file()]
+        todo = [m for m in arm.metrics if not self.result_path(arm, seed, m).is_file()]
         if not todo:
             return
         log.info("study: evaluating %s seed %d (%s)", arm.name, seed, ", ".join(todo))
         for metric, value, seconds, extra in self._evaluate(config, weights, seed, todo):
+            images = config.train.max_steps * config.train.batch_size if arm.pretrain else 0
             record = {"arm": arm.name, "seed": seed, "metric": metric, "value": value, "seconds": seconds,
-                      "pretrain_seconds": pretrain_seconds, "images_seen": self.steps * self.batch if arm.pretrain
-                      else 0, **extra}
+                      "pretrain_seconds": pretrain_seconds, "images_seen": images, **extra}
             atomic_write_text(self.result_path(arm, seed, metric), json.dumps(record, indent=2) + "\n")
             log.info("study: %s seed %d %s = %.4f (%.0f s)", arm.name, seed, metric, value, seconds)
 
@@ -306,7 +312,7 @@ class Study:
         rows = []
         for arm in self.arms:
             for seed in seeds_of(arm, self.profile):
-                for metric in METRICS:
+                for metric in arm.metrics:
                     path = self.result_path(arm, seed, metric)
                     if path.is_file():
                         rows.append(json.loads(path.read_text()))
@@ -389,9 +395,9 @@ def write_report(study: Study, rows: list[dict[str, Any]], folder: str | Path) -
     summary = summarise(rows)
     lines = [f"# Study results: profile `{study.profile.name}`",
              "", f"Code at commit `{commit}`; command: `{study.command}`.", "",
-             f"Pretraining budget per arm: {study.steps} steps of batch {study.batch} "
-             f"({study.steps * study.batch} images). Values: top-1 accuracy (%) on the test split, mean +- sample "
-             "standard deviation over seeds (n = number of seeds).", "",
+             f"Pretraining budget per arm: {study.profile.images} images (steps = images / the arm's batch). "
+             "Values: top-1 accuracy (%) on the test split, mean +- sample standard deviation over seeds "
+             "(n = number of seeds).", "",
              "| arm | n | " + " | ".join(METRICS) + " | pretraining (min) |",
              "| --- | --- | " + " | ".join("---" for _ in METRICS) + " | --- |"]
     for arm in study.arms:
