@@ -128,11 +128,15 @@ def seeds_of(arm: Arm, profile: Profile) -> list[int]:
 
 
 def git_commit() -> str:
+    """HEAD of the repository this code runs from, with ``+changes`` when tracked source files differ."""
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "src", "configs"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return head + ("+changes" if dirty else "")
 
 
 class Study:
@@ -145,6 +149,7 @@ class Study:
         if not self.arms:
             raise ConfigError("the study has no arms: list them in the profile or with --arms")
         self.command = command or " ".join(["mixmim", *sys.argv[1:]])
+        self.commit = git_commit()  # the code that runs; later commits (docs) do not change it
         from mixmim.data.fashion_mnist import read_fashion_mnist
 
         self.train_images = len(read_fashion_mnist("train")[1])
@@ -387,7 +392,7 @@ def write_report(study: Study, rows: list[dict[str, Any]], folder: str | Path) -
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    commit = git_commit()
+    commit = study.commit
     payload = {"commit": commit, "command": study.command,
                "results": [{k: r[k] for k in ("arm", "seed", "metric", "value")} |
                            {k: r[k] for k in ("seconds", "pretrain_seconds", "images_seen") if k in r} for r in rows]}
