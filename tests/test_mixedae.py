@@ -482,3 +482,12 @@ def test_transfer_commands_accept_the_run_folder(mixedae_run, tmp_path):
     assert main(["finetune", *common, "--output", str(tmp_path / "ft"), "--epochs", "1", "--warmup-epochs", "0"]) == 0
     for out in ("knn", "lp", "ft"):
         assert 0.0 <= json.loads((tmp_path / out / "results.json").read_text())["acc1"] <= 100.0
+
+
+def test_batch_not_divisible_into_groups_is_refused_before_any_work():
+    from mixmim.config import ConfigError, load_config
+
+    args = ["model.name=vit_tiny", "model.img_size=128", "model.window_size=null",
+            "model.options={embed_dim: 32, depth: 2, num_heads: 2}", "method.name=mixedae", "train.batch_size=6"]
+    with pytest.raises(ConfigError, match="multiple of 4"):
+        load_config(None, args)

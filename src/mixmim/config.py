@@ -371,13 +371,19 @@ def _check_buildable(config: RunConfig) -> None:
 
     try:
         with torch.device("meta"):
-            create_pretrainer(method=config.method_name(), model=config.model.name,
-                              **config.model.encoder_overrides(), **config.method_options())
+            method = create_pretrainer(method=config.method_name(), model=config.model.name,
+                                       **config.model.encoder_overrides(), **config.method_options())
     except (ValueError, TypeError, AssertionError) as exc:
         if str(exc).startswith("img_size="):
             raise ConfigError(f"config key 'model.img_size': {exc}") from None
         raise ConfigError(f"config sections 'model'/'method' ({config.model.name}, {config.method_name()}): "
                           f"{exc}") from None
+    multiple = int(getattr(method, "batch_multiple", 1))
+    micro = config.train.batch_size // config.train.accum_steps
+    if micro % multiple:
+        raise ConfigError(f"config key 'train.batch_size': {config.method_name()} mixes groups of {multiple} images, "
+                          f"so every micro-batch must be a multiple of {multiple}; batch {config.train.batch_size} / "
+                          f"accum_steps {config.train.accum_steps} = {micro}")
 
 
 def dump_config(config: RunConfig) -> str:

@@ -20,9 +20,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--seed", type=int, default=0)
 
 
+def _architecture(spec: dict) -> str:
+    """The registry's constructor arguments of a model, compactly (widths, depths, heads, windows...)."""
+    skip = ("family", "timm", "decoder", "drop_path")
+    return " ".join(f"{k}={tuple(v) if isinstance(v, (list, tuple)) else v}" for k, v in spec.items() if k not in skip)
+
+
 def model_table(img_size: int = 224, names: list[str] | None = None) -> list[dict]:
-    """Rows of name, encoder / pretrainer parameters and forward GFLOPs (multiply-adds, the papers' unit)
-    of the classifier; built on the meta device, so even mixmim_huge costs no memory."""
+    """Rows of name, family, the timm model of the same architecture, encoder / MixMIM pretrainer
+    parameters and forward GFLOPs (multiply-adds, the papers' unit) of the classifier; built on the
+    meta device, so even mixmim_huge costs no memory."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -38,10 +45,11 @@ def model_table(img_size: int = 224, names: list[str] | None = None) -> list[dic
             with counter, torch.no_grad():
                 classifier(torch.empty(1, 3, img_size, img_size))
         spec = MODELS[name]
+        head = {id(p) for p in classifier.get_classifier().parameters()}
         rows.append({
-            "model": name, "embed_dim": spec["embed_dim"], "depths": list(spec["depths"]),
-            "heads": list(spec["num_heads"]),
-            "encoder_params_M": sum(p.numel() for n, p in classifier.named_parameters() if not n.startswith("head.")) / 1e6,
+            "model": name, "family": spec["family"], "timm": spec.get("timm") or "-",
+            "architecture": _architecture(spec),
+            "encoder_params_M": sum(p.numel() for p in classifier.parameters() if id(p) not in head) / 1e6,
             "pretrain_params_M": sum(p.numel() for p in pretrainer.parameters()) / 1e6,
             "gflops": counter.get_total_flops() / 2e9,
         })
@@ -65,10 +73,11 @@ def run(args: argparse.Namespace) -> int:
     if args.mask:
         return print_avg_dist(args)
     rows = model_table(args.img_size, args.models)
-    print(f"{'model':14s} {'C':>4s} {'blocks':>13s} {'heads':>15s} {'encoder M':>10s} {'+decoder M':>11s} "
-          f"{'GFLOPs@' + str(args.img_size):>11s}")
+    print(f"{'model':15s} {'family':9s} {'timm model':30s} {'encoder M':>10s} {'+decoder M':>11s} "
+          f"{'GFLOPs@' + str(args.img_size):>11s}  architecture")
     for r in rows:
-        print(f"{r['model']:14s} {r['embed_dim']:4d} {str(tuple(r['depths'])):>13s} {str(tuple(r['heads'])):>15s} "
-              f"{r['encoder_params_M']:10.2f} {r['pretrain_params_M']:11.2f} {r['gflops']:11.2f}")
-    print("GFLOPs: multiply-adds of one image through the encoder and head, the unit the papers report.")
+        print(f"{r['model']:15s} {r['family']:9s} {r['timm']:30s} {r['encoder_params_M']:10.2f} "
+              f"{r['pretrain_params_M']:11.2f} {r['gflops']:11.2f}  {r['architecture']}")
+    print("GFLOPs: multiply-adds of one image through the encoder and head, the unit the papers report; "
+          "+decoder: the MixMIM pretrainer with the model's default decoder.")
     return 0

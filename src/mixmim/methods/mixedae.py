@@ -249,6 +249,11 @@ class MixedAE(nn.Module):
             mae_init_(encoder)
 
     @property
+    def batch_multiple(self) -> int:
+        """Every (micro-)batch must split into whole groups of 1/r images."""
+        return self.k
+
+    @property
     def num_groups(self) -> int:
         """Images per group (1/r); the pictures and ``mixmim reconstruct`` take a multiple of it."""
         return self.k

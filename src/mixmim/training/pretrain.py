@@ -125,6 +125,11 @@ class Pretraining:
 
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.method = (method if method is not None else build_method(config)).to(device)
+        multiple = int(getattr(self.method, "batch_multiple", 1))
+        if self.micro_batch % multiple:
+            raise ConfigError(f"config key 'train.batch_size': {config.method_name()} mixes groups of {multiple} "
+                              f"images; the micro-batch of each process ({self.micro_batch} = batch {t.batch_size} / "
+                              f"{info.world_size} process(es) / accum_steps {t.accum_steps}) must be a multiple of it")
         if config.model.compile:
             self._compile_blocks()
         self.dataset = build_pretrain_dataset(config.data, config.model.img_size)
