@@ -165,6 +165,11 @@ def test_command_line_runs_and_reconstructs(tmp_path):
                 str(photos / "coffee.png"), str(photos / "chelsea.png"), str(photos / "rocket.jpg"),
                 "--output", str(out)]) == 0
     assert out.stat().st_size > 10_000
+    # Named sets instead of files: the photos bundled with scikit-image, drawn without borrowed statistics.
+    raw = tmp_path / "raw.png"
+    assert cli(["reconstruct", "--checkpoint", str(tmp_path / "t"), "--images", "bundled", "--max-images", "4",
+                "--raw-prediction", "--output", str(raw)]) == 0
+    assert raw.stat().st_size > 10_000
 
 
 def test_info_lists_models_with_counts(capsys):

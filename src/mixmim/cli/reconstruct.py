@@ -12,7 +12,9 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
                         help="a run folder, one of its checkpoints (.pt), or a release pretraining checkpoint")
-    parser.add_argument("--images", nargs="+", required=True, help="image files or folders (the first 8 images)")
+    parser.add_argument("--images", nargs="+", required=True,
+                        help="image files or folders (the first --max-images images), or 'fashion_mnist' (its test "
+                             "split) or 'bundled' (the photos shipped with scikit-image)")
     parser.add_argument("--output", default="reconstruction.png")
     parser.add_argument("--model", default="mixmim_base", help="encoder name, for release checkpoints only")
     parser.add_argument("--img-size", type=int, default=None, help="default: the checkpoint's")
@@ -21,6 +23,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--raw-prediction", action="store_true",
                         help="draw a normalised-pixel prediction as it is, without giving each cell the mean and "
                              "variance of the true cell (the default, as MAE's pictures)")
+
+
+def _pictures(inputs: list[str], limit: int) -> list:
+    """PIL images to reconstruct: files and folders, or a named data set."""
+    from PIL import Image
+
+    from mixmim.data.images import load_rgb
+
+    if inputs == ["fashion_mnist"]:
+        from mixmim.data.fashion_mnist import read_fashion_mnist
+
+        images, _ = read_fashion_mnist("test")
+        return [Image.fromarray(img, mode="L").convert("RGB") for img in images[:limit]]
+    if inputs == ["bundled"]:
+        from mixmim.data.datasets import bundled_photo_paths
+
+        return [load_rgb(p) for p in bundled_photo_paths()[:limit]]
+    return [load_rgb(f) for f in _collect(inputs, limit)]
 
 
 def _collect(inputs: list[str], limit: int) -> list[Path]:
@@ -68,20 +88,19 @@ def load_pretrainer(checkpoint: str, model_name: str, img_size: int | None):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from mixmim.data.images import load_rgb
     from mixmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD, view_transform
     from mixmim.viz.reconstruction import picture_note, reconstruction_rows, save_reconstruction_grid
 
     method, config = load_pretrainer(args.checkpoint, args.model, args.img_size)
-    files = _collect(args.images, args.max_images)
+    pictures = _pictures(args.images, args.max_images)
     groups = int(getattr(method, "num_groups", 2))
-    if len(files) < groups:
-        raise ValueError(f"{len(files)} image(s) given; this method mixes {groups} images, give at least {groups}")
-    files = files[: len(files) // groups * groups]
+    if len(pictures) < groups:
+        raise ValueError(f"{len(pictures)} image(s) given; this method mixes {groups} images, give at least {groups}")
+    pictures = pictures[: len(pictures) // groups * groups]
     size = method.encoder.img_size[0]
     mean, std = (config.data.mean, config.data.std) if config else (IMAGENET_MEAN, IMAGENET_STD)
     transform = view_transform(size, mean, std)
-    images = torch.stack([transform(load_rgb(f)) for f in files])
+    images = torch.stack([transform(p) for p in pictures])
     torch.manual_seed(args.seed)
     with torch.no_grad():
         out = method(images)
@@ -90,5 +109,5 @@ def run(args: argparse.Namespace) -> int:
     path = save_reconstruction_grid(rows, args.output, cell=method.cell,
                                     title=f"{Path(args.checkpoint).name}: loss {float(out.loss):.4f}",
                                     note=picture_note(norm_pix, args.raw_prediction))
-    print(f"wrote {path} ({len(files)} images, loss {float(out.loss):.4f})")
+    print(f"wrote {path} ({len(pictures)} images, loss {float(out.loss):.4f})")
     return 0
