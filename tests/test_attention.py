@@ -198,7 +198,9 @@ def test_auto_attention_is_fast_on_cpu_and_checks_flex_before_trusting_it(monkey
 
     assert A.resolve_auto(torch.device("cpu")) == "fast"
     assert A.resolve_auto(torch.device("cuda"), dropout=0.1) == "fast"
-    # The self-check itself, run on the CPU (where flex falls back to fast, so it agrees).
+    # The self-check itself, run on the CPU (where flex falls back to fast, so it agrees). The
+    # fallback warns once per process; another test in this worker may have used it already.
+    monkeypatch.setattr(flex_module, "_warned", False)
     with pytest.warns(UserWarning, match="needs CUDA"):
         assert A._flex_self_check(torch.device("cpu"))
 
