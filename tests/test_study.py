@@ -79,6 +79,21 @@ def test_summary_spread_and_paper_orderings():
     assert verdicts["MixMIM Table 7 (dual reconstruction)"] == ["within spread"]  # 0.82 vs 0.81, spread 0.02
 
 
+def test_paper_orderings_with_tied_tiers_and_missing_arms():
+    """Table 6 ties zero and learnable: each is compared with the tiers around it, not with each other;
+    arms that did not run are left out of the ordering instead of hiding it."""
+    from mixmim.evaluation.study import orderings, summarise
+
+    values = {"mixmim": 0.80, "mixmim_zero": 0.70, "mixmim_learnable": 0.85, "mixmim_shuffle": 0.60}
+    summary = summarise([{"arm": a, "seed": 0, "metric": "linprobe", "value": v} for a, v in values.items()])
+    (table6,) = [c for c in orderings(summary) if c["table"].startswith("MixMIM Table 6")]
+    assert table6["order"] == "mixmim > mixmim_zero = mixmim_learnable > mixmim_shuffle"  # no zoomin ran
+    assert dict(zip(table6["pairs"], table6["verdicts"])) == {
+        "mixmim > mixmim_zero": "holds", "mixmim > mixmim_learnable": "reversed",
+        "mixmim_zero > mixmim_shuffle": "holds", "mixmim_learnable > mixmim_shuffle": "holds"}
+    assert not [c for c in orderings(summarise([{"arm": "mixmim", "seed": 0, "metric": "knn", "value": 0.5}]))]
+
+
 def test_monitor_logs_knn_from_the_start_and_draws_it(tmp_path):
     from PIL import Image
 
@@ -114,3 +129,27 @@ def test_monitor_warns_when_features_fall_below_the_starting_encoder(caplog):
     assert not monitor.warned
     monitor._check(20, 60.0)
     assert monitor.warned
+
+
+def test_every_arm_builds_on_the_cpu_profile_and_takes_a_step(fake_fashion_mnist, tmp_path):
+    """Every YAML in configs/study/arms resolves on the CPU profile (the study refuses a bad one before
+    any work), and every pretraining arm's method computes a finite loss with gradients on the encoder."""
+    import torch
+
+    from mixmim.evaluation.study import STUDY_CONFIGS, Study, load_profile
+    from mixmim.training.pretrain import build_method
+
+    names = sorted(str(p.relative_to(STUDY_CONFIGS / "arms").with_suffix("")) for p in
+                   (STUDY_CONFIGS / "arms").rglob("*.yaml"))
+    assert {"random", "mixmim", "mixmim_learnable", "mixmim_zoomin", "mixmim_shuffle"} <= set(names)
+    study = Study(load_profile("cpu"), tmp_path / "study", names)
+    torch.manual_seed(0)
+    images = torch.rand(4, 3, 32, 32)
+    for arm in study.arms:
+        if not arm.pretrain or arm.name.startswith("lr/"):
+            continue
+        method = build_method(study.run_config(arm, 0))
+        loss = method(images).loss
+        loss.backward()
+        grads = [p.grad for n, p in method.named_parameters() if n.startswith("encoder.") and p.grad is not None]
+        assert torch.isfinite(loss) and grads and any(g.abs().sum() > 0 for g in grads), arm.name
