@@ -148,7 +148,8 @@ class Study:
         self.arms = [load_arm(a) for a in (arms or profile.arms)]
         if not self.arms:
             raise ConfigError("the study has no arms: list them in the profile or with --arms")
-        self.command = command or " ".join(["mixmim", *sys.argv[1:]])
+        # --report-only redraws a report; the command that reproduces the results is the one without it.
+        self.command = command or " ".join(["mixmim", *(a for a in sys.argv[1:] if a != "--report-only")])
         self.commit = git_commit()  # the code that runs; later commits (docs) do not change it
         from mixmim.data.fashion_mnist import read_fashion_mnist
 
@@ -430,6 +431,9 @@ def write_report(study: Study, rows: list[dict[str, Any]], folder: str | Path) -
     atomic_write_text(folder / "results.md", "\n".join(lines) + "\n")
     accuracy_vs_time(rows, folder / "accuracy_vs_time.png", title="accuracy against pretraining time")
     runs = {f"{a.name}": study.output / "runs" / a.name / "seed0" for a in study.arms if a.pretrain}
-    run_curves(runs, folder / "loss_curves.png", "loss", "reconstruction loss (smoothed)", "pretraining loss, seed 0")
+    # Each method's own objective: comparable between MixMIM's variants and MAE (normalised-pixel MSE),
+    # not with SimMIM (l1) or MixedAE (+ its contrastive term).
+    run_curves(runs, folder / "loss_curves.png", "loss", "training loss, each method's own (smoothed)",
+               "pretraining loss, seed 0")
     run_curves(runs, folder / "monitor_knn.png", "knn", "k-NN top-1 (%)", "k-NN during pretraining, seed 0")
     return folder

@@ -27,6 +27,15 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _colours(plt, n: int):
+    """Distinct colours for n arms: tab10 up to ten; beyond (a study with every ablation has 12), tab20's
+    strong colours first, then their light partners."""
+    if n <= 10:
+        return lambda i: plt.get_cmap("tab10")(i % 10)
+    cmap = plt.get_cmap("tab20")
+    return lambda i: cmap((2 * i) % 20 + (2 * i // 20) % 2)
+
+
 def accuracy_vs_time(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     """One panel per metric: each arm's accuracies (one dot per seed) against its pretraining wall
     time in minutes; the random-initialisation floor sits at 0 minutes."""
@@ -34,14 +43,14 @@ def accuracy_vs_time(rows: Sequence[dict[str, Any]], path: str | Path, title: st
     metrics = [m for m in METRIC_TITLES if any(r["metric"] == m for r in rows)]
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.8), squeeze=False)
-    colours = plt.get_cmap("tab10")
+    colours = _colours(plt, len(arms))
     for ax, metric in zip(axes[0], metrics):
         for i, arm in enumerate(arms):
             points = [(r.get("pretrain_seconds", 0.0) / 60, 100 * r["value"]) for r in rows
                       if r["arm"] == arm and r["metric"] == metric]
             if points:
                 xs, ys = zip(*points)
-                ax.scatter(xs, ys, color=colours(i % 10), label=arm, s=28, alpha=0.85)
+                ax.scatter(xs, ys, color=colours(i), label=arm, s=28, alpha=0.85)
         ax.set_title(METRIC_TITLES[metric], fontsize=10)
         ax.set_xlabel("pretraining time (min)")
         ax.set_ylabel("test top-1 (%)")
@@ -60,7 +69,7 @@ def run_curves(runs: dict[str, Path], path: str | Path, column: str, ylabel: str
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
     drawn = 0
-    colours = plt.get_cmap("tab10")
+    colours = _colours(plt, len(runs))
     for i, (label, run) in enumerate(runs.items()):
         csv = Path(run) / "metrics.csv"
         if not csv.is_file():
@@ -70,7 +79,7 @@ def run_curves(runs: dict[str, Path], path: str | Path, column: str, ylabel: str
         if not points:
             continue
         xs, ys = zip(*points)
-        style = dict(color=colours(i % 10), label=label, lw=1.5)
+        style = dict(color=colours(i), label=label, lw=1.5)
         if column == "loss":
             ax.plot(xs, _smooth(list(ys)), **style)
         else:
