@@ -94,6 +94,19 @@ def test_paper_orderings_with_tied_tiers_and_missing_arms():
     assert not [c for c in orderings(summarise([{"arm": "mixmim", "seed": 0, "metric": "knn", "value": 0.5}]))]
 
 
+def test_one_seed_arms_borrow_the_spread_of_the_multi_seed_arms():
+    """Two one-seed arms 0.01 apart are not an ordering when the seeds of another arm spread by 0.02."""
+    from mixmim.evaluation.study import orderings, summarise
+
+    rows = [{"arm": "random", "seed": s, "metric": "knn", "value": v} for s, v in enumerate((0.50, 0.52, 0.54))]
+    rows += [{"arm": "mixmim", "seed": 0, "metric": "knn", "value": 0.70},
+             {"arm": "mixmim_mix_embedding", "seed": 0, "metric": "knn", "value": 0.69},
+             {"arm": "mixmim_no_unmixing", "seed": 0, "metric": "knn", "value": 0.60}]
+    (table10,) = [c for c in orderings(summarise(rows)) if c["table"].startswith("MixMIM Table 10")]
+    assert table10["yardstick"] == pytest.approx(0.02)
+    assert table10["verdicts"] == ["within spread", "holds"]
+
+
 def test_monitor_logs_knn_from_the_start_and_draws_it(tmp_path):
     from PIL import Image
 

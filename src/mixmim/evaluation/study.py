@@ -366,28 +366,35 @@ PAPER_ORDERINGS = [
 ]
 
 
-def _verdict(better: dict[str, float], worse: dict[str, float]) -> str:
-    gap, spread = better["mean"] - worse["mean"], max(better["std"], worse["std"])
+def _verdict(better: dict[str, float], worse: dict[str, float], yardstick: float) -> str:
+    spread = max(better["std"], worse["std"])
+    if min(better["n"], worse["n"]) < 2:  # a one-seed arm's spread is unknown, not zero
+        spread = max(spread, yardstick)
+    gap = better["mean"] - worse["mean"]
     return "holds" if gap > spread else "reversed" if -gap > spread else "within spread"
 
 
 def orderings(summary: dict[str, dict[str, dict[str, float]]]) -> list[dict[str, Any]]:
     """For each paper ordering and metric, over the arms that ran (at least two tiers): does each pair
     of arms in neighbouring tiers keep the paper's order by more than the larger of the two spreads
-    (``holds``), reverse it by more (``reversed``), or neither (``within spread``)? Arms of one tier
-    are not compared with each other."""
+    (``holds``), reverse it by more (``reversed``), or neither (``within spread``)? An arm with one
+    seed has no spread of its own: it is given the largest spread of the arms with several seeds on
+    that metric (the yardstick). Arms of one tier are not compared with each other."""
     out = []
     for table, order in PAPER_ORDERINGS:
         for metric in METRICS:
+            yardstick = max((cells[metric]["std"] for cells in summary.values()
+                             if metric in cells and cells[metric]["n"] > 1), default=0.0)
             tiers = [[a for a in ((t,) if isinstance(t, str) else t) if metric in summary.get(a, {})]
                      for t in order]
             tiers = [t for t in tiers if t]
             if len(tiers) < 2:
                 continue
             pairs = [(b, w) for upper, lower in zip(tiers, tiers[1:]) for b in upper for w in lower]
-            verdicts = [_verdict(summary[b][metric], summary[w][metric]) for b, w in pairs]
+            verdicts = [_verdict(summary[b][metric], summary[w][metric], yardstick) for b, w in pairs]
             out.append({"table": table, "metric": metric, "order": " > ".join(" = ".join(t) for t in tiers),
-                        "pairs": [f"{b} > {w}" for b, w in pairs], "verdicts": verdicts})
+                        "pairs": [f"{b} > {w}" for b, w in pairs], "verdicts": verdicts,
+                        "yardstick": yardstick})
     return out
 
 
@@ -423,7 +430,9 @@ def write_report(study: Study, rows: list[dict[str, Any]], folder: str | Path) -
     if checks:
         lines += ["", "## The papers' orderings at this scale", "",
                   "A pair `A > B` *holds* when A's mean exceeds B's by more than the larger spread of the two, "
-                  "is *reversed* when B's exceeds A's by that much, and is *within spread* otherwise.", "",
+                  "is *reversed* when B's exceeds A's by that much, and is *within spread* otherwise. An arm run "
+                  "with one seed has no spread of its own and is given the largest spread of the arms run with "
+                  "several seeds on that metric.", "",
                   "| paper | metric | order | verdict per pair |", "| --- | --- | --- | --- |"]
         lines += [f"| {c['table']} | {c['metric']} | {c['order']} | "
                   + ", ".join(v if len(c["pairs"]) == 1 else f"{p}: {v}" for p, v in zip(c["pairs"], c["verdicts"]))
