@@ -105,18 +105,20 @@ def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padd
 
 
 def _count_flops(variant: str, args, device) -> float:
-    """Forward + backward FLOPs per image on a batch of 2 (FLOPs are linear in the batch)."""
+    """Forward + backward FLOPs per image on the smallest batch the method takes, at least 2 (FLOPs are
+    linear in the batch; MixedAE mixes groups of 1/r images, so its batch is a multiple of 1/r)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     if variant in ATTENTION_VARIANTS:  # every attention path computes the reference's function
         variant = "reference"
     model = _build(variant, args.model, args.img_size).to(device)
-    images = torch.randn(2, 3, args.img_size, args.img_size, device=device)
+    count = max(2, int(getattr(model, "batch_multiple", 1)))
+    images = torch.randn(count, 3, args.img_size, args.img_size, device=device)
     counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flops})
     with counter, _autocast(args, device):
         model(images).loss.backward()
-    return counter.get_total_flops() / 2
+    return counter.get_total_flops() / count
 
 
 def _autocast(args, device):
@@ -294,7 +296,7 @@ def main(argv=None) -> int:
               f"{r.get('speed_vs_baseline', float('nan')):>7.2f}{r['peak_memory_bytes'] / 2**20:>10.0f}"
               f"{r.get('memory_vs_baseline', float('nan')):>7.2f}"
               f"{(flops / 1e9 if flops else float('nan')):>11.1f}"
-              f"{(100 * r['mfu'] if 'mfu' in r else float('nan')):>6.1f}%")
+              + (f"{100 * r['mfu']:>6.1f}%" if "mfu" in r else f"{'-':>7}"))  # MFU on CUDA only
     print("x base: ratio to the 'reference' variant for mixmim_* models, to 'mixmim' for the others")
     print(f"load average at start: {loadavg_start}; at end: {loadavg_end}")
     if args.json:

@@ -58,3 +58,23 @@ def test_summary_table_reads_every_result_file_and_extrapolates_gpu_hours(tmp_pa
     out = capsys.readouterr().out
     assert "| mixmim_base | fast | 128 | 1000.0 | 1.60 | 1.00 GiB | 41.0% | 107 |" in out
     assert "check train m bf16: pass" in out and "700 TFLOP/s" in out
+
+
+def test_flop_count_takes_a_batch_every_method_accepts():
+    """The throughput benchmark counts FLOPs on a small batch; MixedAE refuses batches that do not split
+    into its groups of 1/r = 4 images, which made its row fail (FLOPs per image must still match
+    an explicit count on a batch of 4)."""
+    import argparse
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import pretrain_throughput as bench
+
+    args = argparse.Namespace(model="vit_tiny", img_size=64, amp="fp32")
+    per_image = bench._count_flops("mixedae", args, torch.device("cpu"))
+    model = bench._build("mixedae", "vit_tiny", 64)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(torch.randn(4, 3, 64, 64)).loss.backward()
+    assert per_image == pytest.approx(counter.get_total_flops() / 4, rel=1e-6)
