@@ -144,6 +144,19 @@ def test_monitor_warns_when_features_fall_below_the_starting_encoder(caplog):
     assert monitor.warned
 
 
+def test_gpu_profile_resolves_with_every_arm(fake_fashion_mnist, tmp_path):
+    """The GPU profile (not run on a CPU) resolves, names only arms that exist, and builds every arm's
+    config; its encoder is the ViT-S it documents, with an 8 x 8 mixing grid."""
+    from mixmim.evaluation.study import STUDY_CONFIGS, Study, load_profile
+
+    study = Study(load_profile("gpu"), tmp_path / "study")
+    config = study.run_config(study.arms[1], 0)
+    assert config.model.name == "vit_small" and config.model.img_size == 64
+    assert config.model.img_size // config.method["mask_cell"] == 8
+    assert config.train.max_steps * config.train.batch_size <= study.profile.images
+    assert {a.name for a in study.arms} == {p.stem for p in (STUDY_CONFIGS / "arms").glob("*.yaml")}
+
+
 def test_every_arm_builds_on_the_cpu_profile_and_takes_a_step(fake_fashion_mnist, tmp_path):
     """Every YAML in configs/study/arms resolves on the CPU profile (the study refuses a bad one before
     any work), and every pretraining arm's method computes a finite loss with gradients on the encoder."""
