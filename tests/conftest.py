@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import pytest
 import torch
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
 GOLDEN = SHARED / "reference" / "golden_tiny_s0.pt"
 
 # 128 px: stage grids 32/16/8/4. Windows 16 and 8 in stages 1-2 straddle the 32-px cells (4 and 2
@@ -61,3 +63,34 @@ def tiny_run(tmp_path, *extra: str, name: str = "t") -> list[str]:
             "train.batch_size=4", "train.epochs=100", "train.max_steps=6", "train.num_workers=0",
             "train.log_every=1", "train.checkpoint_every=3", "train.progress=false", "optim.lr=2e-3",
             "optim.warmup_steps=2", *extra]
+
+
+def small_run(path: Path) -> list[str]:
+    """A recipe header's "Run it small" command (the one a user copies to try a recipe on a CPU) as config
+    overrides: ``--data X`` as data.source, ``--name`` as name; ``-c`` must name the recipe itself."""
+    lines = path.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if "Run it small" in line)
+    words: list[str] = []
+    for line in lines[start + 1:]:
+        text = line.lstrip("#").strip()
+        words += shlex.split(text.rstrip("\\"))
+        if not text.endswith("\\"):
+            break
+    assert words[:2] == ["mixmim", "pretrain"], words
+    overrides, i = [], 2
+    while i < len(words):
+        word = words[i]
+        if word in ("-c", "--config"):
+            assert (ROOT / words[i + 1]).resolve() == path.resolve(), words[i + 1]
+            i += 2
+        elif word == "--data":
+            overrides.append(f"data.source={words[i + 1]}")
+            i += 2
+        elif word == "--name":
+            overrides.append(f"name={words[i + 1]}")
+            i += 2
+        else:
+            assert "=" in word and not word.startswith("-"), word
+            overrides.append(word)
+            i += 1
+    return overrides

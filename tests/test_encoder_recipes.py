@@ -4,14 +4,13 @@ paper scale, its "Run it small" command resolves, and it trains two steps with a
 from __future__ import annotations
 
 import json
-import shlex
 from pathlib import Path
 
 import pytest
 import torch
 
 import mixmim
-from conftest import TINY_DECODER, TINY_ENCODERS
+from conftest import TINY_DECODER, TINY_ENCODERS, small_run
 from mixmim.config import load_config
 from mixmim.methods.mixmim import MixMIMConfig
 from mixmim.models.registry import family_of
@@ -40,19 +39,10 @@ def tiny_overrides(model: str) -> list[str]:
 
 
 def small_command(path: Path) -> list[str]:
-    """The overrides of the header's "Run it small" command (``--data bundled`` as data.source)."""
-    lines = path.read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("# Run it small"))
-    words: list[str] = []
-    for line in lines[start + 1:]:
-        text = line.lstrip("#").strip()
-        words += shlex.split(text.rstrip("\\"))
-        if not text.endswith("\\"):
-            break
-    assert words[:2] == ["mixmim", "pretrain"] and words[2:4] == ["-c", f"configs/encoders/{path.name}"], words
-    rest = words[4:]
-    assert rest[:2] == ["--data", "bundled"], rest
-    return ["data.source=bundled", *rest[2:]]
+    """The overrides of the header's "Run it small" command, which runs on the bundled photos."""
+    overrides = small_run(path)
+    assert overrides[0] == "data.source=bundled", overrides
+    return overrides
 
 
 def test_there_is_a_recipe_per_table_row():

@@ -4,46 +4,16 @@ warm-up of 10% of the run, then cosine."""
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 
 import pytest
 
+from conftest import small_run
 from mixmim.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = sorted(p for p in CONFIGS.rglob("*.yaml") if "study" not in p.relative_to(CONFIGS).parts
                  and "Run it small" in p.read_text())
-
-
-def small_run(path: Path) -> list[str]:
-    """The header's command as overrides (``--data X`` as data.source, ``--name`` as name)."""
-    lines = path.read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if "Run it small" in line)
-    words: list[str] = []
-    for line in lines[start + 1:]:
-        text = line.lstrip("#").strip()
-        words += shlex.split(text.rstrip("\\"))
-        if not text.endswith("\\"):
-            break
-    assert words[:2] == ["mixmim", "pretrain"], words
-    overrides, i = [], 2
-    while i < len(words):
-        word = words[i]
-        if word in ("-c", "--config"):
-            assert (CONFIGS.parent / words[i + 1]).resolve() == path.resolve(), words[i + 1]
-            i += 2
-        elif word == "--data":
-            overrides.append(f"data.source={words[i + 1]}")
-            i += 2
-        elif word == "--name":
-            overrides.append(f"name={words[i + 1]}")
-            i += 2
-        else:
-            assert "=" in word and not word.startswith("-"), word
-            overrides.append(word)
-            i += 1
-    return overrides
 
 
 def test_every_recipe_has_a_small_run():

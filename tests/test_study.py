@@ -62,6 +62,11 @@ def test_quick_study_runs_end_to_end_caches_and_reports(fake_fashion_mnist, tmp_
     stamps = {p: p.stat().st_mtime_ns for p in (out / "results").rglob("*.json")}
     assert cli(["study", "--profile", "quick", "--output", str(out), "--report", str(report)]) == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "results").rglob("*.json")} == stamps
+    # The report's reconstruction grid of the MixMIM arm, drawn from the Fashion-MNIST test split.
+    grid = report / "reconstruction_fashion_mnist.png"
+    assert cli(["reconstruct", "--checkpoint", str(out / "runs" / "mixmim" / "seed0"), "--images", "fashion_mnist",
+                "--max-images", "4", "--output", str(grid)]) == 0
+    assert grid.stat().st_size > 5000 and "(4 images" in capsys.readouterr().out
 
 
 def test_summary_spread_and_paper_orderings():

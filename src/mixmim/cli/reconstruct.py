@@ -27,15 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _pictures(inputs: list[str], limit: int) -> list:
     """PIL images to reconstruct: files and folders, or a named data set."""
-    from PIL import Image
-
     from mixmim.data.images import load_rgb
 
     if inputs == ["fashion_mnist"]:
-        from mixmim.data.fashion_mnist import read_fashion_mnist
+        from mixmim.data.datasets import FashionMNISTImages
 
-        images, _ = read_fashion_mnist("test")
-        return [Image.fromarray(img, mode="L").convert("RGB") for img in images[:limit]]
+        test = FashionMNISTImages(transform=None, split="test")
+        return [test.load(i) for i in range(min(limit, len(test)))]
     if inputs == ["bundled"]:
         from mixmim.data.datasets import bundled_photo_paths
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from mixmim.config import ConfigError, build_dataclass, load_config, read_yaml
+from mixmim.config import ConfigError, TrainConfig, build_dataclass, load_config, read_yaml
 
 log = logging.getLogger("mixmim")
 
@@ -154,8 +154,6 @@ class Study:
         from mixmim.data.fashion_mnist import read_fashion_mnist
 
         self.train_images = len(read_fashion_mnist("train")[1])
-        self.batch = int(profile.run.get("train", {}).get("batch_size", 64))
-        self.steps = max(1, profile.images // self.batch)
         for arm in self.arms:  # fail before any work on an arm that does not build
             unknown = sorted(set(arm.metrics) - set(METRICS))
             if unknown:
@@ -167,7 +165,7 @@ class Study:
     def run_config(self, arm: Arm, seed: int):
         method = str(arm.run.get("method", {}).get("name", self.profile.run.get("method", {}).get("name", "mixmim")))
         tree = _merge(_merge(self.profile.run, self.profile.methods.get(method, {})), arm.run)
-        batch = int(tree.get("train", {}).get("batch_size", self.batch))
+        batch = int(tree.get("train", {}).get("batch_size", TrainConfig.batch_size))
         tree = _merge(tree, {"name": f"{arm.name}/seed{seed}", "output_dir": str(self.output / "runs"),
                              "train": {"seed": seed, "max_steps": max(1, self.profile.images // batch),
                                        "epochs": 10**6, "progress": self.progress}})
