@@ -15,7 +15,7 @@ import torch
 
 from conftest import tiny_run
 from mixmim.config import load_config
-from mixmim.training.checkpoint import load_checkpoint
+from mixmim.interop.checkpoint import load_checkpoint
 from mixmim.training.pretrain import run_pretraining
 
 

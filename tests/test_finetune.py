@@ -92,7 +92,7 @@ def test_knn_on_fashion_mnist_subset(workspace, capsys):
 def test_randaugment_survives_zero_bit_posterize():
     from PIL import Image as PILImage
 
-    from mixmim.evaluation.data import train_transform
+    from mixmim.data.labelled import train_transform
 
     transform = train_transform(32, "rand-m10-mstd1.0-inc1-n4")
     image = PILImage.fromarray(np.random.default_rng(0).integers(0, 255, (28, 28, 3), dtype=np.uint8))

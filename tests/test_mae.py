@@ -194,7 +194,7 @@ def test_pretrain_run_writes_checkpoints_metrics_pictures_and_encoder(mae_run):
 
 def test_transfer_commands_accept_the_run_folder(mae_run, tmp_path):
     from mixmim.cli import main
-    from mixmim.evaluation.pretrained import build_encoder, read_pretrained
+    from mixmim.interop.pretrained import build_encoder, read_pretrained
 
     run_dir, _ = mae_run
     pretrained = read_pretrained(run_dir)

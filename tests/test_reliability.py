@@ -22,7 +22,7 @@ from mixmim.cli import main as cli
 from mixmim.config import ConfigError, load_config
 from mixmim.data.images import BadImage, load_rgb
 from mixmim.data.scan import scan_images
-from mixmim.training.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
+from mixmim.interop.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
 from mixmim.training.logs import DataQualityError
 from mixmim.training.pretrain import NonFiniteLossError, build_method, run_pretraining
 
@@ -186,7 +186,7 @@ def test_keep_last_n_but_never_the_only_good_one(tmp_path):
 
 
 def test_disk_full_during_a_save_keeps_training(tmp_path, monkeypatch):
-    from mixmim.training import checkpoint as ckpt
+    from mixmim.interop import checkpoint as ckpt
 
     real = ckpt.atomic_write
     calls = {"n": 0}

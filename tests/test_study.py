@@ -70,7 +70,7 @@ def test_quick_study_runs_end_to_end_caches_and_reports(fake_fashion_mnist, tmp_
 
 
 def test_summary_spread_and_paper_orderings():
-    from mixmim.evaluation.study import orderings, summarise
+    from mixmim.study.study import orderings, summarise
 
     rows = [{"arm": "mixmim", "seed": s, "metric": "knn", "value": v} for s, v in enumerate((0.80, 0.82, 0.84))]
     rows += [{"arm": "random", "seed": s, "metric": "knn", "value": v} for s, v in enumerate((0.70, 0.71, 0.72))]
@@ -87,7 +87,7 @@ def test_summary_spread_and_paper_orderings():
 def test_paper_orderings_with_tied_tiers_and_missing_arms():
     """Table 6 ties zero and learnable: each is compared with the tiers around it, not with each other;
     arms that did not run are left out of the ordering instead of hiding it."""
-    from mixmim.evaluation.study import orderings, summarise
+    from mixmim.study.study import orderings, summarise
 
     values = {"mixmim": 0.80, "mixmim_zero": 0.70, "mixmim_learnable": 0.85, "mixmim_shuffle": 0.60}
     summary = summarise([{"arm": a, "seed": 0, "metric": "linprobe", "value": v} for a, v in values.items()])
@@ -101,7 +101,7 @@ def test_paper_orderings_with_tied_tiers_and_missing_arms():
 
 def test_one_seed_arms_borrow_the_spread_of_the_multi_seed_arms():
     """Two one-seed arms 0.01 apart are not an ordering when the seeds of another arm spread by 0.02."""
-    from mixmim.evaluation.study import orderings, summarise
+    from mixmim.study.study import orderings, summarise
 
     rows = [{"arm": "random", "seed": s, "metric": "knn", "value": v} for s, v in enumerate((0.50, 0.52, 0.54))]
     rows += [{"arm": "mixmim", "seed": 0, "metric": "knn", "value": 0.70},
@@ -152,7 +152,7 @@ def test_monitor_warns_when_features_fall_below_the_starting_encoder(caplog):
 def test_gpu_profile_resolves_with_every_arm(fake_fashion_mnist, tmp_path):
     """The GPU profile (not run on a CPU) resolves, names only arms that exist, and builds every arm's
     config; its encoder is the ViT-S it documents, with an 8 x 8 mixing grid."""
-    from mixmim.evaluation.study import STUDY_CONFIGS, Study, load_profile
+    from mixmim.study.study import STUDY_CONFIGS, Study, load_profile
 
     study = Study(load_profile("gpu"), tmp_path / "study")
     config = study.run_config(study.arms[1], 0)
@@ -167,7 +167,7 @@ def test_every_arm_builds_on_the_cpu_profile_and_takes_a_step(fake_fashion_mnist
     any work), and every pretraining arm's method computes a finite loss with gradients on the encoder."""
     import torch
 
-    from mixmim.evaluation.study import STUDY_CONFIGS, Study, load_profile
+    from mixmim.study.study import STUDY_CONFIGS, Study, load_profile
     from mixmim.training.pretrain import build_method
 
     names = sorted(str(p.relative_to(STUDY_CONFIGS / "arms").with_suffix("")) for p in

@@ -35,7 +35,7 @@ def test_run_writes_everything_a_user_looks_at(tmp_path):
     assert sorted(losses(run)) == [1, 2, 3, 4, 5, 6]
     # the exported encoder rebuilds and matches the trained one
     from mixmim.interop.export import load_encoder
-    from mixmim.training.checkpoint import load_checkpoint
+    from mixmim.interop.checkpoint import load_checkpoint
 
     encoder = load_encoder(run / "encoder.safetensors")
     state = load_checkpoint(run / "checkpoints" / "step_00000006.pt")["model"]
@@ -45,7 +45,7 @@ def test_run_writes_everything_a_user_looks_at(tmp_path):
 def test_loss_falls_on_bundled_images(tmp_path):
     """Same images, same mask, before and after 24 steps: the reconstruction error must drop."""
     from mixmim.data import build_pretrain_dataset
-    from mixmim.training.checkpoint import load_checkpoint
+    from mixmim.interop.checkpoint import load_checkpoint
     from mixmim.training.pretrain import build_method
 
     config = load_config(None, tiny_run(tmp_path, "train.max_steps=24", "train.batch_size=8", "optim.lr=3e-3",

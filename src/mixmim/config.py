@@ -23,8 +23,6 @@ from typing import Any, Literal
 
 import yaml
 
-from mixmim.training.monitor_config import MonitorConfig
-
 
 class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type or out of range."""
@@ -89,6 +87,24 @@ class OptimConfig:
     schedule: Literal["cosine", "step"] = "cosine"
     step_fractions: list[float] = field(default_factory=lambda: [0.875])
     step_gamma: float = 0.1
+
+
+@dataclass
+class MonitorConfig:
+    """``train.monitor``: what the representation monitor (:mod:`mixmim.training.monitor`) evaluates
+    and how often (``data`` None: off)."""
+
+    data: str | None = None  # "fashion_mnist" or a folder with one sub-folder per class
+    every: int = 0  # steps between evaluations; 0: ten evaluations over the run
+    train_size: int = 5000  # labelled images of the k-NN bank and the probe's training set
+    test_size: int = 1000  # held-out images scored
+    k: int = 20
+    temperature: float = 0.07
+    linprobe: bool = False
+    linprobe_epochs: int = 20
+    batch_size: int = 256
+    at_start: bool = True  # evaluate the initial (random) encoder as the baseline
+    crop_pct: float = 1.0  # Fashion-MNIST and small images: no centre crop
 
 
 @dataclass

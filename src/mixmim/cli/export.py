@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mixmim.evaluation.pretrained import build_encoder, parse_windows, read_pretrained
+    from mixmim.interop.pretrained import build_encoder, parse_windows, read_pretrained
     from mixmim.interop.export import save_encoder
 
     pretrained = read_pretrained(args.checkpoint, args.model)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mixmim.evaluation.cli_args import add_common, common_values
+from mixmim.cli.args import add_common, common_values
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -63,7 +63,7 @@ def load_pretrainer(checkpoint: str, model_name: str, img_size: int | None):
     from mixmim.config import build_dataclass, RunConfig
     from mixmim.interop.official import convert_official
     from mixmim.methods.factory import create_pretrainer
-    from mixmim.training.checkpoint import load_checkpoint, resolve_checkpoint
+    from mixmim.interop.checkpoint import load_checkpoint, resolve_checkpoint
     from mixmim.training.pretrain import build_method
 
     path = resolve_checkpoint(checkpoint)

@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mixmim.evaluation.pretrained import parse_windows
+    from mixmim.interop.pretrained import parse_windows
     from mixmim.evaluation.segmentation import SegmentConfig, segment
 
     cfg = SegmentConfig(data=args.data, checkpoint=args.checkpoint, model=args.model, val_data=args.val_data,

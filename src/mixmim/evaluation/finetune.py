@@ -29,10 +29,10 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 from tqdm import tqdm
 
-from mixmim.evaluation.data import RAND_AUGMENT, eval_transform, load_splits, make_loader, make_mixup, train_transform
+from mixmim.data.labelled import RAND_AUGMENT, eval_transform, load_splits, make_loader, make_mixup, train_transform
 from mixmim.evaluation.layer_decay import create_optimizer
 from mixmim.evaluation.metrics import MetricsCSV, write_classification_report, write_json
-from mixmim.evaluation.pretrained import ClassificationConfig, build_encoder, input_size, read_pretrained
+from mixmim.interop.pretrained import ClassificationConfig, build_encoder, input_size, read_pretrained
 from mixmim.evaluation.runtime import autocast, evaluate, pick_device, seed_everything
 from mixmim.models.registry import FINETUNE_DROP_PATH, encoder_config
 from mixmim.utils.files import atomic_write

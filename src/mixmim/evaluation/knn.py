@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mixmim.evaluation.data import eval_transform, load_splits, make_loader
+from mixmim.data.labelled import eval_transform, load_splits, make_loader
 from mixmim.evaluation.metrics import confusion_matrix, topk_correct, write_classification_report, write_json
-from mixmim.evaluation.pretrained import ClassificationConfig, build_encoder, input_size, read_pretrained
+from mixmim.interop.pretrained import ClassificationConfig, build_encoder, input_size, read_pretrained
 from mixmim.evaluation.runtime import extract_features, pick_device, seed_everything
 
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from mixmim.evaluation.knn import frozen_features
 from mixmim.evaluation.metrics import MetricsCSV, confusion_matrix, topk_correct, write_classification_report, write_json
-from mixmim.evaluation.pretrained import ClassificationConfig
+from mixmim.interop.pretrained import ClassificationConfig
 from mixmim.evaluation.runtime import pick_device
 from mixmim.utils.files import atomic_write
 

@@ -29,10 +29,10 @@ from torchvision.ops import Conv2dNormActivation
 from tqdm import tqdm
 
 from mixmim.data.images import IMAGE_EXTENSIONS, BadImage, load_rgb
-from mixmim.evaluation.data import IMAGENET_MEAN, IMAGENET_STD
+from mixmim.data.labelled import IMAGENET_MEAN, IMAGENET_STD
 from mixmim.evaluation.layer_decay import create_optimizer
 from mixmim.evaluation.metrics import MetricsCSV, segmentation_scores, write_json
-from mixmim.evaluation.pretrained import TaskConfig, build_encoder, input_size, read_pretrained
+from mixmim.interop.pretrained import TaskConfig, build_encoder, input_size, read_pretrained
 from mixmim.evaluation.runtime import autocast, pick_device, seed_everything
 from mixmim.models.dense import MixMIMBackbone
 from mixmim.utils.files import atomic_write

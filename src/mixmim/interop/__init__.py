@@ -1,5 +1,2 @@
-"""Checkpoints in and out: the public release's names, safetensors, timm."""
-
-from mixmim.interop.official import convert_official, to_official
-
-__all__ = ["convert_official", "to_official"]
+"""Weights and checkpoints in and out: the public release's names, training checkpoints (atomic,
+checksummed), pretrained weights for transfer, safetensors exports, timm registration."""

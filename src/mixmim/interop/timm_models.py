@@ -21,10 +21,7 @@ from typing import Any
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from mixmim.interop.export import read_encoder_config
-from mixmim.models.mixmim_vit import MixMIMTransformer
 from mixmim.models.registry import MODELS, model_names, split_overrides
-from mixmim.models.resize import resize_state_dict
 
 _ARCHITECTURE = ("embed_dim", "depths", "num_heads", "patch_size")
 
@@ -41,11 +38,18 @@ MIXMIM_MODELS = model_names("mixmim")
 default_cfgs = generate_default_cfgs({name: _cfg() for name in MIXMIM_MODELS})
 
 
-def _filter(state: dict, model: MixMIMTransformer, source_grid: tuple[int, int] | None = None) -> dict:
+def _filter(state: dict, model, source_grid: tuple[int, int] | None = None) -> dict:
+    from mixmim.models.resize import resize_state_dict
+
     return resize_state_dict(state, model, source_grid)
 
 
-def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> MixMIMTransformer:
+def _create(variant: str, pretrained: bool = False, **kwargs: Any):
+    # Imported here, not at the top: this module is imported right after timm itself (see
+    # mixmim._timm_hook), possibly while the encoder module is still importing timm.
+    from mixmim.interop.export import read_encoder_config
+    from mixmim.models.mixmim_vit import MixMIMTransformer
+
     encoder, _ = split_overrides(variant, {})
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
     saved = read_encoder_config(overlay["file"]) if pretrained and overlay.get("file") else None
@@ -71,7 +75,7 @@ def _as_list(value: Any) -> list:
 
 
 def _entrypoint(name: str):
-    def create(pretrained: bool = False, **kwargs: Any) -> MixMIMTransformer:
+    def create(pretrained: bool = False, **kwargs: Any):
         return _create(name, pretrained, **kwargs)
 
     spec = MODELS[name]

@@ -22,12 +22,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
-from mixmim.evaluation.data import eval_transform, load_splits
+from mixmim.data.labelled import eval_transform, load_splits
 from mixmim.evaluation.knn import knn_scores
 from mixmim.evaluation.linprobe import fit_probe
 from mixmim.evaluation.metrics import topk_correct
 from mixmim.training.logs import log
-from mixmim.training.monitor_config import MonitorConfig
+from mixmim.config import MonitorConfig
 
 
 class RepresentationMonitor:

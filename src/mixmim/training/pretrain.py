@@ -25,7 +25,7 @@ from mixmim.data.sampler import ResumableSampler, sample_seed, steps_per_epoch
 from mixmim.interop.export import save_encoder
 from mixmim.methods.factory import create_pretrainer
 from mixmim.training import distributed as D
-from mixmim.training.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
+from mixmim.interop.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
 from mixmim.training.logs import MetricsLog, SkippedFiles, log, setup_logging
 from mixmim.training.optim import build_optimizer, peak_lr
 from mixmim.training.schedule import lr_at, set_lr

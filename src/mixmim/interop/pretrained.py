@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from mixmim.interop.export import load_encoder_state, read_encoder_meta
 from mixmim.models.registry import encoder_args, family_class, family_of, name_for_config, split_overrides
 from mixmim.models.resize import load_resized
-from mixmim.training.checkpoint import resolve_checkpoint
+from mixmim.interop.checkpoint import resolve_checkpoint
 
 # What a pretraining run chose that a transfer task must not inherit.
 _NOT_INHERITED = ("num_classes", "drop_rate", "attn_drop_rate", "drop_path_rate")

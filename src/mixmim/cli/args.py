@@ -39,7 +39,7 @@ def add_epochs(parser: argparse.ArgumentParser, default: int) -> None:
 
 def common_values(args: argparse.Namespace) -> dict[str, Any]:
     """The shared options as keyword arguments of the task configurations."""
-    from mixmim.evaluation.pretrained import parse_windows
+    from mixmim.interop.pretrained import parse_windows
 
     return dict(checkpoint=args.checkpoint, model=args.model, data=args.data, output=args.output,
                 img_size=args.img_size, window_size=parse_windows(args.window_size), batch_size=args.batch_size,

@@ -204,7 +204,7 @@ class Study:
     def _pretrain(self, config) -> tuple[Path, float]:
         """Pretrain (or resume, or reuse) the arm's run; returns its newest checkpoint and the wall time
         the pretraining took (kept in ``study.json`` of the run, across resumptions)."""
-        from mixmim.training.checkpoint import CheckpointManager
+        from mixmim.interop.checkpoint import CheckpointManager
         from mixmim.training.pretrain import run_pretraining
         from mixmim.utils.files import atomic_write_text
 
@@ -250,7 +250,7 @@ class Study:
         from mixmim.evaluation.knn import knn_scores
         from mixmim.evaluation.linprobe import fit_probe
         from mixmim.evaluation.metrics import topk_correct
-        from mixmim.evaluation.pretrained import build_encoder, read_pretrained
+        from mixmim.interop.pretrained import build_encoder, read_pretrained
         from mixmim.evaluation.runtime import pick_device, seed_everything
 
         ev = self.profile.evaluation
@@ -299,7 +299,7 @@ class Study:
     def _features(self, encoder, device, ev: EvaluationSettings, seed: int):
         import torch
 
-        from mixmim.evaluation.data import eval_transform, load_splits, make_loader
+        from mixmim.data.labelled import eval_transform, load_splits, make_loader
         from mixmim.evaluation.runtime import extract_features
 
         tf = eval_transform(encoder.img_size[0], 1.0)

@@ -1,0 +1,1 @@
+"""Studies: arms x seeds -> pretraining and evaluation under one budget -> results, report, plots."""
