@@ -298,6 +298,72 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return tree
 
 
+# ---------------------------------------------------------------------------------------------------
+# recipes: YAML files shipped with the package, addressable by name, each holding only what differs
+# from the file named by its ``base:`` key
+
+RECIPES = Path(__file__).resolve().parent / "configs"
+
+
+def list_recipes(folder: str | None = None) -> list[str]:
+    """Names of the packaged recipes (``ablations/table6_filling_zero``, ...), study files excluded
+    unless ``folder`` names them."""
+    root = RECIPES / folder if folder else RECIPES
+    names = [p.relative_to(RECIPES).with_suffix("").as_posix() for p in sorted(root.rglob("*.yaml"))]
+    return [n for n in names if folder or not n.startswith("study/")]
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    """The YAML file a ``--config`` value means: an existing path, else a packaged recipe by its name
+    (``mixmim_base_in1k``, ``simmim/swin_base_192_100ep``, with or without ``.yaml``) or by a file
+    name that only one recipe has."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    text = str(name_or_path).removesuffix(".yaml")
+    for prefix in ("configs/", "src/mixmim/configs/"):
+        text = text.removeprefix(prefix)
+    exact = RECIPES / f"{text}.yaml"
+    if exact.is_file():
+        return exact
+    matches = [RECIPES / f"{n}.yaml" for n in list_recipes() if n.rsplit("/", 1)[-1] == text]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise ConfigError(f"config {name_or_path!r} names {len(matches)} recipes: "
+                          f"{', '.join(str(m.relative_to(RECIPES).with_suffix('')) for m in matches)}; give one of them")
+    raise ConfigError(f"config file {name_or_path} does not exist and is not a recipe name (`mixmim recipes` lists them)")
+
+
+def read_recipe(name_or_path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe's tree with its ``base:`` chain resolved: the base (a path relative to the recipe, or a
+    recipe name) is read first and the recipe's keys are merged onto it, section by section."""
+    path = recipe_path(name_or_path).resolve()
+    if path in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path))
+        raise ConfigError(f"config file {path}: its base chain loops ({chain})")
+    tree = read_yaml(path)
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {path}: 'base' must name one file, got {base!r}")
+    relative = path.parent / base
+    parent = read_recipe(relative if relative.is_file() else base, (*_seen, path))
+    return merge_trees(parent, tree)
+
+
+def merge_trees(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` onto ``base``, sections merged key by key. A model of another name does not inherit
+    the base model's keys (windows, depths ... belong to that model), except its input size."""
+    base = copy.deepcopy(base)
+    base_model = base.get("model") or {}
+    if isinstance(override.get("model"), dict) and "name" in override["model"] \
+            and override["model"]["name"] != base_model.get("name"):
+        base["model"] = {k: v for k, v in base_model.items() if k == "img_size"}
+    return _merge(base, override)
+
+
 # What ``mixmim pretrain`` runs with no --config: mixmim_tiny on the bundled photos, a few minutes on a
 # laptop CPU. At 128 px the stage maps are 32/16/8/4, so windows 16/16 then global attention. The
 # learning rate follows the small-run rule (docs/study: peak 1e-3 whatever the batch up to 64, 10%
@@ -316,16 +382,11 @@ DEMO: dict[str, Any] = {
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
                 base: dict[str, Any] | None = None) -> RunConfig:
-    """YAML file (optional) + dotted overrides -> validated :class:`RunConfig`. ``base`` is the tree the
-    file is merged onto (``DEMO`` for the command line without ``--config``)."""
-    tree: dict[str, Any] = copy.deepcopy(base or {})
-    user = read_yaml(path) if path is not None else {}
+    """YAML file or recipe name (optional) + dotted overrides -> validated :class:`RunConfig`. ``base``
+    is the tree the file is merged onto (``DEMO`` for the command line without ``--config``)."""
+    user = read_recipe(path) if path is not None else {}
     user = apply_overrides(user, list(overrides))
-    base_model = tree.get("model", {})
-    if "name" in user.get("model", {}) and user["model"]["name"] != base_model.get("name"):
-        # The base's model keys (windows, ...) belong to its model; another model starts from its own.
-        tree["model"] = {k: v for k, v in base_model.items() if k == "img_size"}
-    tree = _merge(tree, user)
+    tree = merge_trees(base or {}, user)
     config = build_dataclass(RunConfig, tree)
     config.method = {"name": config.method.get("name", "mixmim"), **config.method_options()}
     validate(config)

@@ -34,12 +34,12 @@ from typing import Any
 
 import yaml
 
-from mixmim.config import ConfigError, TrainConfig, build_dataclass, load_config, read_yaml
+from mixmim.config import RECIPES, ConfigError, TrainConfig, build_dataclass, load_config, read_yaml
 
 log = logging.getLogger("mixmim")
 
 ROOT = Path(__file__).resolve().parents[3]
-STUDY_CONFIGS = ROOT / "configs" / "study"
+STUDY_CONFIGS = RECIPES / "study"  # profiles and arms, shipped with the package
 METRICS = ("knn", "linprobe", "finetune_1pct", "finetune_10pct")
 
 
