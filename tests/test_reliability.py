@@ -125,11 +125,12 @@ def test_empty_folder_fails_at_start_naming_it(tmp_path, capsys):
 
 def test_batch_smaller_than_world_size_is_refused():
     from mixmim.training.distributed import DistInfo
-    from mixmim.training.pretrain import Pretraining
+    from mixmim.training.loop import Trainer
+    from mixmim.training.pretrain import PretrainTask
 
     config = load_config(None, ["train.batch_size=2"])
     with pytest.raises(ConfigError, match="train.batch_size.*smaller than the world size 4"):
-        Pretraining(config, DistInfo(rank=0, world_size=4), torch.device("cpu"))
+        Trainer(PretrainTask(config), DistInfo(rank=0, world_size=4), torch.device("cpu"))
 
 
 def test_window_that_does_not_fit_is_refused_before_work():
@@ -247,6 +248,10 @@ class NaNOnCalls(nn.Module):
         self.cell, self.config = inner.cell, inner.config
         self.snapshot: dict | None = None
         self.unchanged_after_bad: list[bool] = []
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.inner.encoder
 
     def forward(self, images):
         if self.training and self.snapshot is not None:

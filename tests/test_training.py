@@ -73,9 +73,9 @@ def test_resume_after_crash_replays_the_same_trajectory(tmp_path, monkeypatch):
 
     crashed = tmp_path / "crashed"
     config = load_config(None, tiny_run(crashed))
-    from mixmim.training import pretrain as loop
+    from mixmim.training import loop
 
-    real_step = loop.Pretraining.train_step
+    real_step = loop.Trainer.train_step
     calls = {"n": 0}
 
     def crash_on_fifth(self, micro):
@@ -84,10 +84,10 @@ def test_resume_after_crash_replays_the_same_trajectory(tmp_path, monkeypatch):
             raise RuntimeError("simulated crash")
         return real_step(self, micro)
 
-    monkeypatch.setattr(loop.Pretraining, "train_step", crash_on_fifth)
+    monkeypatch.setattr(loop.Trainer, "train_step", crash_on_fifth)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_pretraining(config)
-    monkeypatch.setattr(loop.Pretraining, "train_step", real_step)
+    monkeypatch.setattr(loop.Trainer, "train_step", real_step)
     assert sorted(losses(crashed / "t")) == [1, 2, 3, 4]
     summary = run_pretraining(config, resume=True)
     assert summary["step"] == 6
@@ -106,10 +106,10 @@ def test_unknown_key_and_wrong_type_fail_at_start_naming_the_key(tmp_path, capsy
     recipe.write_text("model:\n  name: mixmim_tiny\n  img_size: big\n")
     with pytest.raises(ConfigError, match="'model.img_size': expected int, got 'big'"):
         load_config(recipe)
-    recipe.write_text("optim:\n  base_lr: 1e-3\n  momentum: 0.9\n")
+    recipe.write_text("optim:\n  base_lr: 1e-3\n  momentun: 0.9\n")
     assert cli(["pretrain", "--config", str(recipe)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "'optim.momentum'" in err[0]
+    assert len(err) == 1 and "'optim.momentun'" in err[0]
 
 
 @pytest.mark.parametrize("override, key", [
@@ -142,11 +142,12 @@ def test_optimizer_is_adamw_with_the_papers_lr_rule_and_betas():
     from mixmim import create_pretrainer
     from mixmim.config import OptimConfig
     from mixmim.training.optim import build_optimizer
+    from mixmim.training.schedule import peak_lr
 
     from conftest import TINY
 
     model = create_pretrainer("mixmim", "mixmim_tiny", **TINY)
-    optimizer = build_optimizer(model, OptimConfig(), 512, torch.device("cpu"))
+    optimizer = build_optimizer(model, OptimConfig(), peak_lr(OptimConfig(), 512), torch.device("cpu"))
     assert isinstance(optimizer, torch.optim.AdamW)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1.5e-4 * 512 / 256)
     assert optimizer.param_groups[0]["betas"] == (0.9, 0.95)

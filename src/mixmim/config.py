@@ -1,38 +1,45 @@
-"""Run configuration: typed dataclasses, one per layer, loaded from YAML and dotted overrides.
+"""Run configuration for every verb: typed dataclasses, one per section, loaded from YAML recipes (which
+may name a ``base:`` recipe and hold only what differs) and dotted ``section.key=value`` overrides.
 
     name: demo
     model:  {name: mixmim_tiny, img_size: 224}
-    method: {name: mixmim, mask_ratio: 0.5}     # + fields of that method's config dataclass
+    method: {name: mixmim, mask_ratio: 0.5}     # pretraining: + fields of that method's config dataclass
     data:   {source: bundled}
     optim:  {base_lr: 1.5e-4}
     train:  {epochs: 10, batch_size: 32}
 
-Every key is checked against the dataclasses before any work starts: an unknown key or a value of the
-wrong type stops the run with one line naming the key, the value and what is expected.
+The sections ``model``, ``data``, ``optim`` and ``train`` are shared by every verb (pretrain, finetune,
+linprobe, knn, segment); each verb adds its own (``method``; ``finetune`` and ``eval``; ``probe``;
+``knn``; ``segment``) and its own defaults (:data:`VERB_DEFAULTS`). Every key is checked before any
+work starts: an unknown key or a value of the wrong type stops the run with one line naming the key,
+the value and what is expected. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
+from mixmim.utils.typed import ConfigError, apply_overrides, build_dataclass, merge, plain, read_yaml
 
-class ConfigError(ValueError):
-    """A configuration value is unknown, of the wrong type or out of range."""
+__all__ = ["ConfigError", "build_dataclass", "read_yaml", "load_config", "load_run_config", "dump_config"]
 
+
+# ---------------------------------------------------------------------------------------------------
+# sections shared by every verb
 
 @dataclass
 class ModelConfig:
-    """The encoder: a named configuration plus optional overrides (None keeps the named value).
-    ``options`` passes any other constructor argument of the model's family (e.g. ``depth`` of a
-    ViT, ``window_size`` of a Swin, ``width_factor`` of a ResNet)."""
+    """The encoder: a named configuration plus optional overrides (None keeps the named value; for the
+    transfer verbs ``name``/``img_size``/``window_size`` None mean the checkpoint's, and
+    ``drop_path_rate`` None the model's fine-tuning default, MixMIM section 3). ``options`` passes any
+    other constructor argument of the model's family (e.g. ``depth`` of a ViT, ``window_size`` of a
+    Swin, ``width_factor`` of a ResNet)."""
 
     name: str = "mixmim_tiny"
     img_size: int = 224
@@ -56,43 +63,87 @@ class ModelConfig:
 
 
 @dataclass
+class TransferModelConfig(ModelConfig):
+    """``model`` of the transfer verbs: None (the default of ``name``, ``img_size``) takes the
+    checkpoint's value, and None ``drop_path_rate`` the model's fine-tuning default."""
+
+    name: str | None = None
+    img_size: int | None = None
+    drop_path_rate: float | None = None
+
+
+@dataclass
 class DataConfig:
-    """Where images come from and how they are augmented (MixMIM section 8: RandomResizedCrop, flip)."""
+    """Where images come from and how they are augmented (MixMIM section 8: RandomResizedCrop, flip).
+
+    ``source``: ``bundled`` (the photos inside scikit-image), ``folder`` (``path``, recursively; class
+    sub-folders for the labelled verbs), ``fashion_mnist``. Labelled verbs (finetune, linprobe, knn,
+    segment, the pretraining monitor) evaluate on ``val_path``, else ``path/val`` or ``path/test``,
+    else a seeded, per-class ``val_fraction`` of ``path``; ``limit_train``/``limit_test`` take seeded
+    subsets (``balanced``: the same count per class); ``crop_pct``: evaluation resize = size / crop_pct."""
 
     source: Literal["bundled", "folder", "fashion_mnist"] = "bundled"
     path: str | None = None
     crop_scale: tuple[float, float] = (0.2, 1.0)
     hflip: bool = True
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
     bundled_epoch_size: int = 512
     max_bad_fraction: float = 0.01
+    val_path: str | None = None
+    val_fraction: float = 0.2
+    limit_train: int | None = None
+    limit_test: int | None = None
+    balanced: bool = False
+    crop_pct: float = 0.875
 
 
 @dataclass
 class OptimConfig:
-    """AdamW with warmup then cosine, per iteration (MixMIM Table 11). ``schedule: step`` holds the
-    peak after the warm-up and multiplies it by ``step_gamma`` at each of ``step_fractions`` of the
-    run (SimMIM section 4.3: [0.875] and 0.1; appendix B: [0.9, 0.95]); ``min_lr`` is for cosine."""
+    """Optimiser and learning-rate schedule, set every iteration.
 
+    ``lr`` (absolute) or ``base_lr`` x global batch / ``lr_batch_divisor`` (256: MAE, MixMIM Table 11;
+    512: SimMIM's code, which scales ``min_lr`` and ``warmup_lr`` the same way when
+    ``scale_lr_bounds``). Linear warm-up from ``warmup_lr`` over ``warmup_steps`` (or
+    ``warmup_epochs``), then ``schedule``: ``cosine`` to ``min_lr`` (``cosine_after_warmup``: the
+    half-cosine starts after the warm-up, as MAE's code; False: it spans the whole run with the
+    warm-up inside it, as SimMIM's code through timm), ``step`` (the peak times ``step_gamma`` at each
+    of ``step_fractions`` of the run: SimMIM section 4.3, appendix B) or ``poly`` (linear decay to
+    ``min_lr``: BEiT's segmentation schedule). ``warmup_lr`` None: this project's earlier warm-up,
+    ``peak x (step + 1) / warmup``.
+
+    ``name``: ``adamw`` (``betas``), ``sgd`` or ``lars`` (``momentum``; MAE's linear probe).
+    ``layer_decay``: layer-wise lr decay for fine-tuning (None: off), by the encoder's own layer ids
+    (``layer_decay_rule: auto``: the MixMIM release's for MixMIM encoders, timm's elsewhere) or by
+    SimMIM's code (``simmim``: Swin's patch merging counted with the stage before it, the final norm
+    and head at full rate)."""
+
+    name: Literal["adamw", "sgd", "lars"] = "adamw"
     base_lr: float = 1.5e-4
     lr: float | None = None
+    lr_batch_divisor: int = 256
     min_lr: float = 0.0
+    warmup_lr: float | None = None
+    scale_lr_bounds: bool = False
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
+    momentum: float = 0.9
     warmup_epochs: float = 40.0
     warmup_steps: int | None = None
     clip_grad: float | None = None
     fused: bool | None = None
-    schedule: Literal["cosine", "step"] = "cosine"
+    schedule: Literal["cosine", "step", "poly"] = "cosine"
+    cosine_after_warmup: bool = True
     step_fractions: list[float] = field(default_factory=lambda: [0.875])
     step_gamma: float = 0.1
+    layer_decay: float | None = None
+    layer_decay_rule: Literal["auto", "simmim"] = "auto"
 
 
 @dataclass
 class MonitorConfig:
     """``train.monitor``: what the representation monitor (:mod:`mixmim.training.monitor`) evaluates
-    and how often (``data`` None: off)."""
+    during pretraining and how often (``data`` None: off)."""
 
     data: str | None = None  # "fashion_mnist" or a folder with one sub-folder per class
     every: int = 0  # steps between evaluations; 0: ten evaluations over the run
@@ -109,6 +160,10 @@ class MonitorConfig:
 
 @dataclass
 class TrainConfig:
+    """The loop: ``batch_size`` is the global batch (split over the processes of torchrun, then into
+    ``accum_steps`` micro-batches); ``epochs`` and ``max_steps`` bound the run; the rest is
+    run-time (precision, workers, checkpoints, logs, trackers)."""
+
     epochs: int = 600
     max_steps: int | None = None
     batch_size: int = 1024
@@ -125,11 +180,93 @@ class TrainConfig:
     distributed: Literal["ddp", "fsdp"] = "ddp"
     progress: bool = True
     nan_patience: int = 3
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
+# ---------------------------------------------------------------------------------------------------
+# sections of one verb
+
 @dataclass
-class RunConfig:
+class FinetuneConfig:
+    """``finetune``: supervised fine-tuning (MixMIM Table 12: RandAug(9, 0.5), Mixup 0.8, CutMix 1.0,
+    label smoothing 0.1, random erasing 0.25). ``rule: small_data`` fills every key the user did not
+    set from the size of the labelled set (:mod:`mixmim.transfer.small_data`, docs/transfer.md).
+    ``head_init``: ``trunc_normal`` with ``head_init_std`` (MAE's 2e-5: the pretrained features lead at
+    the start) or ``probe`` (the head starts as a linear probe fitted on frozen features for
+    ``probe_epochs``, LP-FT)."""
+
+    rule: Literal["small_data", "none"] = "none"
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    smoothing: float = 0.1
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    re_prob: float = 0.25
+    head_init: Literal["trunc_normal", "probe"] = "trunc_normal"
+    head_init_std: float = 2e-5
+    probe_epochs: int = 20
+
+
+@dataclass
+class EvalConfig:
+    """``eval``: evaluation on the held-out split every ``every_epochs`` epochs (0: after the last one)
+    and which weights the run reports and keeps: ``last`` (default; no choice made on the evaluation
+    split) or ``best`` (the epoch with the highest top-1 / mIoU on the evaluation split, as the
+    MAE, MixMIM and SimMIM fine-tuning codes print as "Max accuracy": that is a choice on the split
+    the number is reported on)."""
+
+    every_epochs: int = 1
+    select: Literal["last", "best"] = "last"
+    batch_size: int | None = None  # None: the training micro-batch
+
+
+@dataclass
+class ProbeConfig:
+    """``probe``: MAE's linear probe (BatchNorm without affine + linear on the frozen pooled features).
+    ``features: augmented`` runs the frozen encoder on every augmented training image (MAE's recipe);
+    ``cached`` extracts the features of both splits once with the evaluation transform (minutes
+    instead of hours on a CPU; what the study and quick checks use)."""
+
+    features: Literal["augmented", "cached"] = "augmented"
+
+
+@dataclass
+class KNNConfig:
+    """``knn``: weighted k-NN of the frozen pooled features (cosine, votes exp(cos / T))."""
+
+    k: int = 20
+    temperature: float = 0.07
+
+
+@dataclass
+class SegmentConfig:
+    """``segment``: UperNet on the encoder (MixMIM section 3; BEiT's recipe). ``num_classes`` None:
+    1 + the largest label in the masks; label 255 is ignored."""
+
+    num_classes: int | None = None
+    channels: int = 512
+
+
+# ---------------------------------------------------------------------------------------------------
+# one root per verb
+
+@dataclass
+class _Run:
+    verb: ClassVar[str] = ""
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return plain(dataclasses.asdict(self))
+
+
+@dataclass
+class RunConfig(_Run):
+    """``mixmim pretrain``."""
+
+    verb: ClassVar[str] = "pretrain"
     name: str = "mixmim"
     output_dir: str = "runs"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -138,164 +275,111 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.output_dir) / self.name
-
     def method_name(self) -> str:
         return str(self.method.get("name", "mixmim"))
 
     def method_options(self) -> dict[str, Any]:
         return {k: v for k, v in self.method.items() if k != "name"}
 
-    def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+
+@dataclass
+class FinetuneRunConfig(_Run):
+    """``mixmim finetune``: ``checkpoint`` is a run folder, a training checkpoint, an export or a release
+    checkpoint (None with ``model.name``: a randomly initialised encoder, the baseline)."""
+
+    verb: ClassVar[str] = "finetune"
+    name: str = "finetune"
+    output_dir: str = "runs"
+    checkpoint: str | None = None
+    model: TransferModelConfig = field(default_factory=TransferModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-# ---------------------------------------------------------------------------------------------------
-# typed conversion
+@dataclass
+class ProbeRunConfig(_Run):
+    """``mixmim linprobe``."""
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin in (list, tuple):
-        args = typing.get_args(tp)
-        return f"a list of {_type_name(args[0])}" if args else "a list"
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
+    verb: ClassVar[str] = "linprobe"
+    name: str = "linprobe"
+    output_dir: str = "runs"
+    checkpoint: str | None = None
+    model: TransferModelConfig = field(default_factory=TransferModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-def convert(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` and convert it (lists to tuples, ints to floats)."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    fail = ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return convert(value, arg, key)
-            except ConfigError:
-                continue
-        raise fail
-    if origin is Literal:
-        if value in args:
-            return value
-        raise fail
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise fail
-        return build_dataclass(tp, value, key)
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise fail
-        return dict(value)
-    if origin in (list, tuple) or tp in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise fail
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"config key '{key}': expected {len(args)} values, got {value!r}")
-            return tuple(convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        inner = args[0] if args else Any
-        items = [convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise fail
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise fail
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            # PyYAML reads "1e-3" (no dot) as a string; users mean the number.
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise fail
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise fail
-    return value
+@dataclass
+class KNNRunConfig(_Run):
+    """``mixmim knn`` (``train`` gives the batch for feature extraction, the device and the workers)."""
+
+    verb: ClassVar[str] = "knn"
+    name: str = "knn"
+    output_dir: str = "runs"
+    checkpoint: str | None = None
+    model: TransferModelConfig = field(default_factory=TransferModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    knn: KNNConfig = field(default_factory=KNNConfig)
 
 
-def build_dataclass(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
-    """Instantiate ``cls`` from a dict, checking every key and value; errors name the dotted key."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in values.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            raise ConfigError(f"unknown config key '{dotted}'; known keys here: {', '.join(sorted(names))}")
-        kwargs[key] = convert(value, hints[key], dotted)
-    return cls(**kwargs)
+@dataclass
+class SegmentRunConfig(_Run):
+    """``mixmim segment``: ``data.path`` holds ``images/`` and ``masks/`` (PNG label maps)."""
+
+    verb: ClassVar[str] = "segment"
+    name: str = "segment"
+    output_dir: str = "runs"
+    checkpoint: str | None = None
+    model: TransferModelConfig = field(default_factory=TransferModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``a.b.c=value`` -> (["a", "b", "c"], value parsed as YAML)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like key.subkey=value")
-    key, raw = text.split("=", 1)
-    key = key.strip().lstrip("-")
-    if not key:
-        raise ConfigError(f"override {text!r} has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: cannot parse value ({exc.__class__.__name__})") from None
-    return key.split("."), value
+VERB_CONFIGS: dict[str, type] = {c.verb: c for c in (RunConfig, FinetuneRunConfig, ProbeRunConfig, KNNRunConfig,
+                                                     SegmentRunConfig)}
 
-
-def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for text in overrides:
-        path, value = parse_override(text)
-        node = tree
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: '{part}' is not a section")
-            node = child
-        node[path[-1]] = value
-    return tree
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(tree).__name__}")
-    return tree
+# What each verb starts from before its recipe: the papers' settings where the verb has one recipe
+# (fine-tuning: MixMIM Table 12; linear probing: a quick probe on cached features, MAE's recipe is
+# configs/linprobe/), the run-time settings a transfer run on one machine needs.
+VERB_DEFAULTS: dict[str, dict[str, Any]] = {
+    "pretrain": {},
+    "finetune": {
+        "data": {"source": "folder", "crop_scale": [0.08, 1.0]},
+        "optim": {"base_lr": 5e-4, "betas": [0.9, 0.999], "weight_decay": 0.05, "layer_decay": 0.7,
+                  "warmup_epochs": 5, "min_lr": 1e-6, "warmup_lr": 1e-6},
+        "train": {"epochs": 100, "batch_size": 1024, "num_workers": 4, "log_every": 10},
+    },
+    "linprobe": {
+        "model": {"drop_path_rate": 0.0},
+        "data": {"source": "folder", "crop_scale": [0.08, 1.0]},
+        "optim": {"name": "sgd", "base_lr": 0.1, "weight_decay": 0.0, "momentum": 0.9, "warmup_epochs": 10,
+                  "min_lr": 0.0, "warmup_lr": 0.0},
+        "train": {"epochs": 90, "batch_size": 256, "num_workers": 4, "log_every": 10},
+        "probe": {"features": "cached"},
+    },
+    "knn": {
+        "model": {"drop_path_rate": 0.0},
+        "data": {"source": "folder"},
+        "train": {"batch_size": 128, "num_workers": 4},
+    },
+    "segment": {
+        "model": {"drop_path_rate": 0.1},
+        "data": {"source": "folder"},
+        "optim": {"lr": 1e-4, "betas": [0.9, 0.999], "weight_decay": 0.05, "layer_decay": 0.85, "schedule": "poly",
+                  "warmup_steps": 50, "warmup_lr": 0.0},
+        "train": {"epochs": 20, "batch_size": 8, "num_workers": 4, "log_every": 10},
+    },
+}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -361,7 +445,7 @@ def merge_trees(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
     if isinstance(override.get("model"), dict) and "name" in override["model"] \
             and override["model"]["name"] != base_model.get("name"):
         base["model"] = {k: v for k, v in base_model.items() if k == "img_size"}
-    return _merge(base, override)
+    return merge(base, override)
 
 
 # What ``mixmim pretrain`` runs with no --config: mixmim_tiny on the bundled photos, a few minutes on a
@@ -380,34 +464,141 @@ DEMO: dict[str, Any] = {
 }
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                base: dict[str, Any] | None = None) -> RunConfig:
-    """YAML file or recipe name (optional) + dotted overrides -> validated :class:`RunConfig`. ``base``
-    is the tree the file is merged onto (``DEMO`` for the command line without ``--config``)."""
+def resolve_tree(verb: str, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                 base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The verb's defaults, then ``base`` (a preset such as :data:`DEMO`), then the recipe, then the
+    overrides, as one plain tree."""
+    if verb not in VERB_CONFIGS:
+        raise ConfigError(f"unknown verb {verb!r}; known: {', '.join(VERB_CONFIGS)}")
     user = read_recipe(path) if path is not None else {}
     user = apply_overrides(user, list(overrides))
-    tree = merge_trees(base or {}, user)
-    config = build_dataclass(RunConfig, tree)
-    config.method = {"name": config.method.get("name", "mixmim"), **config.method_options()}
+    return merge_trees(merge_trees(VERB_DEFAULTS[verb], base or {}), user)
+
+
+def load_run_config(verb: str, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                    base: dict[str, Any] | None = None, tree: dict[str, Any] | None = None):
+    """Any verb's validated run config from its recipe (a path or a recipe name) and overrides, or from
+    an already resolved ``tree``."""
+    tree = resolve_tree(verb, path, overrides, base) if tree is None else tree
+    config = build_dataclass(VERB_CONFIGS[verb], tree)
+    if verb == "pretrain":
+        config.method = {"name": config.method.get("name", "mixmim"), **config.method_options()}
     validate(config)
     return config
 
 
-def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: dict[str, Any] | None = None) -> RunConfig:
+    """YAML file or recipe name (optional) + dotted overrides -> validated pretraining
+    :class:`RunConfig`. ``base`` is the tree the file is merged onto (``DEMO`` for the command line
+    without ``--config``)."""
+    return load_run_config("pretrain", path, overrides, base)
 
 
-def validate(config: RunConfig) -> None:
-    """Range checks and the method's own options, before any work starts."""
+# ---------------------------------------------------------------------------------------------------
+# validation: ranges and the method's own options, before any work starts
+
+def _at_least(pairs: list[tuple[str, Any, float]]) -> None:
+    for key, value, low in pairs:
+        if value is not None and value < low:
+            raise ConfigError(f"config key '{key}': {value} is below the minimum {low}")
+
+
+def validate(config: Any) -> None:
+    """Range checks for every verb; the model and the method for pretraining."""
+    _validate_train(config.train)
+    if hasattr(config, "optim"):
+        _validate_optim(config.optim)
+    _validate_data(config.data)
+    if isinstance(config, RunConfig):
+        _validate_pretraining(config)
+    elif config.checkpoint is None and config.model.name is None:
+        raise ConfigError(f"mixmim {config.verb}: give the pretrained weights (checkpoint=..., --checkpoint) or, for a "
+                          "randomly initialised baseline, a model name (model.name=..., --model)")
+    if config.model.name is not None:
+        from mixmim.models.registry import MODELS
+
+        if config.model.name not in MODELS:
+            raise ConfigError(f"config key 'model.name': unknown model {config.model.name!r}; known: {', '.join(MODELS)}")
+    if isinstance(config, FinetuneRunConfig):
+        f = config.finetune
+        _at_least([("finetune.mixup", f.mixup, 0), ("finetune.cutmix", f.cutmix, 0), ("finetune.re_prob", f.re_prob, 0),
+                   ("finetune.probe_epochs", f.probe_epochs, 1)])
+        if not 0 <= f.smoothing < 1:
+            raise ConfigError(f"config key 'finetune.smoothing': {f.smoothing} must lie in [0, 1)")
+    if hasattr(config, "eval"):
+        _at_least([("eval.every_epochs", config.eval.every_epochs, 0), ("eval.batch_size", config.eval.batch_size, 1)])
+    if isinstance(config, KNNRunConfig):
+        _at_least([("knn.k", config.knn.k, 1)])
+        if config.knn.temperature <= 0:
+            raise ConfigError(f"config key 'knn.temperature': {config.knn.temperature} must be positive")
+
+
+def _validate_train(t: TrainConfig) -> None:
+    _at_least([("train.epochs", t.epochs, 1), ("train.batch_size", t.batch_size, 1), ("train.accum_steps", t.accum_steps, 1),
+               ("train.checkpoint_every", t.checkpoint_every, 1), ("train.keep_checkpoints", t.keep_checkpoints, 1),
+               ("train.log_every", t.log_every, 1), ("train.num_workers", t.num_workers, 0),
+               ("train.max_steps", t.max_steps, 1), ("train.nan_patience", t.nan_patience, 1)])
+    if t.batch_size % t.accum_steps:
+        raise ConfigError(f"config key 'train.batch_size': {t.batch_size} is not divisible by "
+                          f"train.accum_steps={t.accum_steps}")
+    known = ("tensorboard", "csv", "wandb", "mlflow")
+    for name in t.trackers:
+        if name not in known:
+            raise ConfigError(f"config key 'train.trackers': unknown tracker {name!r}; known: {', '.join(known)}")
+
+
+def _validate_optim(o: OptimConfig) -> None:
+    if o.base_lr <= 0 or (o.lr is not None and o.lr <= 0):
+        raise ConfigError("config key 'optim.base_lr'/'optim.lr': the learning rate must be positive")
+    if not (0 <= o.betas[0] < 1 and 0 <= o.betas[1] < 1):
+        raise ConfigError(f"config key 'optim.betas': {list(o.betas)} must lie in [0, 1)")
+    if o.layer_decay is not None and not 0 < o.layer_decay <= 1:
+        raise ConfigError(f"config key 'optim.layer_decay': {o.layer_decay} must lie in (0, 1] (or null: off)")
+    _at_least([("optim.lr_batch_divisor", o.lr_batch_divisor, 1), ("optim.warmup_steps", o.warmup_steps, 0),
+               ("optim.warmup_epochs", o.warmup_epochs, 0), ("optim.min_lr", o.min_lr, 0),
+               ("optim.warmup_lr", o.warmup_lr, 0)])
+    if o.schedule == "step":
+        try:
+            check_steps(o.step_fractions, o.step_gamma)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+def check_steps(fractions: Any, gamma: float) -> None:
+    """A step schedule's milestones must be increasing fractions of the run in (0, 1], its factor in (0, 1]."""
+    values = [float(f) for f in fractions]
+    if not values or any(not 0.0 < f <= 1.0 for f in values) or values != sorted(set(values)):
+        raise ValueError(f"optim.step_fractions={list(fractions)}: expected increasing fractions of the run in (0, 1]")
+    if not 0.0 < float(gamma) <= 1.0:
+        raise ValueError(f"optim.step_gamma={gamma}: expected a factor in (0, 1]")
+
+
+def _validate_data(d: DataConfig) -> None:
+    if not (0 < d.crop_scale[0] <= d.crop_scale[1] <= 1):
+        raise ConfigError(f"config key 'data.crop_scale': {list(d.crop_scale)} must satisfy 0 < low <= high <= 1")
+    if not 0 <= d.max_bad_fraction <= 1:
+        raise ConfigError(f"config key 'data.max_bad_fraction': {d.max_bad_fraction} must lie in [0, 1]")
+    if not 0 < d.val_fraction < 1:
+        raise ConfigError(f"config key 'data.val_fraction': {d.val_fraction} must lie in (0, 1)")
+    if not 0 < d.crop_pct <= 1:
+        raise ConfigError(f"config key 'data.crop_pct': {d.crop_pct} must lie in (0, 1]")
+    if len(d.mean) != len(d.std) or min(d.std) <= 0:
+        raise ConfigError(f"config keys 'data.mean'/'data.std': {list(d.mean)} / {list(d.std)} need one value per "
+                          "channel each, positive deviations")
+    _at_least([("data.limit_train", d.limit_train, 1), ("data.limit_test", d.limit_test, 1)])
+    if d.source == "folder" and not d.path:
+        raise ConfigError("config key 'data.path': data.source=folder needs the image folder's path")
+
+
+def _validate_pretraining(config: RunConfig) -> None:
     from mixmim.methods.factory import METHODS
     from mixmim.models.registry import MODELS
 
-    t, o, d = config.train, config.optim, config.data
     if config.model.name not in MODELS:
         raise ConfigError(f"config key 'model.name': unknown model {config.model.name!r}; known: {', '.join(MODELS)}")
+    if config.model.img_size is None or config.model.img_size < 16:
+        raise ConfigError(f"config key 'model.img_size': {config.model.img_size} is below the minimum 16")
     if config.method_name() not in METHODS:
         raise ConfigError(f"config key 'method.name': unknown method {config.method_name()!r}; "
                           f"known: {', '.join(METHODS)}")
@@ -417,27 +608,6 @@ def validate(config: RunConfig) -> None:
             method_cfg.validate()
         except ValueError as exc:
             raise ConfigError(f"config section 'method': {exc}") from None
-    for key, value, low in [("train.epochs", t.epochs, 1), ("train.batch_size", t.batch_size, 1),
-                            ("train.accum_steps", t.accum_steps, 1), ("train.checkpoint_every", t.checkpoint_every, 1),
-                            ("train.keep_checkpoints", t.keep_checkpoints, 1), ("train.log_every", t.log_every, 1),
-                            ("train.num_workers", t.num_workers, 0), ("model.img_size", config.model.img_size, 16)]:
-        if value < low:
-            raise ConfigError(f"config key '{key}': {value} is below the minimum {low}")
-    if t.max_steps is not None and t.max_steps < 1:
-        raise ConfigError(f"config key 'train.max_steps': {t.max_steps} must be at least 1 (or null)")
-    if t.batch_size % t.accum_steps:
-        raise ConfigError(f"config key 'train.batch_size': {t.batch_size} is not divisible by "
-                          f"train.accum_steps={t.accum_steps}")
-    if o.base_lr <= 0 or (o.lr is not None and o.lr <= 0):
-        raise ConfigError("config key 'optim.base_lr'/'optim.lr': the learning rate must be positive")
-    if not (0 <= o.betas[0] < 1 and 0 <= o.betas[1] < 1):
-        raise ConfigError(f"config key 'optim.betas': {list(o.betas)} must lie in [0, 1)")
-    if not (0 < d.crop_scale[0] <= d.crop_scale[1] <= 1):
-        raise ConfigError(f"config key 'data.crop_scale': {list(d.crop_scale)} must satisfy 0 < low <= high <= 1")
-    if not 0 <= d.max_bad_fraction <= 1:
-        raise ConfigError(f"config key 'data.max_bad_fraction': {d.max_bad_fraction} must lie in [0, 1]")
-    if d.source == "folder" and not d.path:
-        raise ConfigError("config key 'data.path': data.source=folder needs the image folder's path")
     _check_buildable(config)
 
 
@@ -465,5 +635,5 @@ def _check_buildable(config: RunConfig) -> None:
                           f"accum_steps {config.train.accum_steps} = {micro}")
 
 
-def dump_config(config: RunConfig) -> str:
+def dump_config(config: Any) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -76,18 +76,18 @@ def block_types() -> tuple[type[nn.Module], ...]:
     return MixMIMBlock, ViTBlock, SwinTransformerBlock, PVTv2Block, PreActBottleneck
 
 
-def wrap(model: nn.Module, info: DistInfo, device: torch.device, mode: str = "ddp") -> nn.Module:
-    """DDP (every rank holds the model) or FSDP2 (parameters sharded per block of every encoder
-    family and of the decoder, see :func:`block_types`; for L/H)."""
+def wrap(model: nn.Module, info: DistInfo, device: torch.device, mode: str = "ddp",
+         blocks: list[nn.Module] | None = None) -> nn.Module:
+    """DDP (every rank holds the model) or FSDP2: ``blocks`` (the task's repeated blocks: the
+    encoder's and the decoder's) sharded one by one, the rest in the root's unit (for L/H)."""
     if not info.enabled:
         return model
     if mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        blocks = block_types()
-        for module in model.modules():  # blocks do not nest, so the order does not matter
-            if isinstance(module, blocks):
-                fully_shard(module)
+        units = blocks or [m for m in model.modules() if isinstance(m, block_types())]
+        for module in units:  # blocks do not nest, so the order does not matter
+            fully_shard(module)
         fully_shard(model)
         return model
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

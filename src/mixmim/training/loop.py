@@ -1,0 +1,425 @@
+"""The training loop, for every task (:class:`~mixmim.training.task.Task`: pretraining, fine-tuning,
+linear probing, segmentation).
+
+One step = ``accum_steps`` micro-batches per process, then one optimiser update. Randomness is a pure
+function of (seed, step, micro-batch): the data order and augmentation come from
+:class:`~mixmim.data.sampler.ResumableSampler`, and the global RNGs (torch, NumPy, Python) are
+re-seeded before every micro-batch (masks, drop path, Mixup). So a resumed run, or the same global
+batch split over a different number of processes, follows the same trajectory.
+
+The loop knows nothing of what it trains; what it may ask is written in :class:`Task`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from mixmim.config import ConfigError, dump_config
+from mixmim.data.sampler import ResumableSampler, sample_seed, steps_per_epoch
+from mixmim.interop.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
+from mixmim.training import distributed as D
+from mixmim.training.logs import MetricsLog, SkippedFiles, log, setup_logging
+from mixmim.training.optim import build_optimizer
+from mixmim.training.schedule import build_schedule, set_lr
+from mixmim.training.signals import StopRequest, _worker_init
+from mixmim.training.task import Task
+from mixmim.utils.files import atomic_write_text
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def resolve_amp(request: str, device: torch.device) -> str:
+    """``auto``: bf16 on GPUs that have it, fp16 (with a scaler) on older GPUs, fp32 on CPU."""
+    if request != "auto":
+        return request
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def seed_all(seed: int) -> None:
+    """torch (every device), NumPy and Python's ``random``: what masks, drop path and timm's Mixup draw from."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss stayed NaN/inf after reloading a checkpoint with a lower learning rate."""
+
+
+class Trainer:
+    """Holds everything one run needs; :meth:`run` trains until the step budget or a stop request."""
+
+    def __init__(self, task: Task, info: D.DistInfo, device: torch.device, overwrite: bool = False):
+        self.task, self.info, self.device = task, info, device
+        self.config = task.config
+        t = self.config.train
+        self.global_batch = t.batch_size
+        self.micro_batch = self._micro_batch(t)
+        self.amp = resolve_amp(t.amp, device)
+        if self.amp == "fp16" and device.type == "cpu":
+            raise ConfigError("config key 'train.amp': fp16 needs a GPU; use bf16 or fp32 on the CPU")
+        self.run_dir = self.config.run_dir
+        self._prepare_folder(overwrite)
+        seed_all(t.seed)  # identical initial weights on every rank
+        self.model = task.build_model().to(device)
+        self._check_multiple(task.batch_multiple())
+        self.dataset = task.dataset()
+        self.steps_per_epoch = steps_per_epoch(len(self.dataset), self.global_batch)
+        if self.steps_per_epoch < 1:
+            raise ConfigError(f"config key 'train.batch_size': {self.global_batch} is larger than the data set "
+                              f"({len(self.dataset)} images)")
+        self.total_steps = t.epochs * self.steps_per_epoch
+        if t.max_steps is not None:
+            self.total_steps = min(self.total_steps, t.max_steps) if t.epochs else t.max_steps
+        self.lr_batch = task.lr_batch(self.global_batch)
+        self.schedule = build_schedule(self.config.optim, self.total_steps, self.steps_per_epoch, self.lr_batch)
+        self.wrapped = D.wrap(self.model, info, device, t.distributed, task.repeated_blocks(self.model))
+        self.optimizer = build_optimizer(task.param_groups(D.unwrap(self.wrapped)), self.config.optim,
+                                         self.schedule.peak, device)
+        self.scaler = torch.amp.GradScaler(device.type) if self.amp == "fp16" else None
+        self.sampler = ResumableSampler(len(self.dataset), self.global_batch, t.seed, info.rank, info.world_size)
+        self.loader = self._loader(t)
+        self.skipped = SkippedFiles(self.run_dir / "skipped.txt" if info.is_main else None, len(self.dataset),
+                                    self.config.data.max_bad_fraction)
+        if getattr(self.dataset, "scan_problems", None):
+            self.skipped.note(self.dataset.scan_problems)
+        self.metrics = MetricsLog(self.run_dir, enabled=info.is_main,
+                                  columns=["step", "epoch", "loss", "lr", "img_per_s", *task.columns])
+        self.evaluations = task.evaluation_steps(self.total_steps, self.steps_per_epoch)
+        self.step, self.lr_scale, self.nan_streak, self.lowered_lr = 0, 1.0, 0, False
+        self.current_lr = self.schedule(0)
+        self.last_checkpoint: Path | None = None
+        self.method_metrics: dict[str, list[float]] = {}
+        self.evaluated: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ setup helpers
+    def _micro_batch(self, t) -> int:
+        parts = self.info.world_size * t.accum_steps
+        if t.batch_size < self.info.world_size:
+            raise ConfigError(f"config key 'train.batch_size': {t.batch_size} is smaller than the world size "
+                              f"{self.info.world_size}; every process needs at least one image")
+        if t.batch_size % parts:
+            raise ConfigError(f"config key 'train.batch_size': {t.batch_size} is not divisible by world size x "
+                              f"accum_steps = {self.info.world_size} x {t.accum_steps}")
+        return t.batch_size // parts
+
+    def _check_multiple(self, multiple: int) -> None:
+        if self.micro_batch % multiple:
+            t = self.config.train
+            raise ConfigError(f"config key 'train.batch_size': {self.task.name} needs micro-batches that are "
+                              f"multiples of {multiple}; the micro-batch of each process ({self.micro_batch} = batch "
+                              f"{t.batch_size} / {self.info.world_size} process(es) / accum_steps {t.accum_steps}) "
+                              "is not")
+
+    def _prepare_folder(self, overwrite: bool) -> None:
+        t = self.config.train
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        setup_logging(self.run_dir if self.info.is_main else None, self.info.is_main)
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", t.keep_checkpoints)
+        if overwrite and self.info.is_main:
+            for _, path in self.checkpoints.all_steps():
+                path.unlink(missing_ok=True)
+                path.with_name(path.name + ".sha256").unlink(missing_ok=True)
+            for name in ("metrics.csv", "skipped.txt"):
+                (self.run_dir / name).unlink(missing_ok=True)
+        D.barrier()
+
+    def _loader(self, t) -> DataLoader:
+        workers = t.num_workers
+        return DataLoader(self.dataset, batch_size=self.micro_batch, sampler=self.sampler,
+                          collate_fn=self.task.collate, num_workers=workers,
+                          pin_memory=t.pin_memory and self.device.type == "cuda",
+                          worker_init_fn=_worker_init if workers else None, prefetch_factor=4 if workers else None,
+                          persistent_workers=workers > 0)
+
+    @property
+    def fsdp(self) -> bool:
+        return self.config.train.distributed == "fsdp" and self.info.enabled
+
+    def autocast(self):
+        dtype = AMP_DTYPES[self.amp]
+        return contextlib.nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
+
+    def module(self) -> nn.Module:
+        """The trained module without DDP's wrapper (FSDP's sharded module as it is)."""
+        return D.unwrap(self.wrapped)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state(self) -> dict[str, Any]:
+        mode = self.config.train.distributed
+        return {
+            "model": D.full_state_dict(self.wrapped, mode),
+            "optimizer": D.optimizer_state(self.wrapped, self.optimizer, mode),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "step": self.step, "epoch": self.step / self.steps_per_epoch,
+            "lr_scale": self.lr_scale, "lowered_lr": self.lowered_lr, "world_size": self.info.world_size,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "config": self.config.to_dict(), "task": self.task.state_dict(), **self.task.checkpoint_extras(),
+        }
+
+    def save_checkpoint(self) -> Path | None:
+        state = self.state()  # every rank takes part (FSDP gathers)
+        path = None
+        if self.info.is_main:
+            path = self.checkpoints.save(state, self.step)
+            if path is not None:
+                self.last_checkpoint = path
+                log.info("checkpoint %s", path)
+        D.barrier()
+        return path
+
+    def load(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        self.task.load_state_dict(state.get("task") or {}, path)
+        _check_architecture(path, state["model"], self.module().state_dict())
+        D.load_states(self.wrapped, self.optimizer, state["model"], state["optimizer"], self.config.train.distributed)
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.lr_scale = float(state.get("lr_scale", 1.0))
+        self.lowered_lr = bool(state.get("lowered_lr", False))
+        self.last_checkpoint = path
+
+    # ------------------------------------------------------------------ one step
+    def _sync_context(self, last: bool):
+        if self.info.enabled and not last and isinstance(self.wrapped, nn.parallel.DistributedDataParallel):
+            return self.wrapped.no_sync()
+        return contextlib.nullcontext()
+
+    def train_step(self, micro_batches: list[dict]) -> float | None:
+        """One optimiser update; returns the mean loss, or None when the step was skipped (non-finite)."""
+        t = self.config.train
+        self.current_lr = self.schedule(self.step) * self.lr_scale
+        set_lr(self.optimizer, self.current_lr)
+        self.wrapped.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = []
+        for a, batch in enumerate(micro_batches):
+            self.skipped.add(batch.get("skipped", []))
+            batch = _to_device(batch, self.device)
+            seed_all(sample_seed(t.seed + 1, self.step, self.info.rank * t.accum_steps + a))
+            last = a == len(micro_batches) - 1
+            if self.fsdp:
+                self.wrapped.set_requires_gradient_sync(last)
+            with self._sync_context(last):
+                with self.autocast():
+                    out = self.task.step(self.wrapped, batch)
+                scaled = out.loss / len(micro_batches)
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            losses.append(out.loss.detach().float())
+            for key, value in out.metrics.items():
+                self.method_metrics.setdefault(key, []).append(float(value))
+        # One host sync and one collective per step, not per micro-batch: a non-finite loss only
+        # poisons gradients, which are dropped here on every rank before they reach the weights.
+        loss = torch.stack(losses).mean()
+        if D.any_true(not bool(torch.isfinite(loss)), self.device):
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        self._update()
+        return float(loss)
+
+    def _update(self) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.config.optim.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), self.config.optim.clip_grad)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+    def _on_nonfinite(self) -> bool:
+        """Count a skipped step; after ``nan_patience`` in a row reload the last checkpoint and halve the
+        learning rate, once. Returns True when the data position moved (reload)."""
+        self.nan_streak += 1
+        patience = self.config.train.nan_patience
+        log.warning("step %d: loss is not finite; step skipped, weights untouched (%d/%d in a row)",
+                    self.step + 1, self.nan_streak, patience)
+        if self.nan_streak < patience:
+            return False
+        if self.lowered_lr:
+            raise NonFiniteLossError(
+                f"loss not finite for {patience} steps in a row even after reloading a checkpoint with a halved "
+                f"learning rate (step {self.step + 1}); last good checkpoint: {self.last_checkpoint}")
+        latest = self.checkpoints.latest()
+        self.nan_streak = 0
+        self.lowered_lr = True
+        if latest is None:
+            self.lr_scale *= 0.5
+            log.warning("no checkpoint to reload yet; halved the learning rate (scale %.3g) and continue", self.lr_scale)
+            return False
+        self.load(latest)  # restores the checkpoint's lr_scale; halve it below
+        self.lowered_lr = True
+        if self.info.is_main:
+            self.metrics.truncate_after(self.step)  # the steps after it are trained again
+        self.lr_scale *= 0.5
+        log.warning("reloaded %s (step %d) and halved the learning rate (scale %.3g)", latest, self.step, self.lr_scale)
+        return True
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        self._begin(resume)
+        self.started = time.perf_counter()
+        self.progress = self._progress_bar()
+        with StopRequest() as stop:
+            while self.step < self.total_steps and self.stopped is None:
+                epoch = self.step // self.steps_per_epoch
+                self.sampler.set_epoch(epoch, self.step % self.steps_per_epoch)
+                if self._run_epoch(stop):
+                    self.skipped.end_epoch(epoch)
+        if self.progress is not None:
+            self.progress.close()
+        return self._finish()
+
+    def _begin(self, resume: bool) -> None:
+        if resume:
+            latest = self.checkpoints.latest()
+            if latest is None:
+                log.warning("--resume: no checkpoint in %s, starting from step 0", self.checkpoints.folder)
+            else:
+                self.load(latest)
+                log.info("resumed from %s at step %d", latest, self.step)
+        elif self.checkpoints.all_steps():
+            raise ConfigError(f"{self.run_dir} already holds checkpoints; pass --resume to continue that run, "
+                              f"--overwrite to start it again, or choose another name (name=...)")
+        if self.info.is_main:
+            atomic_write_text(self.run_dir / "config.yaml", dump_config(self.config))
+            self.metrics.truncate_after(self.step)
+        log.info("%s", self.task.describe(self))
+        log.info("%d steps of batch %d (%d x %d process(es) x %d accumulation), peak lr %.3g, %s on %s",
+                 self.total_steps, self.global_batch, self.micro_batch, self.info.world_size,
+                 self.config.train.accum_steps, self.schedule.peak, self.amp, self.device)
+        self.stopped: str | None = None
+        self.first_loss = self.last_loss = None
+        self._window = {"loss": 0.0, "steps": 0, "start": time.perf_counter()}
+        if self.step == 0 and 0 in self.evaluations:
+            values = self.task.evaluate(self, 0)
+            if values:
+                self.metrics.write(0, {"epoch": 0.0, **values})
+
+    def _progress_bar(self):
+        if not (self.info.is_main and self.config.train.progress):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True, desc=self.config.name)
+
+    def _run_epoch(self, stop: StopRequest) -> bool:
+        """Train through the rest of one epoch; False when it was cut short (stop, end, NaN reload)."""
+        t = self.config.train
+        micro: list[dict] = []
+        for batch in self.loader:
+            micro.append(batch)
+            if len(micro) < t.accum_steps:
+                continue
+            loss, micro = self.train_step(micro), []
+            if loss is None:
+                if self._on_nonfinite():
+                    return False  # weights and step went back to the checkpoint: restart the epoch's order
+            else:
+                self._count(loss)
+            if self.progress is not None:
+                self.progress.update(self.step - self.progress.n)
+            self._log_if_due()
+            if D.any_true(stop.requested(), self.device):
+                self.stopped = stop.signal_name or "a signal on another process"
+                return False
+            if self.step >= self.total_steps:
+                return False
+            self._periodic()
+        return True
+
+    def _count(self, loss: float) -> None:
+        self.nan_streak = 0
+        self.step += 1
+        self._window["loss"] += loss
+        self._window["steps"] += 1
+        self.first_loss = loss if self.first_loss is None else self.first_loss
+        self.last_loss = loss
+
+    def _log_if_due(self) -> None:
+        w, t = self._window, self.config.train
+        evaluate = self.step in self.evaluations
+        if not w["steps"] or not (self.step % t.log_every == 0 or self.step == self.total_steps or evaluate):
+            return
+        elapsed = time.perf_counter() - w["start"]
+        values = {"epoch": self.step / self.steps_per_epoch, "loss": D.all_mean(w["loss"] / w["steps"], self.device),
+                  "lr": self.current_lr, "img_per_s": w["steps"] * self.global_batch / max(elapsed, 1e-9)}
+        values.update({k: D.all_mean(sum(v) / len(v), self.device) for k, v in sorted(self.method_metrics.items()) if v})
+        self.method_metrics.clear()
+        if evaluate:
+            self.evaluated = self.task.evaluate(self, self.step)
+            values.update(self.evaluated)
+        self.metrics.write(self.step, values)
+        if self.progress is not None:
+            self.progress.set_postfix(epoch=f"{values['epoch']:.2f}", loss=f"{values['loss']:.4f}",
+                                      lr=f"{self.current_lr:.2e}", img_s=f"{values['img_per_s']:.1f}",
+                                      **{k: f"{v:.1f}" for k, v in self.evaluated.items()})
+        self._window = {"loss": 0.0, "steps": 0, "start": time.perf_counter()}
+
+    def _periodic(self) -> None:
+        t = self.config.train
+        if self.step % t.checkpoint_every == 0:
+            self.save_checkpoint()
+            self.task.on_checkpoint(self)
+        if t.picture_every and self.step % t.picture_every == 0:
+            self.task.on_pictures(self)
+
+    def _finish(self) -> dict[str, Any]:
+        path = self.save_checkpoint()
+        summary = {"run_dir": str(self.run_dir), "step": self.step, "total_steps": self.total_steps,
+                   "first_loss": self.first_loss, "last_loss": self.last_loss, "stopped": self.stopped,
+                   "checkpoint": str(path) if path else None, "skipped": len(self.skipped.seen),
+                   "seconds": time.perf_counter() - self.started}
+        self.task.finish(self, summary)
+        self.metrics.close()
+        if self.stopped is not None:
+            if self.info.is_main:
+                log.warning("stopped by %s at step %d of %d; checkpoint %s. Resume with the same command plus "
+                            "--resume", self.stopped, self.step, self.total_steps, path)
+        else:
+            log.info("done: %d steps; files in %s", self.step, self.run_dir)
+        return summary
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _check_architecture(path: Path, saved: dict, mine: dict) -> None:
+    missing = sorted(set(mine) - set(saved))
+    unexpected = sorted(set(saved) - set(mine))
+    shapes = sorted(k for k in set(mine) & set(saved) if tuple(mine[k].shape) != tuple(saved[k].shape))
+    if not (missing or unexpected or shapes):
+        return
+
+    def few(keys):
+        return ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
+
+    parts = [f"missing {few(missing)}" if missing else "", f"unexpected {few(unexpected)}" if unexpected else "",
+             "shape differs for " + few([f"{k} {tuple(saved[k].shape)} vs {tuple(mine[k].shape)}" for k in shapes])
+             if shapes else ""]
+    raise CheckpointError(f"checkpoint {path} is of another architecture: " + "; ".join(p for p in parts if p))
+
+
+def train(task: Task, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Set up the processes (torchrun or one), train ``task`` to its step budget or a stop; a summary."""
+    info, device = D.setup(task.config.train.device)
+    try:
+        return Trainer(task, info, device, overwrite=overwrite).run(resume)
+    finally:
+        D.teardown()
