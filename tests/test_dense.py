@@ -7,7 +7,7 @@ from PIL import Image
 
 from conftest import TINY_ENCODER
 from mixmim.evaluation.layer_decay import create_optimizer
-from mixmim.evaluation.segmentation import UperNet
+from mixmim.transfer.segmentation import UperNet
 from mixmim.models.dense import MixMIMBackbone, mask_rcnn
 from mixmim.models.mixmim_vit import MixMIMTransformer
 
@@ -92,4 +92,4 @@ def test_segment_cli_on_tiny_folder(tmp_path, capsys):
                  "--output", str(tmp_path / "out"), "--no-progress"])
     assert code == 0
     assert "mIoU" in capsys.readouterr().out
-    assert (tmp_path / "out" / "results.json").is_file() and (tmp_path / "out" / "best.pt").is_file()
+    assert (tmp_path / "out" / "results.json").is_file() and (tmp_path / "out" / "model.pt").is_file()

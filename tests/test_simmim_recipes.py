@@ -123,7 +123,8 @@ def test_step_recipe_trains_and_its_swin_checkpoint_finetunes_at_another_window(
                  "--img-size", "96", "--window-size", "3,3", "--epochs", "1", "--batch-size", "4",
                  "--num-workers", "0", "--no-progress", "--val-fraction", "0.5", "--layer-decay", "0.9",
                  "--drop-path", "0.1", "--warmup-epochs", "0"]) == 0
-    config = json.loads((out / "config.json").read_text())
-    assert config["model_config"]["img_size"] == [96, 96] and config["model_config"]["window_size"] == [3, 3]
-    best = torch.load(out / "best.pt", weights_only=False)["model"]
+    kept = torch.load(out / "model.pt", weights_only=False)
+    config = kept["encoder_config"]
+    assert list(config["img_size"]) == [96, 96] and list(config["window_size"]) == [3, 3]
+    best = kept["model"]
     assert best["layers.0.blocks.0.attn.relative_position_bias_table"].shape == (5 * 5, 1)  # (2 x 3 - 1)^2

@@ -1,48 +1,127 @@
-"""Command-line options shared by ``mixmim finetune``, ``linprobe``, ``knn`` and ``segment``."""
+"""Command-line options of the transfer verbs (finetune, linprobe, knn, segment): the config system's
+``--config`` / ``key=value`` / ``--print-config`` / ``--resume``, and the short-hands users rely on,
+each one a dotted override (``--epochs 5`` is ``train.epochs=5``). A short-hand given on the command
+line wins over the recipe; an option not given changes nothing."""
 
 from __future__ import annotations
 
 import argparse
-import os
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
+
+# flag -> (dest, config key, type, help); the value is written as key=value
+COMMON: list[tuple[str, str, Any, str]] = [
+    ("--checkpoint", "checkpoint", str, "run folder, training checkpoint, export or release checkpoint; omitted: a "
+                                        "randomly initialised --model (a baseline)"),
+    ("--model", "model.name", str, "registry name (mixmim_tiny ... mixmim_huge, vit_base, ...): needed for release "
+                                   "checkpoints and random initialisation"),
+    ("--img-size", "model.img_size", int, "input size (default: the checkpoint's)"),
+    ("--window-size", "model.window_size", "windows", "windows per stage, e.g. 16,16,24,12; '+' lists one per block"),
+    ("--batch-size", "train.batch_size", int, "global batch (split over torchrun's processes)"),
+    ("--accum-steps", "train.accum_steps", int, "micro-batches per optimiser step"),
+    ("--epochs", "train.epochs", int, "training epochs"),
+    ("--crop-pct", "data.crop_pct", float, "evaluation resize = img-size / crop-pct"),
+    ("--limit-train", "data.limit_train", int, "a seeded subset of N training images"),
+    ("--limit-test", "data.limit_test", int, "a seeded subset of N evaluation images"),
+    ("--val-fraction", "data.val_fraction", float, "held out per class when the data has no evaluation split"),
+    ("--val-data", "data.val_path", str, "evaluation folder of the same layout (default: DATA/val or DATA/test, "
+                                         "else --val-fraction of DATA)"),
+    ("--num-workers", "train.num_workers", int, "data loader processes"),
+    ("--device", "train.device", str, "auto, cpu, cuda, cuda:1, ..."),
+    ("--seed", "train.seed", int, "seed of the data order, augmentation, subsets and initialisation"),
+]
+OPTIM: list[tuple[str, str, Any, str]] = [
+    ("--base-lr", "optim.base_lr", float, "lr = base lr x batch / 256"),
+    ("--lr", "optim.lr", float, "absolute learning rate (overrides --base-lr)"),
+    ("--min-lr", "optim.min_lr", float, "floor of the cosine"),
+    ("--weight-decay", "optim.weight_decay", float, "weight decay"),
+    ("--warmup-epochs", "optim.warmup_epochs", float, "linear warm-up epochs"),
+    ("--clip-grad", "optim.clip_grad", float, "gradient norm clipping"),
+]
 
 
-def add_common(parser: argparse.ArgumentParser, default_output: str, default_batch: int) -> None:
-    g = parser.add_argument_group("weights and data")
-    g.add_argument("--checkpoint", default=None,
-                   help="training checkpoint (.pt), export (.safetensors + .json) or release checkpoint; "
-                        "omitted: a randomly initialised --model (a baseline)")
-    g.add_argument("--model", default=None, help="registry name (mixmim_tiny ... mixmim_huge); needed for release "
-                                                 "checkpoints and random initialisation")
-    g.add_argument("--data", required=True, help="folder with class sub-folders, or 'fashion_mnist'")
-    g.add_argument("--output", default=default_output, help=f"output folder (default {default_output})")
-    g.add_argument("--img-size", type=int, default=None, help="input size (default: the checkpoint's)")
-    g.add_argument("--window-size", default=None,
-                   help="windows per stage, e.g. 16,16,24,12; '+' lists one per block: 16,16,16+32,16")
-    g.add_argument("--batch-size", type=int, default=default_batch)
-    g.add_argument("--crop-pct", type=float, default=0.875, help="evaluation resize = img-size / crop-pct")
-    g.add_argument("--limit-train", type=int, default=None, help="use a seeded subset of N training images")
-    g.add_argument("--limit-test", type=int, default=None, help="use a seeded subset of N test images")
-    g.add_argument("--val-fraction", type=float, default=0.2,
-                   help="held out per class when the folder has no train/ and val/ sub-folders")
-    r = parser.add_argument_group("run")
-    r.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
-    r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    r.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def add_epochs(parser: argparse.ArgumentParser, default: int) -> None:
-    parser.add_argument("--epochs", type=int, default=default, help=f"training epochs (default {default})")
-
-
-def common_values(args: argparse.Namespace) -> dict[str, Any]:
-    """The shared options as keyword arguments of the task configurations."""
+def windows(text: str) -> Any:
     from mixmim.interop.pretrained import parse_windows
 
-    return dict(checkpoint=args.checkpoint, model=args.model, data=args.data, output=args.output,
-                img_size=args.img_size, window_size=parse_windows(args.window_size), batch_size=args.batch_size,
-                crop_pct=args.crop_pct, limit_train=args.limit_train, limit_test=args.limit_test,
-                val_fraction=args.val_fraction, num_workers=args.num_workers, device=args.device,
-                amp=not args.no_amp, seed=args.seed, progress=not args.no_progress)
+    return parse_windows(text)
+
+
+def add_options(parser: argparse.ArgumentParser, specs: list[tuple[str, str, Any, str]], title: str) -> None:
+    group = parser.add_argument_group(title)
+    for flag, key, kind, text in specs:
+        group.add_argument(flag, dest=_dest(flag), default=None, type=str if kind == "windows" else kind,
+                           help=f"{text} ({key})")
+
+
+def add_config_options(parser: argparse.ArgumentParser, verb: str) -> None:
+    """What every verb of the config system takes."""
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=5")
+    parser.add_argument("--config", "-c", help=f"YAML recipe or recipe name (`mixmim recipes {verb}` lists them)")
+    parser.add_argument("--data", help="folder with class sub-folders, or 'fashion_mnist' (data.source/data.path)")
+    parser.add_argument("--output", help="the run folder (output_dir/name)")
+    parser.add_argument("--name", help="run name (folder under output_dir); same as name=...")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint of this run")
+    parser.add_argument("--overwrite", action="store_true", help="delete this run's checkpoints and start again")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA (train.amp=fp32)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (train.progress=false)")
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def data_overrides(value: str) -> list[str]:
+    """``--data X``: a named set or a folder."""
+    if value in ("fashion_mnist", "bundled"):
+        return [f"data.source={value}"]
+    return ["data.source=folder", f"data.path={value}"]
+
+
+def shorthand_overrides(args: argparse.Namespace, specs: list[tuple[str, str, Any, str]],
+                        extra: Callable[[argparse.Namespace], list[str]] | None = None) -> list[str]:
+    """The dotted overrides the short-hands given on the command line stand for (then the positional
+    ``key=value`` ones, which win)."""
+    out: list[str] = []
+    for flag, key, kind, _ in specs:
+        value = getattr(args, _dest(flag), None)
+        if value is None:
+            continue
+        if kind == "windows":
+            value = windows(value)
+        out.append(f"{key}={_yaml(value)}")
+    if getattr(args, "data", None):
+        out += data_overrides(args.data)
+    if getattr(args, "output", None):
+        path = Path(args.output)
+        out += [f"output_dir={path.parent}", f"name={path.name}"]
+    if getattr(args, "name", None):
+        out.append(f"name={args.name}")
+    if getattr(args, "no_amp", False):
+        out.append("train.amp=fp32")
+    if getattr(args, "no_progress", False):
+        out.append("train.progress=false")
+    if extra is not None:
+        out += extra(args)
+    return out + list(args.overrides)
+
+
+def _yaml(value: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def run_transfer_verb(args: argparse.Namespace, verb: str, specs: list[tuple[str, str, Any, str]],
+                      extra: Callable[[argparse.Namespace], list[str]] | None = None):
+    """Resolve the config (``--print-config`` prints it and returns None), then run the verb: its summary."""
+    from mixmim.config import dump_config
+    from mixmim.transfer.run import load_transfer_config, run_transfer
+
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other; pick one")
+    config = load_transfer_config(verb, args.config, shorthand_overrides(args, specs, extra))
+    if args.print_config:
+        print(dump_config(config), end="")
+        return None
+    return run_transfer(config, resume=args.resume, overwrite=args.overwrite)

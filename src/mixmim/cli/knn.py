@@ -1,23 +1,28 @@
-"""``mixmim knn``: weighted k-NN accuracy (cosine, k = 20, T = 0.07) of a frozen encoder."""
+"""``mixmim knn``: weighted k-NN accuracy (cosine, k = 20, T = 0.07) of a frozen encoder (torchrun: every
+process extracts its share)."""
 
 from __future__ import annotations
 
 import argparse
 
-from mixmim.cli.args import add_common, common_values
+from mixmim.cli.args import COMMON, add_config_options, add_options, run_transfer_verb
+
+SPECS = COMMON + [
+    ("--k", "knn.k", int, "neighbours"),
+    ("--temperature", "knn.temperature", float, "vote weight exp(cos / T)"),
+]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common(parser, default_output="runs/knn", default_batch=128)
-    parser.add_argument("--k", type=int, default=20, help="neighbours (default 20)")
-    parser.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(cos / T) (default 0.07)")
+    add_config_options(parser, "knn")
+    add_options(parser, SPECS, "short-hands (each a config key)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from mixmim.evaluation.knn import KNNConfig, knn
-
-    cfg = KNNConfig(**common_values(args), k=args.k, temperature=args.temperature)
-    r = knn(cfg)
+    summary = run_transfer_verb(args, "knn", SPECS)
+    if summary is None:
+        return 0
+    r = summary["results"]
     print(f"k-NN (k={r['k']}, T={r['temperature']}, {r['weights']} weights): top-1 {r['acc1']:.2f}%  "
-          f"top-5 {r['acc5']:.2f}%  ({r['train_samples']} train / {r['test_samples']} test images) -> {cfg.output}")
+          f"top-5 {r['acc5']:.2f}%  ({r['train_samples']} train / {r['test_samples']} test images)")
     return 0

@@ -1,30 +1,35 @@
-"""``mixmim linprobe``: linear probe (BatchNorm without affine + linear, as MAE) on a frozen encoder."""
+"""``mixmim linprobe``: MAE's linear probe (BatchNorm without affine + linear) on a frozen encoder.
+
+Without a recipe: a quick probe on cached features (SGD); MAE's recipe (LARS, batch 16384, RandomResizedCrop
+through the frozen encoder): ``--config linprobe/mae_vit_base``.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from mixmim.cli.args import add_common, add_epochs, common_values
+from mixmim.cli.args import COMMON, OPTIM, add_config_options, add_options, run_transfer_verb
+
+SPECS = COMMON + OPTIM + [
+    ("--optimizer", "optim.name", str, "sgd (momentum 0.9) or lars (MAE's)"),
+    ("--features", "probe.features", str, "cached (extracted once, no augmentation) or augmented (MAE's)"),
+    ("--select", "eval.select", str, "report the 'last' epoch's head or the 'best' epoch's"),
+]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common(parser, default_output="runs/linprobe", default_batch=256)
-    add_epochs(parser, default=90)
-    parser.add_argument("--optimizer", choices=("sgd", "lars"), default="sgd",
-                        help="SGD with momentum 0.9 (default) or timm's LARS (MAE's choice)")
-    parser.add_argument("--base-lr", type=float, default=0.1, help="lr = base lr x batch / 256 (default 0.1)")
-    parser.add_argument("--lr", type=float, default=None, help="absolute learning rate")
-    parser.add_argument("--warmup-epochs", type=float, default=10.0)
-    parser.add_argument("--weight-decay", type=float, default=0.0)
+    add_config_options(parser, "linprobe")
+    add_options(parser, SPECS, "short-hands (each a config key)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from mixmim.evaluation.linprobe import LinProbeConfig, linprobe
-
-    cfg = LinProbeConfig(**common_values(args), epochs=args.epochs, optimizer=args.optimizer,
-                         base_lr=args.base_lr, lr=args.lr, warmup_epochs=args.warmup_epochs,
-                         weight_decay=args.weight_decay)
-    r = linprobe(cfg)
-    print(f"linear probe ({r['optimizer']}, {r['weights']} weights): top-1 {r['acc1']:.2f}%  top-5 {r['acc5']:.2f}% "
-          f"(best epoch {r['best_epoch']}; last epoch {r['last_epoch_acc1']:.2f}%) -> {cfg.output}")
+    summary = run_transfer_verb(args, "linprobe", SPECS)
+    if summary is None:
+        return 0
+    r = summary.get("results")
+    if r is None:
+        print(f"stopped by {summary['stopped']} at step {summary['step']}; resume with the same command plus --resume")
+        return 0
+    print(f"linear probe ({r['optimizer']}, {r['features']} features, {r['weights']} weights): top-1 {r['acc1']:.2f}%  "
+          f"top-5 {r['acc5']:.2f}% ({r['select']} head, step {r['step']}) -> {summary['run_dir']}")
     return 0

@@ -1,25 +1,36 @@
 """Layer-wise learning-rate decay for fine-tuning (MixMIM section 8 / Table 12, after BEiT and ELECTRA).
 
-Every block of every stage is one layer, the patch merging after stage i counts with stage i + 1,
-the embeddings are layer 0 and the final norm with the head share the last block's layer; a parameter
-of layer l gets its learning rate multiplied by ``decay ** (L + offset - l)``, L the last layer and
-``offset`` the model's ``layer_decay_offset`` (1 for the MixMIM encoder: the release's
-``get_layer_id_for_mixmim`` counts one layer more than it assigns, so no parameter keeps the full
-rate; 0, timm's and MAE's rule, elsewhere). Weight decay spares the 1-d parameters (norms, biases)
-and whatever the model itself declares in ``no_weight_decay()`` / ``no_weight_decay_keywords()``
-(nothing more for the MixMIM encoder, as in the release).
+A parameter of layer l gets its learning rate multiplied by ``decay ** (L - l)``, L the last layer.
+Two rules say which layer a parameter is in:
 
-The grouping is the model's ``group_matcher``; timm's optimiser factory does the rest.
+- ``auto``: the encoder's own ``group_matcher`` through timm's factory. For the MixMIM encoder that
+  is the release's ``get_layer_id_for_mixmim``: every block of every stage is one layer, the patch
+  merging after stage i counts with stage i + 1, the embeddings are layer 0, and the final norm and
+  the head share the last block's id while the count has one layer more (``layer_decay_offset = 1``:
+  their scale is ``decay ** 1``, no parameter keeps the full rate). timm's and MAE's rule elsewhere:
+  the final norm and the head are the last layer (scale 1); timm's Swin counts its patch merging
+  (at the start of stage i) with stage i's first block.
+- ``simmim``: SimMIM's code (``optimizer.py``: ``get_swin_layer`` / ``get_vit_layer``): the patch
+  merging belongs to the stage *before* it (SimMIM's Swin merges at the end of a stage: the id of
+  that stage's last block), and everything that is not an embedding or a block (the final norm, the
+  head) is the last layer, at the full rate.
+
+Weight decay spares the 1-d parameters (norms, biases) and whatever the model itself declares in
+``no_weight_decay()`` / ``no_weight_decay_keywords()`` (nothing more for the MixMIM encoder, as in
+the release). timm's optimiser factory does the rest.
 """
 
 from __future__ import annotations
 
+import fnmatch
 from typing import Any
 
 import torch
 from timm.models import group_parameters
 from timm.optim import create_optimizer_v2, param_groups_layer_decay
 from torch import nn
+
+RULES = ("auto", "simmim")
 
 
 def no_weight_decay_patterns(model: nn.Module) -> set[str]:
@@ -32,21 +43,76 @@ def no_weight_decay_patterns(model: nn.Module) -> set[str]:
 
 
 def layer_ids(model: nn.Module) -> dict[str, int]:
-    """Parameter name -> layer id (0 = embeddings, last = final norm + head)."""
+    """Parameter name -> layer id by the ``auto`` rule (0 = embeddings, last = final norm + head)."""
     return group_parameters(model, model.group_matcher(coarse=False), reverse=True)
 
 
-def param_groups(model: nn.Module, weight_decay: float = 0.05, layer_decay: float = 0.7) -> list[dict[str, Any]]:
-    """Optimiser parameter groups with ``lr_scale`` (honoured by timm's schedulers and by
-    :func:`apply_lr`) and per-group weight decay."""
+def simmim_layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
+    """(parameter name -> layer id, number of layers) by SimMIM's ``get_swin_layer`` / ``get_vit_layer``
+    for this project's Swin (timm's names: patch merging at the start of stage i) and ViT encoders."""
+    family = getattr(model, "family", "")
+    if family == "swin":
+        depths = [len(stage.blocks) for stage in model.layers]
+        count = sum(depths) + 2
+
+        def layer(name: str) -> int:
+            parts = name.split(".")
+            if parts[0] in ("patch_embed", "mask_token"):  # SimMIM's code: anything else is the last layer
+                return 0
+            if parts[0] == "layers":
+                stage = int(parts[1])
+                if parts[2] == "downsample":  # SimMIM's layers.{stage-1}.downsample: its stage's last block
+                    return sum(depths[:stage])
+                return sum(depths[:stage]) + int(parts[3]) + 1
+            return count - 1
+    elif family == "vit":
+        count = len(model.blocks) + 2
+
+        def layer(name: str) -> int:
+            parts = name.split(".")
+            if name in ("cls_token", "mask_token", "pos_embed") or parts[0] == "patch_embed":
+                return 0
+            if parts[0] == "blocks":
+                return int(parts[1]) + 1
+            return count - 1
+    else:
+        raise ValueError(f"optim.layer_decay_rule='simmim' is SimMIM's rule for Swin and ViT encoders, not "
+                         f"{family or type(model).__name__}")
+    return {n: layer(n) for n, _ in model.named_parameters()}, count
+
+
+def param_groups(model: nn.Module, weight_decay: float = 0.05, layer_decay: float = 0.7,
+                 rule: str = "auto") -> list[dict[str, Any]]:
+    """Optimiser parameter groups with ``lr_scale`` (honoured by the loop's schedule and timm's
+    schedulers) and per-group weight decay."""
     if not 0.0 < layer_decay <= 1.0:
         raise ValueError(f"layer_decay={layer_decay} must be in (0, 1]")
+    if rule not in RULES:
+        raise ValueError(f"optim.layer_decay_rule={rule!r}: expected one of {', '.join(RULES)}")
+    patterns = no_weight_decay_patterns(model)
+    if rule == "simmim":
+        return _grouped(model, *simmim_layer_ids(model), weight_decay, layer_decay, patterns)
     groups = param_groups_layer_decay(model, weight_decay=weight_decay, layer_decay=layer_decay,
-                                      no_weight_decay_list=no_weight_decay_patterns(model))
+                                      no_weight_decay_list=patterns)
     offset = getattr(model, "layer_decay_offset", 0)
     for group in groups:
         group["lr_scale"] *= layer_decay**offset
     return groups
+
+
+def _grouped(model: nn.Module, ids: dict[str, int], count: int, weight_decay: float, layer_decay: float,
+             patterns: set[str]) -> list[dict[str, Any]]:
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        no_decay = param.ndim <= 1 or name.endswith(".bias") or any(fnmatch.fnmatch(name, p) for p in patterns)
+        key = (ids[name], no_decay)
+        if key not in groups:
+            groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                           "lr_scale": layer_decay ** (count - 1 - ids[name])}
+        groups[key]["params"].append(param)
+    return list(groups.values())
 
 
 def create_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05, layer_decay: float | None = 0.7,

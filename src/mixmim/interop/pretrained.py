@@ -9,7 +9,6 @@ sizes may differ from pretraining (MixMIM section 3).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -37,35 +36,6 @@ class Pretrained:
     family: str = "mixmim"
 
 
-@dataclass
-class TaskConfig:
-    """Options every transfer task shares: weights, data, input size, run settings."""
-
-    data: str
-    checkpoint: str | None = None
-    model: str | None = None  # registry name: needed for release checkpoints and random init
-    output: str = "runs/transfer"
-    batch_size: int = 64
-    img_size: int | None = None  # None: the checkpoint's
-    window_size: list | None = None  # None: the checkpoint's
-    val_fraction: float = 0.2  # held out when a folder has no separate evaluation split
-    num_workers: int = min(4, os.cpu_count() or 1)
-    device: str = "auto"
-    amp: bool = True  # bf16 autocast on CUDA
-    seed: int = 0
-    progress: bool = True
-
-
-@dataclass
-class ClassificationConfig(TaskConfig):
-    """:class:`TaskConfig` plus the evaluation crop and quick-run subsets of classification tasks."""
-
-    crop_pct: float = 0.875
-    limit_train: int | None = None
-    limit_test: int | None = None
-    balanced: bool = False  # limit_* subsets with the same number of images per class
-
-
 def _checkpoint_model_section(path: Path) -> dict[str, Any] | None:
     """``config["model"]`` of a training checkpoint, or None for any other file."""
     try:
@@ -74,8 +44,10 @@ def _checkpoint_model_section(path: Path) -> dict[str, Any] | None:
     except Exception:
         return None  # load_encoder_state gives the precise error
     if isinstance(checkpoint, Mapping) and checkpoint.get("format") == "mixmim-checkpoint/1":
+        if isinstance(checkpoint.get("encoder_config"), Mapping):  # a transfer run: the encoder as built
+            return {"family": checkpoint.get("encoder_family", "mixmim"), "config": dict(checkpoint["encoder_config"])}
         section = (checkpoint.get("config") or {}).get("model")
-        if not isinstance(section, Mapping) or "name" not in section:
+        if not isinstance(section, Mapping) or not section.get("name"):
             raise ValueError(f"{path}: training checkpoint without config['model']['name']")
         return dict(section)
     return None
@@ -103,6 +75,9 @@ def read_pretrained(path: str | Path | None, model: str | None = None) -> Pretra
         family, config = meta
         return Pretrained(state, dict(config), name_for_config(family, config), "export", family)
     section = _checkpoint_model_section(path)
+    if section is not None and "config" in section:
+        family, config = section["family"], {k: v for k, v in section["config"].items() if k != "num_classes"}
+        return Pretrained(state, config, name_for_config(family, config), "checkpoint", family)
     if section is not None:
         name = str(section["name"])
         options = dict(section.get("options") or {})

@@ -45,18 +45,12 @@ METRICS = ("knn", "linprobe", "finetune_1pct", "finetune_10pct")
 
 @dataclass
 class FinetuneSettings:
-    """Full fine-tuning of the encoder on a labelled fraction of the training set."""
+    """Full fine-tuning of the encoder on a labelled fraction of the training set, as ``mixmim finetune``
+    runs it without a recipe (the small-data rule, :mod:`mixmim.transfer.small_data`); ``overrides``
+    are dotted config overrides on top (none by default)."""
 
     fraction: float
-    epochs: int
-    batch_size: int = 64
-    base_lr: float = 1e-3
-    layer_decay: float = 0.75
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    drop_path: float = 0.1
-    smoothing: float = 0.1
-    crop_scale: tuple[float, float] = (0.5, 1.0)
+    overrides: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -243,72 +237,49 @@ class Study:
         return stem.with_suffix(".safetensors")
 
     def _evaluate(self, config, weights: Path, seed: int, todo: list[str]):
-        """Yield (metric, value in [0, 1], seconds, extra) for the metrics in ``todo``."""
-        import torch
-
-        from mixmim.evaluation.finetune import FinetuneConfig, finetune
-        from mixmim.evaluation.knn import knn_scores
-        from mixmim.evaluation.linprobe import fit_probe
-        from mixmim.evaluation.metrics import topk_correct
-        from mixmim.interop.pretrained import build_encoder, read_pretrained
-        from mixmim.evaluation.runtime import pick_device, seed_everything
+        """Yield (metric, value in [0, 1], seconds, extra) for the metrics in ``todo``: each one a run of
+        the verb a user would run (``mixmim knn``, ``linprobe``, ``finetune``) on the arm's weights."""
+        from mixmim.config import load_run_config
+        from mixmim.transfer.run import load_transfer_config, run_transfer
 
         ev = self.profile.evaluation
-        device = pick_device(self.device)
-        data = "fashion_mnist"
         out_dir = self.output / "eval" / config.name
-        if {"knn", "linprobe"} & set(todo):
+        common = {"checkpoint": str(weights), "output_dir": str(out_dir),
+                  "model": {"img_size": config.model.img_size},
+                  "data": {"source": "fashion_mnist", "crop_pct": 1.0, "limit_test": ev.test_size, "balanced": True},
+                  "train": {"seed": seed, "device": self.device, "num_workers": 0, "progress": self.progress,
+                            "checkpoint_every": 10**9, "keep_checkpoints": 1, "trackers": ["csv"]},
+                  "eval": {"every_epochs": 0, "select": "last"}}
+        if "knn" in todo:
             start = time.perf_counter()
-            seed_everything(seed)
-            pretrained = read_pretrained(str(weights), config.model.name)
-            encoder = build_encoder(pretrained, img_size=config.model.img_size, num_classes=0).to(device)
-            train_x, train_y, test_x, test_y = self._features(encoder, device, ev, seed)
-            extract = time.perf_counter() - start
-            classes = int(train_y.max()) + 1
-            if "knn" in todo:
-                start = time.perf_counter()
-                scores = knn_scores(train_x, train_y, test_x, classes, ev.knn_k, ev.knn_temperature)
-                acc = topk_correct(scores, test_y, (1,))[0] / len(test_y)
-                yield "knn", acc, extract + time.perf_counter() - start, {"test_images": len(test_y)}
-            if "linprobe" in todo:
-                start = time.perf_counter()
-                probe = fit_probe(train_x, train_y, test_x, test_y, classes, epochs=ev.linprobe_epochs,
-                                  batch_size=ev.linprobe_batch_size, warmup_epochs=min(5.0, ev.linprobe_epochs / 10),
-                                  seed=seed)
-                yield ("linprobe", probe.rows[-1]["acc1"] / 100.0, extract + time.perf_counter() - start,
-                       {"test_images": len(test_y)})
+            tree = _merge(common, {"name": "knn", "data": {"limit_train": ev.bank_size},
+                                   "train": {"batch_size": ev.batch_size},
+                                   "knn": {"k": ev.knn_k, "temperature": ev.knn_temperature}})
+            tree.pop("eval")
+            r = run_transfer(load_run_config("knn", tree=_merge(_verb_defaults("knn"), tree)))["results"]
+            yield "knn", r["acc1"] / 100.0, time.perf_counter() - start, {"test_images": r["test_samples"]}
+        if "linprobe" in todo:
+            start = time.perf_counter()
+            tree = _merge(common, {"name": "linprobe", "data": {"limit_train": ev.bank_size},
+                                   "train": {"batch_size": min(ev.linprobe_batch_size, ev.bank_size), "epochs": ev.linprobe_epochs},
+                                   "optim": {"warmup_epochs": min(5.0, ev.linprobe_epochs / 10)},
+                                   "probe": {"features": "cached"}})
+            r = run_transfer(load_run_config("linprobe", tree=_merge(_verb_defaults("linprobe"), tree)),
+                             overwrite=True)["results"]
+            yield "linprobe", r["acc1"] / 100.0, time.perf_counter() - start, {"test_images": r["test_samples"]}
         for settings in ev.finetune:
             metric = f"finetune_{_percent(settings.fraction)}pct"
             if metric not in todo:
                 continue
             start = time.perf_counter()
             labels = round(self.train_images * settings.fraction)
-            cfg = FinetuneConfig(
-                data=data, checkpoint=str(weights), model=config.model.name,
-                output=str(out_dir / metric), batch_size=settings.batch_size, img_size=config.model.img_size,
-                num_workers=0, device=self.device, seed=seed, progress=self.progress, crop_pct=1.0,
-                limit_train=labels, limit_test=ev.test_size, balanced=True, epochs=settings.epochs,
-                base_lr=settings.base_lr, layer_decay=settings.layer_decay, weight_decay=settings.weight_decay,
-                warmup_epochs=settings.warmup_epochs, drop_path=settings.drop_path, smoothing=settings.smoothing,
-                mixup=0.0, cutmix=0.0, auto_augment=None, re_prob=0.0, crop_scale=tuple(settings.crop_scale),
-                eval_every_epoch=False)
-            result = finetune(cfg)
-            yield metric, result["last_epoch_acc1"] / 100.0, time.perf_counter() - start, {
-                "labels": labels, "epochs": settings.epochs, "test_images": result["test_samples"]}
-
-    def _features(self, encoder, device, ev: EvaluationSettings, seed: int):
-        import torch
-
-        from mixmim.data.labelled import eval_transform, load_splits, make_loader
-        from mixmim.evaluation.runtime import extract_features
-
-        tf = eval_transform(encoder.img_size[0], 1.0)
-        splits = load_splits("fashion_mnist", tf, tf, ev.bank_size, ev.test_size, seed=seed, balanced=True)
-        train_x, train_y = extract_features(encoder, make_loader(splits.train, ev.batch_size, False), device,
-                                            progress=self.progress)
-        test_x, test_y = extract_features(encoder, make_loader(splits.test, ev.batch_size, False), device,
-                                          progress=self.progress)
-        return train_x.to(device), train_y.to(device), test_x.to(device), test_y.to(device)
+            tree = _merge(common, {"name": metric, "data": {"limit_train": labels}})
+            cfg = load_transfer_config("finetune", None, [*_as_overrides(tree), *settings.overrides],
+                                       base={"finetune": {"rule": "small_data"}})
+            r = run_transfer(cfg, overwrite=True)["results"]
+            yield metric, r["acc1"] / 100.0, time.perf_counter() - start, {
+                "labels": labels, "epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size,
+                "steps": r["step"], "test_images": r["test_samples"]}
 
     # ------------------------------------------------------------------ results
     def collect(self) -> list[dict[str, Any]]:
@@ -444,3 +415,20 @@ def write_report(study: Study, rows: list[dict[str, Any]], folder: str | Path) -
                "pretraining loss, seed 0")
     run_curves(runs, folder / "monitor_knn.png", "knn", "k-NN top-1 (%)", "k-NN during pretraining, seed 0")
     return folder
+
+
+def _verb_defaults(verb: str) -> dict[str, Any]:
+    from mixmim.config import VERB_DEFAULTS
+
+    return VERB_DEFAULTS[verb]
+
+
+def _as_overrides(tree: dict[str, Any], prefix: str = "") -> list[str]:
+    """A config tree as dotted ``key=value`` overrides (values in YAML flow style)."""
+    out = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out += _as_overrides(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
+    return out

@@ -14,20 +14,18 @@ process in each forward) and the shares are gathered, so every process computes 
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
-import torch.distributed as dist
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, Subset
+from torch import nn
 
+from mixmim.config import MonitorConfig
 from mixmim.data.labelled import eval_transform, load_splits
 from mixmim.evaluation.knn import knn_scores
-from mixmim.evaluation.linprobe import fit_probe
 from mixmim.evaluation.metrics import topk_correct
+from mixmim.evaluation.probe import fit_probe
+from mixmim.evaluation.sharded import extract_features
 from mixmim.training.logs import log
-from mixmim.config import MonitorConfig
 
 
 class RepresentationMonitor:
@@ -45,48 +43,17 @@ class RepresentationMonitor:
         self.baseline: float | None = None
         self.warned = False
 
-    def _shard(self, dataset) -> tuple[Subset, int]:
-        """This process's share, padded so that every process runs the same number of batches."""
-        per_rank = math.ceil(len(dataset) / self.world_size)
-        idx = [min(self.rank + i * self.world_size, len(dataset) - 1) for i in range(per_rank)]
-        return Subset(dataset, idx), per_rank
-
-    @torch.no_grad()
-    def _features(self, encoder: nn.Module, dataset) -> tuple[Tensor, Tensor]:
-        shard, per_rank = self._shard(dataset)
-        feats, labels = [], []
-        for images, targets in DataLoader(shard, batch_size=self.cfg.batch_size, shuffle=False, num_workers=0):
-            images = images.to(self.device, non_blocking=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                feats.append(encoder.pooled_features(images).float())
-            labels.append(targets.to(self.device))
-        x, y = torch.cat(feats), torch.cat(labels)
-        if self.world_size > 1:
-            xs = [torch.empty_like(x) for _ in range(self.world_size)]
-            ys = [torch.empty_like(y) for _ in range(self.world_size)]
-            dist.all_gather(xs, x)
-            dist.all_gather(ys, y)
-            # Sample j of rank r is dataset item r + j * world: interleave back, drop the padding.
-            x = torch.stack(xs, 1).reshape(-1, x.shape[1])[: len(dataset)]
-            y = torch.stack(ys, 1).reshape(-1)[: len(dataset)]
-        return x, y
-
     def __call__(self, encoder: nn.Module, step: int) -> dict[str, float]:
         start = time.perf_counter()
-        was_training = encoder.training
-        encoder.eval()
-        try:
-            train_x, train_y = self._features(encoder, self.train)
-            test_x, test_y = self._features(encoder, self.test)
-        finally:
-            encoder.train(was_training)
+        train_x, train_y = extract_features(encoder, self.train, self.device, self.cfg.batch_size)
+        test_x, test_y = extract_features(encoder, self.test, self.device, self.cfg.batch_size)
         n = len(self.classes)
         scores = knn_scores(train_x, train_y, test_x, n, self.cfg.k, self.cfg.temperature)
         values = {"knn": 100.0 * topk_correct(scores, test_y, (1,))[0] / len(test_y)}
         if self.cfg.linprobe:
             with torch.enable_grad():
                 probe = fit_probe(train_x, train_y, test_x, test_y, n, epochs=self.cfg.linprobe_epochs,
-                                  warmup_epochs=1.0, seed=step)
+                                  warmup_epochs=1.0, seed=step, select="last")
             values["linprobe"] = probe.acc1
         self.seconds += time.perf_counter() - start
         self.history.append({"step": step, **values})

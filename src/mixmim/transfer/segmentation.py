@@ -8,33 +8,37 @@ dropout 0.1 and a 1x1 classifier; logits are upsampled to the input size.
 
 Data: ``DIR/images/<stem>.<ext>`` and ``DIR/masks/<stem>.png`` (label maps, 255 = ignore).
 Training follows BEiT's recipe in spirit at small scale: AdamW, layer decay, linear warmup then
-linear (poly, power 1) decay; augmentation is resize to the model's size plus horizontal flip.
+linear (poly, power 1) decay; augmentation is resize to the model's size plus horizontal flip, the
+flip a function of the sample's seed. A task of the training loop (torchrun, accumulation, resume,
+NaN skip); mIoU and pixel accuracy from a confusion matrix of pixels summed over processes.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
-from timm.scheduler import PolyLRScheduler
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.ops import Conv2dNormActivation
-from tqdm import tqdm
 
+from mixmim.config import SegmentRunConfig
 from mixmim.data.images import IMAGE_EXTENSIONS, BadImage, load_rgb
-from mixmim.data.labelled import IMAGENET_MEAN, IMAGENET_STD
-from mixmim.evaluation.layer_decay import create_optimizer
-from mixmim.evaluation.metrics import MetricsCSV, segmentation_scores, write_json
-from mixmim.interop.pretrained import TaskConfig, build_encoder, input_size, read_pretrained
-from mixmim.evaluation.runtime import autocast, pick_device, seed_everything
+from mixmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from mixmim.evaluation.layer_decay import param_groups as layer_decay_groups
+from mixmim.evaluation.metrics import segmentation_scores, write_json
+from mixmim.evaluation.sharded import shard_loader, world
+from mixmim.interop.pretrained import build_encoder
 from mixmim.models.dense import MixMIMBackbone
+from mixmim.training.loop import Trainer
+from mixmim.training.task import StepOutput, Task
+from mixmim.transfer.classifier import resolve_model
 from mixmim.utils.files import atomic_write
 
 log = logging.getLogger("mixmim")
@@ -151,7 +155,8 @@ class SegmentationFolder(Dataset):
         except (OSError, SyntaxError) as exc:
             raise ValueError(f"cannot read mask {path}: {exc}") from None
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+    def __getitem__(self, key) -> dict:
+        index, seed = key if isinstance(key, tuple) else (key, key)
         image_path, _ = self.pairs[index]
         try:
             image = load_rgb(image_path)
@@ -165,9 +170,9 @@ class SegmentationFolder(Dataset):
         x = (x.permute(2, 0, 1) / 255.0 - self.mean) / self.std
         y = torch.from_numpy(mask)[None, None].float()
         y = F.interpolate(y, size=(self.size, self.size), mode="nearest")[0, 0].long()
-        if self.train and torch.rand(()) < 0.5:
+        if self.train and torch.rand((), generator=torch.Generator().manual_seed(seed)) < 0.5:
             x, y = x.flip(-1), y.flip(-1)
-        return x, y
+        return {"image": x, "label": y, "index": index, "skipped": []}
 
 
 def infer_num_classes(dataset: SegmentationFolder) -> int:
@@ -183,39 +188,6 @@ def infer_num_classes(dataset: SegmentationFolder) -> int:
     return top + 1
 
 
-@torch.no_grad()
-def evaluate_segmentation(model: nn.Module, loader: DataLoader, num_classes: int, device: torch.device,
-                          amp: bool = True) -> dict[str, float]:
-    """mIoU and pixel accuracy over all pixels whose label is not 255."""
-    model.eval()
-    matrix = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    for images, masks in loader:
-        with autocast(device, amp):
-            pred = model(images.to(device)).argmax(1).cpu()
-        keep = masks != IGNORE
-        if (masks[keep] >= num_classes).any():
-            raise ValueError(f"a mask holds label {int(masks[keep].max())}, the model has {num_classes} classes")
-        matrix += torch.bincount(masks[keep] * num_classes + pred[keep], minlength=num_classes**2).reshape(
-            num_classes, num_classes)
-    return segmentation_scores(matrix)
-
-
-@dataclass
-class SegmentConfig(TaskConfig):
-    """Options of ``mixmim segment``."""
-
-    val_data: str | None = None
-    output: str = "runs/segment"
-    num_classes: int | None = None  # None: from the masks
-    epochs: int = 20
-    batch_size: int = 8
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    layer_decay: float = 0.85
-    drop_path: float = 0.1
-    warmup_iters: int = 50
-    channels: int = 512
-
 
 def _split_stems(root: str, fraction: float, seed: int) -> tuple[list[str] | None, list[str] | None]:
     stems = [p[0].stem for p in SegmentationFolder(root, 32, False).pairs]
@@ -226,66 +198,132 @@ def _split_stems(root: str, fraction: float, seed: int) -> tuple[list[str] | Non
     return [stems[i] for i in order[n_val:]], [stems[i] for i in order[:n_val]]
 
 
-def segment(cfg: SegmentConfig) -> dict[str, Any]:
-    """Train UperNet on the encoder; evaluate mIoU and pixel accuracy every epoch."""
-    seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
-    pretrained = read_pretrained(cfg.checkpoint, cfg.model)
-    img_size, side = input_size(pretrained, cfg.img_size)
-    if cfg.val_data:
-        train_set = SegmentationFolder(cfg.data, side, True)
-        val_set = SegmentationFolder(cfg.val_data, side, False)
-    else:
-        train_stems, val_stems = _split_stems(cfg.data, cfg.val_fraction, cfg.seed)
-        train_set = SegmentationFolder(cfg.data, side, True, train_stems)
-        val_set = SegmentationFolder(cfg.data, side, False, val_stems)
-    num_classes = cfg.num_classes or infer_num_classes(train_set)
-    encoder = build_encoder(pretrained, img_size=img_size, window_size=cfg.window_size, num_classes=0,
-                            drop_path_rate=cfg.drop_path)
-    model = UperNet(encoder, num_classes, cfg.channels).to(device)
-    batch = min(cfg.batch_size, len(train_set))
-    # BatchNorm needs two samples per batch in training mode.
-    train_loader = DataLoader(train_set, batch_size=max(batch, 2) if len(train_set) > 1 else 1, shuffle=True,
-                              drop_last=len(train_set) > 1, num_workers=cfg.num_workers,
-                              generator=torch.Generator().manual_seed(cfg.seed))
-    val_loader = DataLoader(val_set, batch_size=batch, num_workers=cfg.num_workers)
-    optimizer = create_optimizer(model, cfg.lr, cfg.weight_decay, cfg.layer_decay)
-    total = cfg.epochs * len(train_loader)
-    warmup = min(cfg.warmup_iters, max(total - 1, 0))
-    scheduler = PolyLRScheduler(optimizer, t_initial=max(1, total - warmup), power=1.0, lr_min=0.0,
-                                warmup_t=warmup, warmup_lr_init=1e-6, warmup_prefix=True, t_in_epochs=False)
-    out = Path(cfg.output)
-    write_json(out / "config.json", {**asdict(cfg), "num_classes": num_classes, "img_size": img_size,
-                                     "train_images": len(train_set), "val_images": len(val_set),
-                                     "weights": pretrained.source})
-    metrics = MetricsCSV(out / "metrics.csv")
-    step, scores, best = 0, {}, {"miou": -1.0}
-    for epoch in range(cfg.epochs):
-        loss_sum, n = 0.0, 0
-        for images, masks in tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                                  disable=not cfg.progress):
-            images, masks = images.to(device), masks.to(device)
-            model.train()
-            if len(images) == 1:
-                model.head.eval()  # BatchNorm statistics of one image are degenerate
-            with autocast(device, cfg.amp):
-                logits = model(images)
-            loss = F.cross_entropy(logits.float(), masks, ignore_index=IGNORE)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            scheduler.step_update(step)
-            loss_sum, n = loss_sum + loss.item(), n + 1
-        scores = evaluate_segmentation(model, val_loader, num_classes, device, cfg.amp)
-        metrics.add({"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(n, 1), **scores})
-        if scores["miou"] > best["miou"]:
-            best = {"epoch": epoch + 1, **scores}
-            atomic_write(out / "best.pt", lambda tmp: torch.save(
-                {"format": "mixmim-upernet/1", "model": model.state_dict(), "num_classes": num_classes,
-                 "img_size": img_size, "epoch": epoch + 1}, tmp))
-    results = {"miou": best["miou"], "pixel_acc": best["pixel_acc"], "best_epoch": best["epoch"],
-               "last_epoch": scores, "num_classes": num_classes, "train_images": len(train_set),
-               "val_images": len(val_set), "weights": pretrained.source}
-    write_json(out / "results.json", results)
-    return results
+def confusion_of_pixels(logits: Tensor, masks: Tensor, weight: Tensor, num_classes: int) -> Tensor:
+    """(C, C) counts of (true, predicted) over the pixels not labelled 255 of the weighted samples."""
+    pred = logits.argmax(1)
+    keep = (masks != IGNORE) & (weight[:, None, None] > 0)
+    if (masks[keep] >= num_classes).any():
+        raise ValueError(f"a mask holds label {int(masks[keep].max())}, the model has {num_classes} classes")
+    return torch.bincount(masks[keep] * num_classes + pred[keep], minlength=num_classes**2).reshape(
+        num_classes, num_classes)
+
+
+class SegmentTask(Task):
+    """``mixmim segment``: UperNet on the pretrained encoder, evaluated by mIoU."""
+
+    name = "segment"
+    columns = ["miou", "pixel_acc"]
+
+    def __init__(self, config: SegmentRunConfig):
+        self.config = config
+        self.pretrained = resolve_model(config)
+        side = config.model.img_size
+        d = config.data
+        if not d.path:
+            raise ValueError("mixmim segment: give the folder with images/ and masks/ (--data, data.path)")
+        if d.val_path:
+            self.train_set, self.val_set = SegmentationFolder(d.path, side, True), SegmentationFolder(d.val_path, side, False)
+        else:
+            train_stems, val_stems = _split_stems(d.path, d.val_fraction, config.train.seed)
+            self.train_set = SegmentationFolder(d.path, side, True, train_stems)
+            self.val_set = SegmentationFolder(d.path, side, False, val_stems)
+        self.num_classes = config.segment.num_classes or infer_num_classes(self.train_set)
+        self.best: dict[str, Any] = {}
+        self.last: dict[str, float] = {}
+
+    def build_model(self) -> nn.Module:
+        m = self.config.model
+        encoder = build_encoder(self.pretrained, img_size=m.img_size, window_size=m.window_size, num_classes=0,
+                                drop_path_rate=m.drop_path_rate, **m.options)
+        self.model = UperNet(encoder, self.num_classes, self.config.segment.channels)
+        return self.model
+
+    def dataset(self) -> Dataset:
+        return self.train_set
+
+    def collate(self, items: list[dict]) -> dict:
+        from mixmim.transfer.data import collate_labelled
+
+        return collate_labelled(items)
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        o = self.config.optim
+        return layer_decay_groups(model, o.weight_decay, o.layer_decay or 1.0)
+
+    def repeated_blocks(self, model: nn.Module) -> list[nn.Module]:
+        blocks = getattr(model.backbone.encoder, "repeated_blocks", None)
+        return list(blocks()) if callable(blocks) else []
+
+    def step(self, model: nn.Module, batch: dict) -> StepOutput:
+        images = batch["image"]
+        if len(images) == 1:
+            self.model.head.eval()  # BatchNorm statistics of one image are degenerate
+        logits = model(images)
+        return StepOutput(F.cross_entropy(logits.float(), batch["label"], ignore_index=IGNORE))
+
+    def evaluation_steps(self, total_steps: int, steps_per_epoch: int) -> set[int]:
+        every = self.config.eval.every_epochs
+        ends = set(range(every * steps_per_epoch, total_steps + 1, every * steps_per_epoch)) if every else set()
+        return ends | {total_steps}
+
+    @torch.no_grad()
+    def evaluate(self, trainer: Trainer, step: int) -> dict[str, float]:
+        """mIoU and pixel accuracy over every pixel whose label is not 255, counts summed over processes."""
+        model = trainer.wrapped if trainer.fsdp else trainer.module()
+        was = model.training
+        model.eval()
+        matrix = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long, device=trainer.device)
+        batch = self.config.eval.batch_size or trainer.micro_batch
+        for images, masks, weight in shard_loader(self.val_set, batch, self.config.train.num_workers):
+            with trainer.autocast():
+                logits = model(images.to(trainer.device))
+            matrix += confusion_of_pixels(logits.float(), masks.to(trainer.device), weight.to(trainer.device),
+                                          self.num_classes)
+        model.train(was)
+        if world()[1] > 1:
+            dist.all_reduce(matrix)
+        self.last = {**segmentation_scores(matrix.cpu()), "step": step}
+        if self.config.eval.select == "best" and self.last["miou"] > self.best.get("miou", -1.0):
+            self.best = dict(self.last)
+            self._save(trainer, "best.pt")
+        log.info("step %d: mIoU %.2f%%, pixel accuracy %.2f%%", step, 100 * self.last["miou"],
+                 100 * self.last["pixel_acc"])
+        return {"miou": self.last["miou"], "pixel_acc": self.last["pixel_acc"]}
+
+    def _save(self, trainer: Trainer, name: str) -> None:
+        from mixmim.training import distributed as D
+
+        state = D.full_state_dict(trainer.wrapped, self.config.train.distributed)
+        if trainer.info.is_main:
+            atomic_write(trainer.run_dir / name, lambda tmp: torch.save(
+                {"format": "mixmim-upernet/2", "model": state, "num_classes": self.num_classes,
+                 "img_size": self.config.model.img_size, "step": trainer.step}, tmp))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "num_classes": self.num_classes}
+
+    def load_state_dict(self, state: dict[str, Any], path: Any = None) -> None:
+        saved = state.get("num_classes")
+        if saved is not None and saved != self.num_classes:
+            from mixmim.config import ConfigError
+
+            raise ConfigError(f"--resume: {path} was trained for {saved} classes, the data now has {self.num_classes}")
+        self.best = dict(state.get("best") or {})
+
+    def finish(self, trainer: Trainer, summary: dict[str, Any]) -> None:
+        if trainer.stopped is not None:
+            return
+        self._save(trainer, "model.pt")
+        kept = self.best if self.config.eval.select == "best" and self.best else self.last
+        results = {"miou": kept.get("miou"), "pixel_acc": kept.get("pixel_acc"), "step": kept.get("step"),
+                   "select": self.config.eval.select, "last": self.last, "num_classes": self.num_classes,
+                   "train_images": len(self.train_set), "val_images": len(self.val_set),
+                   "weights": self.pretrained.source}
+        if trainer.info.is_main:
+            write_json(trainer.run_dir / "results.json", results)
+        summary["results"] = results
+
+    def describe(self, trainer: Trainer) -> str:
+        c = self.config
+        return (f"{c.name}: UperNet on {self.pretrained.source} weights of {c.model.name} ({c.model.img_size} px): "
+                f"{len(self.train_set)} training / {len(self.val_set)} evaluation images, {self.num_classes} classes")

@@ -1,0 +1,72 @@
+"""The model every classification task trains: a pretrained encoder with its head, and what the tasks
+share about it (building it from any weights a user holds, its optimiser groups, its files)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from mixmim.evaluation.layer_decay import param_groups as layer_decay_groups
+from mixmim.interop.pretrained import Pretrained, build_encoder, input_size, read_pretrained
+from mixmim.models.registry import FINETUNE_DROP_PATH, encoder_config
+from mixmim.training.optim import decay_groups
+
+CLASSIFIER_FORMAT = "mixmim-classifier/1"
+
+
+class Classifier(nn.Module):
+    """``encoder`` (with its family's pooling and head) as one module whose state names start with
+    ``encoder.``, so its training checkpoints read back as encoder weights everywhere."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder(images)
+
+    def repeated_blocks(self) -> list[nn.Module]:
+        blocks = getattr(self.encoder, "repeated_blocks", None)
+        return list(blocks()) if callable(blocks) else []
+
+
+def resolve_model(config: Any) -> Pretrained:
+    """Read the weights ``config.checkpoint`` names and write the encoder's resolved name, input size,
+    windows and drop path into ``config.model`` (what config.yaml then shows)."""
+    pretrained = read_pretrained(config.checkpoint, config.model.name)
+    m = config.model
+    m.name = pretrained.model_name or m.name
+    img_size, _ = input_size(pretrained, m.img_size)
+    m.img_size = img_size if isinstance(img_size, int) else int(img_size[0])
+    if m.drop_path_rate is None:
+        m.drop_path_rate = FINETUNE_DROP_PATH.get(pretrained.model_name, 0.1)
+    return pretrained
+
+
+def build_classifier(pretrained: Pretrained, config: Any, num_classes: int) -> Classifier:
+    """The encoder of ``pretrained`` at the configured size and windows with a ``num_classes`` head."""
+    m = config.model
+    encoder = build_encoder(pretrained, img_size=m.img_size, window_size=m.window_size, num_classes=num_classes,
+                            drop_path_rate=m.drop_path_rate, **m.options)
+    if m.grad_checkpointing and hasattr(encoder, "set_grad_checkpointing"):
+        encoder.set_grad_checkpointing(True)
+    return Classifier(encoder)
+
+
+def classifier_groups(model: Classifier, optim: Any) -> list[dict[str, Any]]:
+    """Layer-wise decay groups of the encoder (``optim.layer_decay``; None: one scale) with weight
+    decay on every matrix except what the encoder declares."""
+    if optim.layer_decay is None:
+        return decay_groups(model.encoder, optim.weight_decay)
+    return layer_decay_groups(model.encoder, optim.weight_decay, optim.layer_decay, optim.layer_decay_rule)
+
+
+def classifier_payload(model: Classifier, classes: list[str], extra: dict[str, Any]) -> dict[str, Any]:
+    """What ``model.pt`` holds: the encoder-with-head state dict (the family's own names), the
+    constructor arguments that rebuild it, and the class names."""
+    encoder = model.encoder
+    return {"format": CLASSIFIER_FORMAT, "model": {k: v.detach().cpu() for k, v in encoder.state_dict().items()},
+            "encoder_config": encoder_config(encoder), "family": getattr(encoder, "family", "mixmim"),
+            "classes": classes, **extra}

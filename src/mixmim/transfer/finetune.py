@@ -1,0 +1,228 @@
+"""Supervised fine-tuning of a pretrained encoder for classification, as a task of the training loop
+(MixMIM section 3 and Table 12; MixMAE appendix A.1; MAE's and SimMIM's fine-tuning recipes in
+configs/finetune/).
+
+AdamW with layer-wise lr decay, RandAug, Mixup/CutMix, label smoothing, random erasing, drop path,
+warm-up then cosine per iteration: every value from the run config (``mixmim finetune --config
+<recipe>``), on the loop's machinery (torchrun DDP/FSDP, accumulation, resume, NaN skip, bf16).
+Evaluated every ``eval.every_epochs`` epochs on the held-out split, the counts summed over processes;
+``eval.select`` says which weights are reported and kept (``last`` by default).
+
+Files in the run folder, besides the loop's (checkpoints, metrics.csv, TensorBoard, log.txt,
+config.yaml): ``model.pt`` (format ``mixmim-classifier/1``: the reported weights, the constructor
+arguments, the classes), ``best.pt`` with ``eval.select=best``, ``results.json``,
+``confusion_matrix.csv/.png``, ``per_class_accuracy.csv``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from torch import nn
+
+from mixmim.config import ConfigError, FinetuneRunConfig
+from mixmim.data.labelled import eval_transform, make_mixup, train_transform
+from mixmim.evaluation.metrics import write_classification_report, write_json
+from mixmim.evaluation.sharded import Scores, evaluate_classifier
+from mixmim.training.loop import Trainer
+from mixmim.training.task import StepOutput, Task
+from mixmim.transfer.classifier import (Classifier, build_classifier, classifier_groups, classifier_payload,
+                                        resolve_model)
+from mixmim.transfer.data import collate_labelled, load_labelled
+from mixmim.utils.files import atomic_write
+
+log = logging.getLogger("mixmim")
+
+
+def check_auto_augment(policy: str | None) -> str | None:
+    """A timm augmentation policy, or None for none (``none``/empty accepted); an unknown one is a
+    one-line error naming it instead of timm's AssertionError."""
+    if policy is None or str(policy).strip().lower() in ("", "none", "null", "off"):
+        return None
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+
+    builders = {"rand": rand_augment_transform, "augmix": augment_and_mix_transform}
+    try:
+        builders.get(policy.split("-")[0], auto_augment_transform)(policy, {"translate_const": 100})
+    except (AssertionError, KeyError, ValueError, IndexError) as exc:
+        raise ConfigError(f"config key 'finetune.auto_augment': {policy!r} is not a timm augmentation policy "
+                          f"({exc.__class__.__name__}); e.g. rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, v0, or none") from None
+    return policy
+
+
+class ClassificationTask(Task):
+    """What fine-tuning and linear probing share: the labelled splits, evaluation at epoch ends with
+    the counts summed over processes, the best or last weights, the report at the end."""
+
+    score_key = "acc1"
+
+    def __init__(self, config: Any):
+        self.config = config
+        self.best: dict[str, Any] = {}
+        self.history: list[dict[str, Any]] = []
+        self.last_scores: Scores | None = None  # of the last evaluation, and of the best one
+        self.best_scores: Scores | None = None
+
+    @property
+    def columns(self) -> list[str]:
+        return ["test_loss", "acc1", "acc5"]
+
+    def evaluation_steps(self, total_steps: int, steps_per_epoch: int) -> set[int]:
+        every = self.config.eval.every_epochs
+        ends = set(range(every * steps_per_epoch, total_steps + 1, every * steps_per_epoch)) if every else set()
+        return ends | {total_steps}
+
+    def collate(self, items: list[dict]) -> dict:
+        return collate_labelled(items)
+
+    def checkpoint_extras(self) -> dict[str, Any]:
+        """The encoder as built, so read_pretrained rebuilds it from this run's checkpoints."""
+        encoder = getattr(self, "model", None)
+        encoder = getattr(encoder, "encoder", None)
+        if encoder is None or not hasattr(encoder, "config"):
+            return {}
+        return {"encoder_family": getattr(encoder, "family", "mixmim"), "encoder_config": encoder.config()}
+
+    def eval_model(self, trainer: Trainer) -> nn.Module:
+        return trainer.wrapped if trainer.fsdp else trainer.module()
+
+    def score(self, trainer: Trainer) -> Scores:
+        batch = self.config.eval.batch_size or trainer.micro_batch
+        return evaluate_classifier(self.eval_model(trainer), self.data.test, trainer.device, len(self.classes), batch,
+                                   self.config.train.num_workers, trainer.autocast)
+
+    def evaluate(self, trainer: Trainer, step: int) -> dict[str, float]:
+        scores = self.last_scores = self.score(trainer)
+        epoch = step / trainer.steps_per_epoch
+        row = {"step": step, "epoch": epoch, **scores.as_dict()}
+        self.history.append(row)
+        log.info("epoch %.2f (step %d): test loss %.4f, top-1 %.2f%%, top-5 %.2f%%", epoch, step, scores.loss,
+                 scores.acc1, scores.acc5)
+        if self.config.eval.select == "best" and scores.acc1 > self.best.get("acc1", -1.0):
+            self.best = {"step": step, "epoch": epoch, "acc1": scores.acc1, "acc5": scores.acc5}
+            self.best_scores = scores
+            self._save_model(trainer, "best.pt", {"step": step, "metrics": self.best})
+        return {"test_loss": scores.loss, "acc1": scores.acc1, "acc5": scores.acc5}
+
+    def _save_model(self, trainer: Trainer, name: str, extra: dict[str, Any]) -> None:
+        from mixmim.training import distributed as D
+
+        state = D.full_state_dict(trainer.wrapped, self.config.train.distributed)  # every process (FSDP)
+        if trainer.info.is_main:
+            model = self.model
+            payload = classifier_payload(model, self.classes, extra)
+            payload["model"] = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+            atomic_write(trainer.run_dir / name, lambda tmp: torch.save(payload, tmp))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"classes": self.classes, "best": self.best, "history": self.history}
+
+    def load_state_dict(self, state: dict[str, Any], path: Any = None) -> None:
+        saved = state.get("classes")
+        if saved is not None and list(saved) != self.classes:
+            raise ConfigError(f"--resume: {path} was trained on {len(saved)} classes ({', '.join(saved[:6])}"
+                              f"{', ...' if len(saved) > 6 else ''}), the data now has {len(self.classes)} "
+                              f"({', '.join(self.classes[:6])}{', ...' if len(self.classes) > 6 else ''}); resume "
+                              "with the same data or start a new run (another name=...)")
+        self.best = dict(state.get("best") or {})
+        self.history = list(state.get("history") or [])
+
+    def finish(self, trainer: Trainer, summary: dict[str, Any]) -> None:
+        """Report on the weights ``eval.select`` keeps, the last ones or the best epoch's (a stopped run
+        reports nothing: ``--resume`` finishes it)."""
+        if trainer.stopped is not None:
+            return
+        scores = self._kept_scores(trainer)
+        self._save_model(trainer, "model.pt", {"step": trainer.step, "select": self.config.eval.select})
+        if not trainer.info.is_main:
+            return
+        files = write_classification_report(trainer.run_dir, scores.confusion, self.classes)
+        last = self.history[-1]["acc1"] if self.history else scores.acc1
+        results = {"acc1": scores.acc1, "acc5": scores.acc5, "loss": scores.loss, "select": self.config.eval.select,
+                   "step": trainer.step, "last_acc1": last, "best": self.best or None, "history": self.history,
+                   "test_samples": scores.samples, "train_samples": len(self.data.train), "classes": self.classes,
+                   "weights": self.weights, "checkpoint": self.config.checkpoint,
+                   "files": {k: str(v) for k, v in files.items()}, **self.report_extras()}
+        write_json(trainer.run_dir / "results.json", results)
+        summary["results"] = results
+
+    def _kept_scores(self, trainer: Trainer) -> Scores:
+        """The scores of the kept weights, which are loaded into the model (best: from best.pt)."""
+        best_file = trainer.run_dir / "best.pt"
+        if self.config.eval.select == "best" and self.best and best_file.is_file():
+            self.load_kept(trainer, torch.load(best_file, map_location="cpu", weights_only=False))
+            return self.best_scores if self.best_scores is not None else self.score(trainer)
+        return self.last_scores if self.last_scores is not None else self.score(trainer)
+
+    def load_kept(self, trainer: Trainer, payload: dict[str, Any]) -> None:
+        from mixmim.training import distributed as D
+
+        D.load_states(trainer.wrapped, None, {f"encoder.{k}": v for k, v in payload["model"].items()}, None,
+                      self.config.train.distributed)
+
+    def report_extras(self) -> dict[str, Any]:
+        return {}
+
+
+class FinetuneTask(ClassificationTask):
+    """``mixmim finetune``."""
+
+    name = "finetune"
+
+    def __init__(self, config: FinetuneRunConfig):
+        super().__init__(config)
+        f = config.finetune
+        self.auto_augment = check_auto_augment(f.auto_augment)
+        self.pretrained = resolve_model(config)
+        side = config.model.img_size
+        self.data = load_labelled(config.data, train_transform(side, self.auto_augment, f.re_prob,
+                                                               config.data.crop_scale),
+                                  eval_transform(side, config.data.crop_pct), config.train.seed)
+        self.classes = self.data.classes
+        self.weights = self.pretrained.source
+        self.mixup = make_mixup(len(self.classes), f.mixup, f.cutmix, f.smoothing)
+        self.criterion = (SoftTargetCrossEntropy() if self.mixup is not None
+                          else LabelSmoothingCrossEntropy(f.smoothing) if f.smoothing > 0 else nn.CrossEntropyLoss())
+
+    def build_model(self) -> Classifier:
+        self.model = build_classifier(self.pretrained, self.config, len(self.classes))
+        head = self.model.encoder.get_classifier()
+        f = self.config.finetune
+        if f.head_init == "probe":
+            from mixmim.transfer.head_init import probe_head_init
+
+            probe_head_init(self.model.encoder, self.data, self.config)
+        else:
+            # A near-zero head leaves the pretrained features in charge at the start (MAE's fine-tuning init).
+            nn.init.trunc_normal_(head.weight, std=f.head_init_std)
+            if head.bias is not None:
+                nn.init.zeros_(head.bias)
+        return self.model
+
+    def dataset(self):
+        return self.data.train
+
+    def batch_multiple(self) -> int:
+        return 2 if self.mixup is not None else 1  # Mixup pairs each image with its mirror in the batch
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        return classifier_groups(model, self.config.optim)
+
+    def step(self, model: nn.Module, batch: dict) -> StepOutput:
+        images, targets = batch["image"], batch["label"]
+        if self.mixup is not None:
+            images, targets = self.mixup(images, targets)  # draws from NumPy, seeded per micro-batch by the loop
+        return StepOutput(self.criterion(model(images).float(), targets))
+
+    def describe(self, trainer: Trainer) -> str:
+        c = self.config
+        return (f"{c.name}: fine-tuning {self.weights} weights of {c.model.name or self.pretrained.family} "
+                f"({c.model.img_size} px) on "
+                f"{c.data.path or c.data.source}: {len(self.data.train)} training / {len(self.data.test)} evaluation "
+                f"images, {len(self.classes)} classes")
+
+    def report_extras(self) -> dict[str, Any]:
+        return {"model": self.config.model.name, "img_size": self.config.model.img_size}

@@ -1,0 +1,49 @@
+"""The fine-tuning head initialised as a linear probe (``finetune.head_init: probe``; LP-FT, Kumar et
+al. 2022: on small labelled sets, fine-tuning from a trained head distorts the pretrained features
+less than from a zero head, whose large early gradients flow into the encoder).
+
+MAE's probe (BatchNorm without affine + linear) is fitted on the frozen encoder's pooled features of
+the training split (evaluation transform), then folded into the classifier's plain linear head: with
+BatchNorm's running statistics (mean m, variance v, eps), ``W (x - m) / sqrt(v + eps) + b`` is the
+linear map ``W' x + b'`` with ``W' = W / sqrt(v + eps)`` and ``b' = b - W' m``. Every process extracts
+its share of the features and fits the same probe (same seed), so every process starts from the
+same head.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from mixmim.data.labelled import eval_transform
+from mixmim.evaluation.probe import fit_probe
+from mixmim.evaluation.sharded import extract_features
+
+
+def fold_probe(probe: nn.Sequential, head: nn.Module) -> None:
+    """Copy a fitted BatchNorm(affine=False) + Linear probe into ``head`` as one linear map (a Linear,
+    or the 1x1 convolution timm's ResNets classify with)."""
+    bn, linear = probe[0], probe[1]
+    weight = linear.weight * (bn.running_var + bn.eps).rsqrt()[None, :]
+    bias = linear.bias - weight @ bn.running_mean
+    with torch.no_grad():
+        head.weight.copy_(weight.reshape(head.weight.shape))
+        head.bias.copy_(bias)
+
+
+def probe_head_init(encoder: nn.Module, data: Any, config: Any) -> dict[str, float]:
+    """Fit the probe on the training split's features and fold it into ``encoder``'s head."""
+    train = data.train.dataset if hasattr(data.train, "dataset") else data.train
+    transform = train.transform
+    train.transform = eval_transform(config.model.img_size, config.data.crop_pct)  # no augmentation for the probe
+    device = next(encoder.parameters()).device
+    try:
+        x, y = extract_features(encoder, data.train, device, batch_size=256, num_workers=config.train.num_workers)
+    finally:
+        train.transform = transform
+    probe = fit_probe(x, y, x[:1], y[:1], len(data.classes), epochs=config.finetune.probe_epochs,
+                      warmup_epochs=min(5.0, config.finetune.probe_epochs / 10), seed=config.train.seed, select="last")
+    fold_probe(probe.head, encoder.get_classifier())
+    return {"probe_train_acc1": probe.rows[-1].get("train_acc1", float("nan"))}
