@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from mixmim.config import recipe_path
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 GOLDEN = SHARED / "reference" / "golden_tiny_s0.pt"
@@ -67,7 +69,8 @@ def tiny_run(tmp_path, *extra: str, name: str = "t") -> list[str]:
 
 def small_run(path: Path) -> list[str]:
     """A recipe header's "Run it small" command (the one a user copies to try a recipe on a CPU) as config
-    overrides: ``--data X`` as data.source, ``--name`` as name; ``-c`` must name the recipe itself."""
+    overrides: ``--data X`` as data.source, ``--name`` as name; ``-c`` must name the recipe itself (by its
+    recipe name, ``ablations/table6_filling_zero``, or by a path from the repository root)."""
     lines = path.read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if "Run it small" in line)
     words: list[str] = []
@@ -81,7 +84,8 @@ def small_run(path: Path) -> list[str]:
     while i < len(words):
         word = words[i]
         if word in ("-c", "--config"):
-            assert (ROOT / words[i + 1]).resolve() == path.resolve(), words[i + 1]
+            given = ROOT / words[i + 1] if (ROOT / words[i + 1]).is_file() else recipe_path(words[i + 1])
+            assert given.resolve() == path.resolve(), words[i + 1]
             i += 2
         elif word == "--data":
             overrides.append(f"data.source={words[i + 1]}")
