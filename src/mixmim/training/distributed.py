@@ -45,11 +45,17 @@ def setup(device_request: str = "auto") -> tuple[DistInfo, torch.device]:
         torch.cuda.set_device(device)
     if info.enabled and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        _OWNED.append(True)
     return info, device
 
 
+_OWNED: list[bool] = []  # process groups setup() created: teardown() destroys only those
+
+
 def teardown() -> None:
-    if dist.is_initialized():
+    """Leave the process group if :func:`setup` joined it (one a caller created stays, for its next run)."""
+    if _OWNED and dist.is_initialized():
+        _OWNED.pop()
         dist.destroy_process_group()
 
 

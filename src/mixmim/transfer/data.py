@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -22,7 +23,9 @@ from mixmim.data.labelled import FASHION_MNIST, LabelledImages, Splits, load_spl
 
 class SeededLabelled(Dataset):
     """``dataset[(index, seed)]`` -> ``{"image", "label", "index", "skipped"}``; the transform runs
-    under a private seed, so the same (index, seed) gives the same crop in any process."""
+    under a private seed of every generator timm's transforms draw from (torch, Python's ``random``,
+    NumPy's global one: RandAugment picks its ops with ``np.random.choice``), so the same (index, seed)
+    gives the same crop in any process."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -37,15 +40,17 @@ class SeededLabelled(Dataset):
 
     def __getitem__(self, key):
         index, seed = key if isinstance(key, tuple) else (key, key)
-        state = random.getstate()
+        state, np_state = random.getstate(), np.random.get_state()
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 random.seed(seed)
+                np.random.seed(seed % 2**32)
                 skipped_before = set(getattr(self.dataset, "skipped", ()))
                 image, label = self.dataset[index]
         finally:
             random.setstate(state)
+            np.random.set_state(np_state)
         skipped = [(p, "unreadable image") for p in set(getattr(self.dataset, "skipped", ())) - skipped_before]
         return {"image": image, "label": int(label), "index": index, "skipped": skipped}
 
