@@ -115,9 +115,9 @@ def _compare_fast_to_reference(num_groups, per_sample, ratio=0.5, b=3):
 def test_both_fast_strategies_match_reference(monkeypatch, mode, num_groups, ratio):
     """Force the dense-gather plan (padded buckets, -inf key bias) or the shared per-window mask in
     every stage; uneven ratios make buckets with padding."""
-    import mixmim.models.attention as attention
+    import mixmim.models.attention.layout as layout
 
-    monkeypatch.setattr(attention, "_GATHER_MIN_SAVING", 0.0 if mode == "gather" else 2.0)
+    monkeypatch.setattr(layout, "_GATHER_MIN_SAVING", 0.0 if mode == "gather" else 2.0)
     _compare_fast_to_reference(num_groups, per_sample=False, ratio=ratio)
 
 
@@ -148,14 +148,15 @@ def test_biased_attention_bias_gradient_matches_autograd():
         torch.testing.assert_close(torch.nan_to_num(a), torch.nan_to_num(b), rtol=1e-5, atol=1e-5)
 
 
-def test_flex_on_cpu_falls_back_to_fast_with_a_warning():
-    import mixmim.models.flex as flex
+def test_flex_on_cpu_falls_back_to_fast_with_a_warning(monkeypatch):
+    """The dispatcher, not FlexAttention, chooses the fast path off CUDA (warning once)."""
+    import mixmim.models.attention as A
 
     ref, flx = _encoder("reference"), _encoder("flex")
     flx.load_state_dict(ref.state_dict())
     groups = random_groups(ref.grids[-1], 0.5, count=1)
     x = torch.randn(2, ref.grids[0][0] * ref.grids[0][1], ref.embed_dim)
-    flex._warned = False
+    monkeypatch.setattr(A, "_warned", False)
     with pytest.warns(UserWarning, match="needs CUDA"):
         y = flx.forward_tokens(x, groups, num_groups=2)
     assert_close_scaled(y, ref.forward_tokens(x, groups, num_groups=2), 1e-5, "output")
@@ -166,8 +167,9 @@ def test_fused_fast_attention_keeps_only_input_output_and_lse(monkeypatch, mode)
     """The CPU fast path keeps the block's input windows, its output and the log-sum-exps for the
     backward (q, k, v and the projection are recomputed), and still matches the reference."""
     import mixmim.models.attention as A
+    import mixmim.models.attention.layout as layout
 
-    monkeypatch.setattr(A, "_GATHER_MIN_SAVING", 1.0 if mode == "masked" else 0.0)
+    monkeypatch.setattr(layout, "_GATHER_MIN_SAVING", 1.0 if mode == "masked" else 0.0)
     torch.manual_seed(0)
     fast, ref = A.WindowAttention(32, 2, 8, impl="fast"), A.WindowAttention(32, 2, 8, impl="reference")
     ref.load_state_dict(fast.state_dict())
@@ -192,21 +194,35 @@ def test_fused_fast_attention_keeps_only_input_output_and_lse(monkeypatch, mode)
 
 def test_auto_attention_is_fast_on_cpu_and_checks_flex_before_trusting_it(monkeypatch):
     """attention_impl="auto" (the default) runs the fast path on the CPU; on CUDA it uses FlexAttention
-    only after a self-check, and falls back to the fast path when the check fails or errors."""
+    only after a self-check, and falls back to the fast path when the check fails or errors. The
+    self-check runs here on the CPU with stand-ins for FlexAttention (the real one raises off CUDA)."""
     import mixmim.models.attention as A
-    import mixmim.models.flex as flex_module
 
     assert A.resolve_auto(torch.device("cpu")) == "fast"
     assert A.resolve_auto(torch.device("cuda"), dropout=0.1) == "fast"
-    # The self-check itself, run on the CPU (where flex falls back to fast, so it agrees). The
-    # fallback warns once per process; another test in this worker may have used it already.
-    monkeypatch.setattr(flex_module, "_warned", False)
-    with pytest.warns(UserWarning, match="needs CUDA"):
-        assert A._flex_self_check(torch.device("cpu"))
+    assert A.choose_impl("reference", torch.device("cpu")) == "reference"
+    monkeypatch.setattr(A, "flex_window_attention", A.fast_window_attention)  # a flex that agrees
+    assert A._flex_self_check(torch.device("cpu"))
+
+    def off(*args, **kwargs):
+        return A.fast_window_attention(*args, **kwargs) + 1e-2
+
+    monkeypatch.setattr(A, "flex_window_attention", off)
+    with pytest.warns(UserWarning, match="differs from the fast path"):
+        assert not A._flex_self_check(torch.device("cpu"))
 
     def broken(*args, **kwargs):
         raise RuntimeError("no triton")
 
-    monkeypatch.setattr(flex_module, "flex_window_attention", broken)
+    monkeypatch.setattr(A, "flex_window_attention", broken)
     with pytest.warns(UserWarning, match="FlexAttention failed"):
         assert not A._flex_self_check(torch.device("cpu"))
+
+
+def test_flex_itself_refuses_a_cpu_tensor():
+    """FlexAttention never falls back by itself: the dispatcher (choose_impl) does."""
+    from mixmim.models.attention import flex_window_attention, relative_position_index
+
+    q = torch.randn(1, 1, 1, 16, 8)
+    with pytest.raises(ValueError, match="CUDA only"):
+        flex_window_attention(q, q, q, torch.zeros(49, 1), relative_position_index(4), None, 0.3)

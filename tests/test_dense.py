@@ -93,3 +93,30 @@ def test_segment_cli_on_tiny_folder(tmp_path, capsys):
     assert code == 0
     assert "mIoU" in capsys.readouterr().out
     assert (tmp_path / "out" / "results.json").is_file() and (tmp_path / "out" / "model.pt").is_file()
+
+
+@pytest.mark.parametrize("name", ["mixmim_tiny", "vit_tiny", "swin_tiny", "pvt_v2_b2", "resnetv2_50"])
+def test_backbone_maps_are_the_stage_outputs_of_every_family(name):
+    """The backbone reads timm's feature API (forward_intermediates); its maps are the encoder's
+    stage outputs (forward_stages, the method-facing path), each through its own norm."""
+    from conftest import TINY_ENCODERS
+    from mixmim.models.registry import create_encoder
+
+    encoder = create_encoder(name, **TINY_ENCODERS[name]).eval()
+    backbone = MixMIMBackbone(encoder)
+    for p in backbone.norms.parameters():
+        p.data.add_(torch.randn_like(p) * 0.1)
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        got = list(backbone(x).values())
+        stages = encoder.forward_stages(encoder.embed(x))
+        maps = [s.reshape(2, *encoder.grids[i], -1).permute(0, 3, 1, 2) for i, s in enumerate(stages)]
+        if backbone.pyramid is not None:
+            maps = backbone.pyramid(maps[-1])
+        want = [norm(maps[i].permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+                for i, norm in zip(backbone.out_indices, backbone.norms)]
+    assert len(got) == len(want) == 4
+    for a, b in zip(got, want):
+        assert a.shape == b.shape
+        # exact but for the ViT's transposed convolutions, which see another memory layout
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

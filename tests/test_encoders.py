@@ -201,3 +201,78 @@ def test_finetune_probe_and_knn_accept_every_family(name, class_folder, tmp_path
     assert main(["finetune", *common, "--output", str(tmp_path / "ft"), "--epochs", "1", "--warmup-epochs", "0"]) == 0
     for out in ("knn", "lp", "ft"):
         assert 0.0 <= json.loads((tmp_path / out / "results.json").read_text())["acc1"] <= 100.0
+
+
+def _repeated_blocks(encoder):
+    from mixmim.models.base import GroupedEncoder
+
+    if encoder.family == "vit" and type(encoder).repeated_blocks is GroupedEncoder.repeated_blocks:
+        pytest.skip("models/vit.py does not list its blocks yet (repeated_blocks, owned by the methods helper)")
+    return encoder.repeated_blocks()
+
+
+@pytest.mark.parametrize("name", ENCODERS)
+def test_repeated_blocks_are_every_block_once_in_the_order_they_run(name):
+    """What FSDP shards one by one: every module under a ``blocks`` container, no other parameter,
+    each once, none inside another, in the order forward_stages runs them (with and without groups)."""
+    encoder = _tiny(name)
+    blocks = _repeated_blocks(encoder)
+    config = encoder.config()
+    depth = config.get("depth") or sum(config.get("depths") or config.get("layers"))
+    assert len(blocks) == depth and len({id(b) for b in blocks}) == depth
+    inside = {id(p) for b in blocks for p in b.parameters()}
+    named = {id(p) for n, p in encoder.named_parameters() if n.startswith("blocks.") or ".blocks." in n}
+    assert inside == named
+    for i, outer in enumerate(blocks):
+        assert not any(inner is outer for j, other in enumerate(blocks) if j != i for inner in other.modules())
+    order = []
+    hooks = [b.register_forward_hook(lambda m, a, o, i=i: order.append(i)) for i, b in enumerate(blocks)]
+    tokens = encoder.embed(torch.randn(2, 3, 128, 128))
+    groups = _maps("shared", 2, 2)
+    with torch.no_grad():
+        encoder.forward_stages(tokens)
+        encoder.forward_stages(tokens, groups, num_groups=2)
+    for h in hooks:
+        h.remove()
+    assert order == list(range(depth)) * 2
+
+
+@pytest.mark.parametrize("name", ENCODERS)
+def test_grad_checkpointing_runs_every_block_through_checkpoint_with_the_same_gradients(name, monkeypatch):
+    """set_grad_checkpointing(True): every repeated block of the group-restricted path goes through
+    torch.utils.checkpoint (run_block), and the gradients do not change."""
+    import torch.utils.checkpoint as checkpoint_module
+
+    torch.manual_seed(0)
+    encoder = _tiny(name).double()
+    blocks = _repeated_blocks(encoder)
+    x = torch.randn(2, 3, 128, 128, dtype=torch.float64)
+    groups = _maps("per_sample", 2, 2)
+
+    def grads():
+        encoder.zero_grad()
+        out = encoder.forward_tokens(encoder.embed(x, groups), groups, num_groups=2)
+        (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype)).sum().backward()
+        return [p.grad.clone() for p in encoder.parameters() if p.grad is not None]
+
+    plain = grads()
+    calls = []
+    original = checkpoint_module.checkpoint
+    monkeypatch.setattr(checkpoint_module, "checkpoint", lambda fn, *a, **k: calls.append(fn) or original(fn, *a, **k))
+    encoder.set_grad_checkpointing(True)
+    again = grads()
+    assert [id(fn) for fn in calls] == [id(b) for b in blocks]
+    assert len(plain) == len(again)
+    for a, b in zip(plain, again):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ENCODERS)
+def test_compile_blocks_compiles_every_repeated_block(name):
+    """compile_blocks() marks every repeated block for torch.compile (compilation itself is lazy)."""
+    encoder = _tiny(name)
+    blocks = _repeated_blocks(encoder)
+    encoder.compile_blocks()
+    assert all(getattr(b, "_compiled_call_impl", None) is not None for b in blocks)
+    others = [m for m in encoder.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    assert {id(m) for m in others} == {id(b) for b in blocks}

@@ -73,3 +73,14 @@ def test_classifier_averages_last_stage_after_norm():
 def test_window_that_does_not_divide_feature_map_is_a_clear_error():
     with pytest.raises(ValueError, match="window_size=12 does not divide"):
         mixmim.create_encoder("mixmim_tiny", window_size=(12, 14, 14, 7))
+
+
+@pytest.mark.parametrize("size", [(4, 4), (2, 8), (16, 16), (8, 2), (8, 8)])
+def test_resize_groups_is_pytorchs_nearest_neighbour(size):
+    """base.resize_groups is nearest-neighbour resampling (MixMIM section 2.3) as F.interpolate does
+    it, on any map: each coarse position reads the first (top-left) fine position it covers."""
+    from mixmim.models.base import resize_groups
+
+    groups = torch.randint(0, 3, (2, 8, 8), generator=torch.Generator().manual_seed(0))
+    want = torch.nn.functional.interpolate(groups[:, None].float(), size=size, mode="nearest")[:, 0].long()
+    assert torch.equal(resize_groups(groups, size), want)

@@ -10,6 +10,10 @@ win over both (``img_size=384, window_size=[16, 16, 24, 12]`` resizes the positi
 relative position tables at load time, MixMIM section 3). Exports carry no head, so the default
 ``num_classes`` is 0 (pooled features); pass ``num_classes=N`` for a new head.
 
+timm's feature extraction works as for timm's own hierarchical models:
+``timm.create_model("mixmim_base", features_only=True)`` returns the four stage maps (NCHW, strides
+4/8/16/32; ``out_indices`` picks stages) through the encoder's ``forward_intermediates``.
+
 Importing this module registers the models (``import mixmim`` does it).
 """
 
@@ -66,8 +70,11 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any):
         patch = saved.get("patch_size", 4)
         source_grid = (img[0] // patch, img[1] // patch)
     encoder.update(kwargs)
+    # features_only: timm's FeatureGetterNet calls forward_intermediates (one entry per stage).
+    out_indices = encoder.pop("out_indices", tuple(range(len(encoder["depths"]))))
     return build_model_with_cfg(MixMIMTransformer, variant, pretrained,
-                                pretrained_filter_fn=partial(_filter, source_grid=source_grid), **encoder)
+                                pretrained_filter_fn=partial(_filter, source_grid=source_grid),
+                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **encoder)
 
 
 def _as_list(value: Any) -> list:

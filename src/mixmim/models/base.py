@@ -18,13 +18,19 @@ section 9). Methods use nothing else, so a method never knows which backbone it 
 and a backbone never knows which loss it feeds. The classification path (``forward``,
 ``forward_features``, ``forward_head``) is the backbone's own (timm's, for timm families), so timm
 weights give timm's logits.
+
+Every family also lists its repeated blocks (:meth:`GroupedEncoder.repeated_blocks`, what FSDP
+shards and ``torch.compile`` compiles one by one) and runs each through
+:meth:`GroupedEncoder.run_block`, which applies activation checkpointing when it is enabled.
 """
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
-from torch import Tensor
+import torch
+import torch.utils.checkpoint
+from torch import Tensor, nn
 
 
 def resize_groups(groups: Tensor, size: Sequence[int]) -> Tensor:
@@ -60,7 +66,8 @@ class GroupedEncoder:
       added); ``embed_dim``: width of :meth:`embed`'s tokens; ``num_features``: final width.
     - ``family``: registry family name (class attribute).
 
-    Methods a family implements: :meth:`embed`, :meth:`forward_stages`, :meth:`config`.
+    Methods a family implements: :meth:`embed`, :meth:`forward_stages`, :meth:`forward_tokens`,
+    :meth:`config`, :meth:`repeated_blocks`; its stages run every block through :meth:`run_block`.
     """
 
     family: str = ""
@@ -71,6 +78,8 @@ class GroupedEncoder:
     stage_in_dims: list[int]
     embed_dim: int
     num_features: int
+    # Activation checkpointing of every block run through run_block (set_grad_checkpointing).
+    block_checkpointing: bool = False
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -123,6 +132,37 @@ class GroupedEncoder:
         """Constructor arguments that rebuild this encoder (stored beside exported weights)."""
         raise NotImplementedError
 
+    def repeated_blocks(self) -> list[nn.Module]:
+        """The repeated blocks in the order they run (transformer blocks, bottlenecks): the units FSDP
+        shards one by one and :meth:`compile_blocks` compiles. They do not nest; everything else
+        (embeddings, merging and downsampling layers, norms, heads) is outside them."""
+        raise NotImplementedError(f"{type(self).__name__} does not list its repeated blocks")
+
+    # ------------------------------------------------------------------ the frame every family shares
+    def run_block(self, blk: nn.Module, *args: Any) -> Any:
+        """``blk(*args)``, with activation checkpointing when it is enabled and gradients are on: the
+        block's activations are recomputed in the backward instead of kept."""
+        if self.block_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(blk, *args, use_reentrant=False)
+        return blk(*args)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing per block (:meth:`run_block`); for timm families also timm's own
+        switch, so that timm's classification forward checkpoints as well."""
+        self.block_checkpointing = enable
+        timm_switch = getattr(super(), "set_grad_checkpointing", None)
+        if timm_switch is not None:
+            timm_switch(enable)
+
+    def check_stage_embeds(self, stage_embeds: Sequence[Tensor] | None, groups: Tensor | None) -> None:
+        """Raise a ValueError unless ``stage_embeds`` is None or one table per stage with a group map."""
+        if stage_embeds is None:
+            return
+        if groups is None:
+            raise ValueError("stage_embeds (mix embeddings) need groups: which image each token is from")
+        if len(stage_embeds) != self.num_stages:
+            raise ValueError(f"stage_embeds has {len(stage_embeds)} tables, the encoder {self.num_stages} stages")
+
     # ------------------------------------------------------------------ evaluation helpers
     def pooled_features(self, images: Tensor) -> Tensor:
         """``(B, C)`` pre-logits features of the classification path (k-NN, linear probe)."""
@@ -132,7 +172,10 @@ class GroupedEncoder:
         """Switch attention implementations where a family has several (no-op otherwise)."""
 
     def compile_blocks(self, **compile_kwargs: Any) -> None:
-        """``torch.compile`` the repeated blocks in place (no-op where a family has none)."""
+        """``torch.compile`` every block of :meth:`repeated_blocks` in place (the group plans and masks
+        are built outside the blocks, so they stay out of the graphs)."""
+        for blk in self.repeated_blocks():
+            blk.compile(**compile_kwargs)
 
 
 def check_groups(groups: Tensor, batch: int) -> None:

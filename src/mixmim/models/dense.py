@@ -2,8 +2,10 @@
 ADE20K).
 
 :class:`MixMIMBackbone` returns the four stage outputs (strides 4, 8, 16, 32) as NCHW maps, each
-through its own LayerNorm as Swin detection backbones do; :class:`MixMIMFPN` adds torchvision's
-feature pyramid so that ``torchvision.models.detection.MaskRCNN`` takes it as is
+through its own LayerNorm as Swin detection backbones do. The maps come from the encoder's
+``forward_intermediates`` (timm's feature API, the path of ``timm.create_model(...,
+features_only=True)``), for the MixMIM encoder and timm's families alike. :class:`MixMIMFPN` adds
+torchvision's feature pyramid so that ``torchvision.models.detection.MaskRCNN`` takes it as is
 (:func:`mask_rcnn`).
 
 The encoder's absolute position table fixes its input size: smaller inputs (torchvision pads
@@ -38,6 +40,20 @@ class SimplePyramid(nn.Module):
         return [self.up4(x), self.up8(x), x, self.down32(x)]
 
 
+def stage_taps(encoder: nn.Module) -> list[int]:
+    """Which of the encoder's ``feature_info`` entries (timm's feature API) are its stage outputs:
+    for each stage stride the last entry at that reduction (a ViT lists every block at stride 16,
+    timm's ResNet-v2 its stride-2 stem before the four stages)."""
+    reductions = [info["reduction"] for info in encoder.feature_info]
+    taps = []
+    for stride in encoder.strides:
+        if stride not in reductions:
+            raise ValueError(f"{type(encoder).__name__} has no feature map at stride {stride} (feature_info "
+                             f"reductions {reductions})")
+        taps.append(len(reductions) - 1 - reductions[::-1].index(stride))
+    return taps
+
+
 class MixMIMBackbone(nn.Module):
     """Multi-scale features of an encoder: ``{"0": stride 4, ..., "3": stride 32}``.
 
@@ -53,6 +69,7 @@ class MixMIMBackbone(nn.Module):
         if not out_indices or any(not 0 <= i < levels for i in out_indices):
             raise ValueError(f"out_indices={tuple(out_indices)}: expected stage indices in 0..{levels - 1}")
         self.out_indices = tuple(out_indices)
+        self.taps = stage_taps(encoder)
         if self.pyramid is not None:
             self.out_channels = [self.pyramid.channels[i] for i in self.out_indices]
             self.strides = [encoder.stride * 2**i // 4 for i in self.out_indices]
@@ -77,9 +94,7 @@ class MixMIMBackbone(nn.Module):
             raise ValueError(f"input {h}x{w} is larger than the backbone's img_size {full_h}x{full_w}")
         if (h, w) != (full_h, full_w):
             images = F.pad(images, (0, full_w - w, 0, full_h - h))
-        stages = self.encoder.forward_stages(self.encoder.embed(images))
-        b = images.shape[0]
-        maps = [x.reshape(b, *self.encoder.grids[i], -1).permute(0, 3, 1, 2) for i, x in enumerate(stages)]
+        maps = self.encoder.forward_intermediates(images, indices=self.taps, intermediates_only=True)
         if self.pyramid is not None:
             maps = self.pyramid(maps[-1])
         out: OrderedDict[str, Tensor] = OrderedDict()

@@ -11,11 +11,11 @@ Parameter and module names follow the public release, so its checkpoints load wi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
-import torch.utils.checkpoint
 from timm.layers import DropPath, Mlp, PatchEmbed
+from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
 from mixmim.models.attention import AttentionImpl, GroupLayout, WindowAttention, window_partition, window_reverse
@@ -63,7 +63,8 @@ class PatchMerging(nn.Module):
 
 
 class MixMIMStage(nn.Module):
-    """Blocks at one resolution, then (except for the last stage) patch merging."""
+    """Blocks at one resolution, then (except for the last stage) patch merging, which the encoder
+    applies after taking the stage's output."""
 
     def __init__(self, dim: int, depth: int, num_heads: int, window_sizes: Sequence[int], mlp_ratio: float,
                  qkv_bias: bool, drop: float, attn_drop: float, drop_path: Sequence[float], downsample: bool,
@@ -74,10 +75,13 @@ class MixMIMStage(nn.Module):
             for i in range(depth)
         ])
         self.downsample = PatchMerging(dim) if downsample else None
-        self.grad_checkpointing = False
 
-    def forward(self, x: Tensor, hw: tuple[int, int], groups: Tensor | None, num_groups: int) -> Tensor:
-        layouts: dict[int, GroupLayout] = {}
+    def forward(self, x: Tensor, hw: tuple[int, int], groups: Tensor | None, num_groups: int,
+                run_block: Callable[..., Tensor] | None = None) -> Tensor:
+        """The blocks on ``x`` (B, h*w, C); ``groups`` (G, h, w) restrict attention. ``run_block(blk,
+        *args)`` runs each block (the encoder's :meth:`~mixmim.models.base.GroupedEncoder.run_block`,
+        which checkpoints); by default the block is called."""
+        layouts: dict[int, GroupLayout] = {}  # one per window size: the plan is built once per stage
         for blk in self.blocks:
             layout = None
             if groups is not None:
@@ -85,10 +89,7 @@ class MixMIMStage(nn.Module):
                 if ws not in layouts:
                     layouts[ws] = GroupLayout.from_grid(groups, ws, num_groups)
                 layout = layouts[ws]
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(blk, x, hw, layout, use_reentrant=False)
-            else:
-                x = blk(x, hw, layout)
+            x = blk(x, hw, layout) if run_block is None else run_block(blk, x, hw, layout)
         return x
 
 
@@ -169,6 +170,9 @@ class MixMIMTransformer(GroupedEncoder, nn.Module):
                                            downsample=i < self.num_stages - 1, attn_impl=attention_impl))
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        # timm's feature API: each stage's output before its patch merging (forward_intermediates).
+        self.feature_info = [dict(num_chs=d, reduction=s, module=f"layers.{i}")
+                             for i, (d, s) in enumerate(zip(self.dims, self.strides))]
         # The release initialises linear layers and norms only; the patch-embedding convolution keeps
         # PyTorch's default (MAE's xavier on the flattened kernel is not applied there).
         self.apply(_init_weights)
@@ -184,16 +188,9 @@ class MixMIMTransformer(GroupedEncoder, nn.Module):
             if isinstance(module, WindowAttention):
                 module.impl = impl
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Activation checkpointing per block: activations are recomputed in the backward."""
-        for stage in self.layers:
-            stage.grad_checkpointing = enable
-
-    def compile_blocks(self, **compile_kwargs) -> None:
-        """``torch.compile`` every block in place; the group plan is built outside the graphs."""
-        for stage in self.layers:
-            for blk in stage.blocks:
-                blk.compile(**compile_kwargs)
+    def repeated_blocks(self) -> list[nn.Module]:
+        """Every ``MixMIMBlock`` of every stage, in order."""
+        return [blk for stage in self.layers for blk in stage.blocks]
 
     # Layer-wise lr decay as the release's ``get_layer_id_for_mixmim``: the final norm and the head share
     # the last block's layer id, while the number of layers counts one more, so their scale is decay^1
@@ -258,25 +255,26 @@ class MixMIMTransformer(GroupedEncoder, nn.Module):
         table per stage whose rows are added to each token by group at the start of the stage (the
         "mix embedding" of section 2.3).
         """
+        return self._run_stages(x, groups, restrict_attention, stage_embeds, num_groups, len(self.layers))
+
+    def _run_stages(self, x: Tensor, groups: Tensor | None, restrict_attention: bool,
+                    stage_embeds: Sequence[Tensor] | None, num_groups: int | None, count: int) -> list[Tensor]:
+        """:meth:`forward_stages` for the first ``count`` stages."""
         if groups is not None and num_groups is None:
             num_groups = int(groups.max()) + 1
         if groups is not None:
             groups = self.stage_groups(groups, self.num_stages - 1)
-        if stage_embeds is not None:
-            if groups is None:
-                raise ValueError("stage_embeds (mix embeddings) need groups: which image each token is from")
-            if len(stage_embeds) != self.num_stages:
-                raise ValueError(f"stage_embeds has {len(stage_embeds)} tables, the encoder {self.num_stages} stages")
+        self.check_stage_embeds(stage_embeds, groups)
         x = x + self.absolute_pos_embed
         outs = []
-        for i, stage in enumerate(self.layers):
+        for i, stage in enumerate(self.layers[:count]):
             gh, gw = self.grids[i]
             ids = self.stage_groups(groups, i) if groups is not None else None
             if stage_embeds is not None:
                 x = x + stage_embeds[i][ids.reshape(ids.shape[0], -1)].to(x.dtype)
-            x = stage(x, (gh, gw), ids if restrict_attention else None, num_groups or 1)
+            x = stage(x, (gh, gw), ids if restrict_attention else None, num_groups or 1, self.run_block)
             outs.append(x)
-            if stage.downsample is not None:
+            if stage.downsample is not None and i + 1 < count:
                 x = stage.downsample(x, (gh, gw))
         return outs
 
@@ -294,6 +292,63 @@ class MixMIMTransformer(GroupedEncoder, nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(images))
+
+    # ------------------------------------------------------------------ timm's feature API
+    def forward_intermediates(self, x: Tensor, indices: int | Sequence[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """timm's feature API (as timm's Swin Transformer): the outputs of the stages ``indices`` (None:
+        all; an int n: the last n; a sequence: those, negative from the end), each taken before the
+        stage's patch merging, as ``(B, C_s, h_s, w_s)`` maps (``output_fmt="NLC"``: ``(B, L_s, C_s)``
+        tokens); ``norm`` applies the final norm to the last stage's. ``stop_early`` runs no stage
+        beyond the last one asked for. Returns the maps, or (the final normalised tokens of the last
+        stage run, the maps)."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt={output_fmt!r}: expected 'NCHW' or 'NLC'")
+        take, max_index = feature_take_indices(len(self.layers), indices)
+        self.check_input(x)
+        last = len(self.layers) - 1
+        outs = self._run_stages(self.embed(x), None, True, None, None, max_index + 1 if stop_early else last + 1)
+        maps = []
+        for i in take:
+            y = self.norm(outs[i]) if norm and i == last else outs[i]
+            if output_fmt == "NCHW":
+                y = y.reshape(y.shape[0], *self.grids[i], -1).permute(0, 3, 1, 2).contiguous()
+            maps.append(y)
+        if intermediates_only:
+            return maps
+        return (self.norm(outs[-1]) if len(outs) == last + 1 else outs[-1]), maps
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop what the stages ``indices`` (as :meth:`forward_intermediates`) do not need, as timm's
+        models do: the later stages, the patch merging after the last kept stage, the final norm
+        (sized for the last stage; also with ``prune_norm``) and the head (with ``prune_head``). The
+        per-stage geometry is cut to match, so the encoder stays consistent. Returns the indices."""
+        take, max_index = feature_take_indices(len(self.layers), indices)
+        keep = max_index + 1
+        prune_end = keep < len(self.layers)
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()
+        self.layers = self.layers[:keep]
+        if prune_end:
+            self.layers[-1].downsample = None
+            for name in ("grids", "strides", "dims", "stage_in_dims", "depths", "num_heads", "window_sizes",
+                         "feature_info"):
+                setattr(self, name, getattr(self, name)[:keep])
+            self.num_features = self.dims[-1]
+        if prune_head or prune_end:
+            self.reset_classifier(0)
+        return take
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new linear head for ``num_classes`` (0: none; pooled features) on the average pooling
+        (timm's interface; ``global_pool`` must stay average pooling)."""
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"global_pool={global_pool!r}: the MixMIM encoder pools by averaging ('avg')")
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head.apply(_init_weights)
 
 
 def _init_weights(m: nn.Module) -> None:

@@ -27,11 +27,9 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from timm.models.pvt_v2 import Attention, Block, MlpWithDepthwiseConv, OverlapPatchEmbed, PyramidVisionTransformerV2
-from torch import Tensor
+from torch import Tensor, nn
 
 from mixmim.models.base import GroupedEncoder, check_groups, resize_groups
 from mixmim.models.mixed_conv import mixed_conv2d
@@ -215,11 +213,7 @@ class PVTv2Encoder(GroupedEncoder, PyramidVisionTransformerV2):
         h0, w0 = self.grids[0]
         if n != h0 * w0:
             raise ValueError(f"expected {h0 * w0} tokens ({h0}x{w0}), got {n}")
-        if stage_embeds is not None:
-            if groups is None:
-                raise ValueError("stage_embeds (mix embeddings) need groups: which image each token is from")
-            if len(stage_embeds) != self.num_stages:
-                raise ValueError(f"stage_embeds has {len(stage_embeds)} tables, the encoder {self.num_stages} stages")
+        self.check_stage_embeds(stage_embeds, groups)
         restrict = groups is not None and restrict_attention
         if groups is not None:
             check_groups(groups, b)
@@ -241,11 +235,7 @@ class PVTv2Encoder(GroupedEncoder, PyramidVisionTransformerV2):
             mask = self._attention_mask(groups, i) if restrict else None
             block_groups = here if restrict else None
             for blk in stage.blocks:
-                if stage.grad_checkpointing and torch.is_grad_enabled():
-                    x = torch.utils.checkpoint.checkpoint(blk, x, self.grids[i], block_groups, mask, num_groups,
-                                                          use_reentrant=False)
-                else:
-                    x = blk(x, self.grids[i], block_groups, mask, num_groups)
+                x = self.run_block(blk, x, self.grids[i], block_groups, mask, num_groups)
             x = stage.norm(x)
             outs.append(x)
             before = here
@@ -255,7 +245,6 @@ class PVTv2Encoder(GroupedEncoder, PyramidVisionTransformerV2):
         """The last stage's output: timm's PVT v2 already ends each stage with its own LayerNorm."""
         return self.forward_stages(tokens, groups, **kwargs)[-1]
 
-    def compile_blocks(self, **compile_kwargs: Any) -> None:
-        for stage in self.stages:
-            for blk in stage.blocks:
-                blk.compile(**compile_kwargs)
+    def repeated_blocks(self) -> list[nn.Module]:
+        """Every ``GroupedBlock`` (timm's PVT v2 ``Block``) of every stage, in order."""
+        return [blk for stage in self.stages for blk in stage.blocks]

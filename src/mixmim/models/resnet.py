@@ -22,8 +22,6 @@ from __future__ import annotations
 from functools import partial
 from typing import Any, Sequence
 
-import torch
-import torch.utils.checkpoint
 from timm.layers import GroupNormAct, StdConv2d, make_divisible
 from timm.models.resnetv2 import PreActBottleneck, ResNetV2
 from torch import Tensor, nn
@@ -140,8 +138,7 @@ class ResNetV2Encoder(GroupedEncoder, ResNetV2):
         if n != h * w:
             raise ValueError(f"{n} tokens do not fill the first stage's {h}x{w} grid (img_size={self.img_size})")
         x = tokens.transpose(1, 2).reshape(b, c, h, w)
-        if stage_embeds is not None and groups is None:
-            raise ValueError("stage_embeds (mix embeddings) need groups: which image each position is from")
+        self.check_stage_embeds(stage_embeds, groups)
         if groups is not None:
             check_groups(groups, b)
             groups = resize_groups(groups.to(x.device), (h, w))
@@ -158,10 +155,7 @@ class ResNetV2Encoder(GroupedEncoder, ResNetV2):
                     groups = downsample_groups(groups, x.shape[-2:], stage.blocks[0].conv2.stride)
             else:
                 for block in stage.blocks:
-                    if stage.grad_checkpointing and torch.is_grad_enabled():
-                        x = torch.utils.checkpoint.checkpoint(block, x, groups, num_groups, use_reentrant=False)
-                    else:
-                        x = block(x, groups, num_groups)
+                    x = self.run_block(block, x, groups, num_groups)
                     groups = downsample_groups(groups, x.shape[-2:], block.conv2.stride)
             outs.append(x)
         return outs, groups, num_groups
@@ -187,8 +181,7 @@ class ResNetV2Encoder(GroupedEncoder, ResNetV2):
             x = self.norm(x)
         return x.flatten(2).transpose(1, 2)
 
-    def compile_blocks(self, **compile_kwargs: Any) -> None:
-        """``torch.compile`` every bottleneck in place (both its plain and its grouped forward)."""
-        for stage in self.stages:
-            for block in stage.blocks:
-                block.compile(**compile_kwargs)
+    def repeated_blocks(self) -> list[nn.Module]:
+        """Every ``GroupedPreActBottleneck`` (timm's ``PreActBottleneck``) of every stage, in order;
+        compiled, each serves both its plain and its grouped forward."""
+        return [block for stage in self.stages for block in stage.blocks]

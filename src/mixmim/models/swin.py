@@ -25,9 +25,8 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, window_partition, window_reverse
-from torch import Tensor
+from torch import Tensor, nn
 
 from mixmim.models.base import GroupedEncoder, check_groups
 
@@ -169,11 +168,7 @@ class SwinEncoder(GroupedEncoder, SwinTransformer):
             raise ValueError(f"expected {h * w} tokens on the {h}x{w} patch grid, got {n}")
         if groups is not None:
             check_groups(groups, b)
-        if stage_embeds is not None:
-            if groups is None:
-                raise ValueError("stage_embeds (mix embeddings) need groups: which image each token is from")
-            if len(stage_embeds) != self.num_stages:
-                raise ValueError(f"stage_embeds has {len(stage_embeds)} tables, the encoder {self.num_stages} stages")
+        self.check_stage_embeds(stage_embeds, groups)
         restrict = groups is not None and restrict_attention and num_groups != 1
         x = tokens.reshape(b, h, w, c)
         outs = []
@@ -191,10 +186,7 @@ class SwinEncoder(GroupedEncoder, SwinTransformer):
                         masks[key] = group_window_mask(window_groups(ids, blk.window_size, blk.shift_size),
                                                        _shift_mask(blk, x), x.dtype)
                     mask = masks[key]
-                if stage.grad_checkpointing and torch.is_grad_enabled():
-                    x = torch.utils.checkpoint.checkpoint(blk, x, mask, use_reentrant=False)
-                else:
-                    x = blk(x, mask)
+                x = self.run_block(blk, x, mask)
             outs.append(x.reshape(b, -1, x.shape[-1]))
         return outs
 
@@ -202,11 +194,9 @@ class SwinEncoder(GroupedEncoder, SwinTransformer):
         """Normalised last-stage tokens ``(B, L, C)`` (timm's final norm)."""
         return self.norm(self.forward_stages(tokens, groups, **kwargs)[-1])
 
-    def compile_blocks(self, **compile_kwargs: Any) -> None:
-        """``torch.compile`` every block in place; the masks are built outside the graphs."""
-        for stage in self.layers:
-            for blk in stage.blocks:
-                blk.compile(**compile_kwargs)
+    def repeated_blocks(self) -> list[nn.Module]:
+        """Every ``GroupSwinBlock`` (timm's ``SwinTransformerBlock``) of every stage, in order."""
+        return [blk for stage in self.layers for blk in stage.blocks]
 
 
 def _shift_mask(blk: SwinTransformerBlock, x: Tensor) -> Tensor | None:

@@ -1,4 +1,4 @@
-"""Group-restricted window attention through FlexAttention block masks (CUDA).
+"""Group-restricted window attention through FlexAttention block masks (CUDA only).
 
 MixMIM section 2.3 with PyTorch's ``torch.nn.attention.flex_attention``: the windows of one image are
 laid end to end as one sequence; the mask lets a query see a key only when both lie in the same
@@ -7,20 +7,19 @@ modification that reads the learned table, so its gradient comes out of the fuse
 The block mask is built once per layout (stage) and shared by the stage's blocks; with one mask per
 batch it has no batch axis.
 
-On CPU this function falls back to the ``fast`` path of :mod:`mixmim.models.attention` (the same
-function, checked against the reference in the tests) with a one-time warning, so a configuration
-written for a GPU still runs on a laptop; FlexAttention itself is only used on CUDA.
+This module runs FlexAttention and nothing else: on a tensor that is not on a CUDA device it raises.
+Which implementation serves a call (``fast`` in place of ``flex`` on a CPU, with a warning) is the
+dispatcher's choice, in :mod:`mixmim.models.attention`.
 """
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor
 
+from mixmim.models.attention.layout import GroupLayout
+
 _compiled = None
-_warned = False
 
 
 def _flex():
@@ -33,12 +32,12 @@ def _flex():
     return _compiled
 
 
-def _block_mask(layout, num_windows: int, window_tokens: int, device: torch.device):
+def _block_mask(layout: GroupLayout | None, num_windows: int, window_tokens: int, device: torch.device):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    cache = getattr(layout, "_flex_mask", None) if layout is not None else None
-    if cache is not None and cache[0] == (num_windows, window_tokens, device):
-        return cache[1]
+    key = (num_windows, window_tokens, device)
+    if layout is not None and layout._flex_mask is not None and layout._flex_mask[0] == key:
+        return layout._flex_mask[1]
     n = window_tokens
     ids = layout.ids.reshape(layout.ids.shape[0], -1).to(device) if layout is not None else None
     shared = ids is None or ids.shape[0] == 1
@@ -54,26 +53,21 @@ def _block_mask(layout, num_windows: int, window_tokens: int, device: torch.devi
     batch = None if shared else ids.shape[0]
     mask = create_block_mask(mask_mod, batch, None, length, length, device=device)
     if layout is not None:
-        layout._flex_mask = ((num_windows, window_tokens, device), mask)
+        layout._flex_mask = (key, mask)
     return mask
 
 
-def flex_window_attention(q: Tensor, k: Tensor, v: Tensor, table: Tensor, rel_index: Tensor, layout, scale: float,
-                          dropout: float = 0.0) -> Tensor:
-    """Group-restricted window attention. ``q, k, v``: (B, nW, heads, N, d); ``table``: ((2w-1)^2,
-    heads) relative position bias; ``rel_index``: (N, N) rows of ``table``; ``layout``: a
-    :class:`~mixmim.models.attention.GroupLayout` or None (windows only). Returns (B, nW, heads, N, d).
-    """
-    b, nw, h, n, d = q.shape
+def flex_window_attention(q: Tensor, k: Tensor, v: Tensor, table: Tensor, rel_index: Tensor,
+                          layout: GroupLayout | None, scale: float, dropout: float = 0.0) -> Tensor:
+    """Group-restricted window attention. ``q, k, v``: (B, nW, heads, N, d) on a CUDA device;
+    ``table``: ((2w-1)^2, heads) relative position bias; ``rel_index``: (N, N) rows of ``table``;
+    ``layout``: the groups, or None (windows only). Returns (B, nW, heads, N, d)."""
     if q.device.type != "cuda":
-        global _warned
-        if not _warned:
-            warnings.warn("attention_impl='flex' needs CUDA; using the equivalent 'fast' path on "
-                          f"{q.device.type}", stacklevel=2)
-            _warned = True
-        return _fast_fallback(q, k, v, table, rel_index, layout, scale, dropout)
+        raise ValueError(f"FlexAttention (attention_impl='flex') runs on CUDA only, got a tensor on {q.device}; "
+                         "use attention_impl='fast' or 'auto'")
     if dropout > 0:
         raise ValueError("attention_impl='flex' does not support attention dropout; use 'fast' or 'reference'")
+    b, nw, h, n, d = q.shape
     block_mask = _block_mask(layout, nw, n, q.device)
     flat_index = rel_index.reshape(-1)
 
@@ -85,10 +79,3 @@ def flex_window_attention(q: Tensor, k: Tensor, v: Tensor, table: Tensor, rel_in
 
     out = _flex()(seq(q), seq(k), seq(v), score_mod=score_mod, block_mask=block_mask, scale=scale)
     return out.reshape(b, h, nw, n, d).permute(0, 2, 1, 3, 4)
-
-
-def _fast_fallback(q, k, v, table, rel_index, layout, scale, dropout):
-    """The ``fast`` path on (B, nW, heads, N, d) tensors (CPU stand-in for FlexAttention)."""
-    from mixmim.models.attention import fast_window_attention
-
-    return fast_window_attention(q, k, v, table, rel_index, layout, scale, dropout)

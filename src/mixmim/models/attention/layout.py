@@ -1,0 +1,155 @@
+"""Where the tokens of one stage sit: windows, relative positions and which group each token holds.
+
+Everything here is geometry on integer tensors, shared by every attention implementation: the
+window partition of Swin Transformer (row-major windows of row-major tokens), its relative position
+index, and the group layout of a stage (MixMIM section 2.3: each token belongs to one source image)
+with the plan the ``fast`` path derives from it once per stage: every non-empty (window, group) as
+one dense sequence, sequences bucketed by length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Gather into dense sequences only when it removes at least this share of the query-key pairs; below
+# that the copies cost more than the saved pairs and one mask per window (shared by the batch) wins.
+_GATHER_MIN_SAVING = 0.4
+
+
+def relative_position_index(window: int) -> Tensor:
+    """(N, N) index into a ((2w - 1)^2, heads) table of the relative offset between two tokens of a
+    w x w window, row-major; the Swin Transformer layout used by the release."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij"))
+    coords = coords.flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
+    return rel[..., 0] * (2 * window - 1) + rel[..., 1]
+
+
+def window_partition(x: Tensor, window: int) -> Tensor:
+    """(B, H, W, ...) -> (B, nW, window*window, ...), windows and tokens in row-major order."""
+    b, h, w = x.shape[:3]
+    rest = x.shape[3:]
+    x = x.reshape(b, h // window, window, w // window, window, *rest)
+    x = x.transpose(2, 3)
+    return x.reshape(b, (h // window) * (w // window), window * window, *rest)
+
+
+def window_reverse(x: Tensor, window: int, h: int, w: int) -> Tensor:
+    """Inverse of :func:`window_partition`: (B, nW, window*window, C) -> (B, H, W, C)."""
+    b, c = x.shape[0], x.shape[-1]
+    x = x.reshape(b, h // window, w // window, window, window, c).transpose(2, 3)
+    return x.reshape(b, h, w, c)
+
+
+@dataclass(eq=False)
+class GroupPlan:
+    """Dense per-(window, group) sequences of one stage, bucketed by length.
+
+    Every non-empty (image, window, group) triple becomes one sequence of the tokens it holds; the
+    sequences are sorted by length and cut into buckets, each padded to its longest member. With a
+    shared mask the sequences are the same for every image, so the leading batch axis stays and the
+    bias of a bucket is built once for the whole batch.
+    """
+
+    gather: Tensor  # (P,) flat token index of every padded sequence position (pads point at token 0)
+    scatter: Tensor  # (T,) position of every flat token in the gathered order
+    buckets: list[tuple[int, int]]  # (number of sequences, padded length) per bucket, in gather order
+    rel_index: list[Tensor]  # per bucket (n, L, L) row of the bias table; padded keys -> the extra row
+    additive: Tensor | None = None  # (nW, 1, N, N) 0 / -inf: set when gathering would not pay off
+
+    @property
+    def gathered(self) -> bool:
+        """Whether the stage runs as gathered sequences (else as whole windows with ``additive``)."""
+        return self.additive is None
+
+
+@dataclass(eq=False)
+class GroupLayout:
+    """Which group (source image) each token of one stage belongs to, windowed for attention.
+
+    ``ids`` is (G, nW, N) with G == 1 when the whole batch shares one mask and G == B otherwise.
+    The derived plans (the ``fast`` path's, FlexAttention's block mask) are computed once per stage
+    and reused by all of its blocks.
+    """
+
+    ids: Tensor
+    num_groups: int
+    window: int = 0
+    _plan: GroupPlan | None = field(default=None, repr=False)
+    _flex_mask: tuple | None = field(default=None, repr=False)  # (key, BlockMask), see flex.py
+
+    @classmethod
+    def from_grid(cls, ids: Tensor, window: int, num_groups: int) -> "GroupLayout":
+        """``ids``: (G, H, W) group ids on this stage's grid."""
+        return cls(window_partition(ids, window), num_groups, window)
+
+    @property
+    def shared(self) -> bool:
+        return self.ids.shape[0] == 1
+
+    @torch.compiler.disable
+    def plan(self) -> GroupPlan:
+        """Built on first use (data dependent, host side; kept out of compiled graphs)."""
+        if self._plan is None:
+            self._plan = _build_plan(self.ids, self.window or int(round(self.ids.shape[-1] ** 0.5)))
+        return self._plan
+
+
+def _bucket_lengths(lengths: list[int], overhead: float) -> list[int]:
+    """Cut lengths sorted in descending order into contiguous buckets minimising
+    sum(count * longest^2) + overhead per bucket (attention work plus a fixed cost per kernel call)."""
+    n = len(lengths)
+    best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j sequences
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            cost = best[i] + (j - i) * lengths[i] ** 2 + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    ends, j = [], n
+    while j > 0:
+        ends.append(j)
+        j = cut[j]
+    return ends[::-1]
+
+
+def _build_plan(ids: Tensor, window: int) -> GroupPlan:
+    device = ids.device
+    ids = ids.cpu()
+    g, nw, n = ids.shape
+    flat = ids.reshape(-1)
+    # Stable sort by (image, window, group) keeps the row-major token order inside every sequence.
+    key = torch.arange(g * nw).repeat_interleave(n) * (int(flat.max()) + 1) + flat
+    order = torch.sort(key, stable=True).indices
+    _, counts = torch.unique_consecutive(key[order], return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    seqs = sorted(zip(counts.tolist(), starts.tolist()), key=lambda c: -c[0])
+    ends = _bucket_lengths([c for c, _ in seqs], overhead=n * n / 2)
+    rpi = relative_position_index(window)
+    pad_row = (2 * window - 1) ** 2
+    gather, real, buckets, rel_index, begin = [], [], [], [], 0
+    for end in ends:
+        length = seqs[begin][0]
+        sizes = torch.tensor([c for c, _ in seqs[begin:end]])
+        tokens = torch.stack([F.pad(order[start:start + count], (0, length - count))
+                              for count, start in seqs[begin:end]])  # (n_b, L) flat token index
+        valid = torch.arange(length) < sizes[:, None]
+        local = tokens % n
+        rel = rpi[local[:, :, None], local[:, None, :]]
+        rel_index.append(torch.where(valid[:, None, :], rel, pad_row).to(device))
+        gather.append(tokens.reshape(-1))
+        real.append(valid.reshape(-1))
+        buckets.append((end - begin, length))
+        begin = end
+    if g == 1 and sum(c * length**2 for c, length in buckets) > (1 - _GATHER_MIN_SAVING) * nw * n * n:
+        same = ids[0, :, :, None] == ids[0, :, None, :]
+        additive = torch.zeros(same.shape).masked_fill_(~same, float("-inf")).unsqueeze(1)
+        return GroupPlan(torch.empty(0), torch.empty(0), [], [], additive.to(device))
+    gather_all, is_real = torch.cat(gather), torch.cat(real)
+    scatter = torch.empty(g * nw * n, dtype=torch.long)
+    scatter[gather_all[is_real]] = torch.nonzero(is_real).flatten()
+    return GroupPlan(gather_all.to(device), scatter.to(device), buckets, rel_index)
