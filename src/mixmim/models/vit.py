@@ -284,3 +284,6 @@ class ViTEncoder(GroupedEncoder, VisionTransformer):
     def compile_blocks(self, **compile_kwargs: Any) -> None:
         for blk in self.blocks:
             blk.compile(**compile_kwargs)
+
+    def repeated_blocks(self) -> list[nn.Module]:
+        return list(self.blocks)

@@ -28,8 +28,7 @@ class Classifier(nn.Module):
         return self.encoder(images)
 
     def repeated_blocks(self) -> list[nn.Module]:
-        blocks = getattr(self.encoder, "repeated_blocks", None)
-        return list(blocks()) if callable(blocks) else []
+        return self.encoder.repeated_blocks()
 
 
 def resolve_model(config: Any) -> Pretrained:
