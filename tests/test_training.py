@@ -132,8 +132,9 @@ def test_existing_run_needs_resume_or_overwrite(tmp_path):
 
 def test_schedule_warms_up_then_follows_the_cosine():
     peak = 1e-3
-    assert lr_at(0, 100, 10, peak) == pytest.approx(peak / 10)
-    assert lr_at(9, 100, 10, peak) == pytest.approx(peak)
+    assert lr_at(0, 100, 10, peak) == 0.0  # MAE's lr_sched, kept by the release: the warm-up starts at 0
+    assert lr_at(9, 100, 10, peak) == pytest.approx(0.9 * peak)
+    assert lr_at(10, 100, 10, peak) == pytest.approx(peak)
     assert lr_at(55, 100, 10, peak) == pytest.approx(peak / 2)
     assert lr_at(100, 100, 10, peak, min_lr=1e-5) == pytest.approx(1e-5)
 

@@ -109,8 +109,8 @@ class OptimConfig:
     half-cosine starts after the warm-up, as MAE's code; False: it spans the whole run with the
     warm-up inside it, as SimMIM's code through timm), ``step`` (the peak times ``step_gamma`` at each
     of ``step_fractions`` of the run: SimMIM section 4.3, appendix B) or ``poly`` (linear decay to
-    ``min_lr``: BEiT's segmentation schedule). ``warmup_lr`` None: this project's earlier warm-up,
-    ``peak x (step + 1) / warmup``.
+    ``min_lr``: BEiT's segmentation schedule). The warm-up starts at ``warmup_lr``: 0 in MAE's
+    ``lr_sched`` and the MixMIM release (which keeps it); SimMIM's code has its own ``WARMUP_LR``.
 
     ``name``: ``adamw`` (``betas``), ``sgd`` or ``lars`` (``momentum``; MAE's linear probe).
     ``layer_decay``: layer-wise lr decay for fine-tuning (None: off), by the encoder's own layer ids
@@ -123,7 +123,7 @@ class OptimConfig:
     lr: float | None = None
     lr_batch_divisor: int = 256
     min_lr: float = 0.0
-    warmup_lr: float | None = None
+    warmup_lr: float = 0.0
     scale_lr_bounds: bool = False
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
@@ -356,7 +356,7 @@ VERB_DEFAULTS: dict[str, dict[str, Any]] = {
     "finetune": {
         "data": {"source": "folder", "crop_scale": [0.08, 1.0]},
         "optim": {"base_lr": 5e-4, "betas": [0.9, 0.999], "weight_decay": 0.05, "layer_decay": 0.7,
-                  "warmup_epochs": 5, "min_lr": 1e-6, "warmup_lr": 1e-6},
+                  "warmup_epochs": 5, "min_lr": 1e-6, "warmup_lr": 0.0},
         "train": {"epochs": 100, "batch_size": 1024, "num_workers": 4, "log_every": 10},
     },
     "linprobe": {

@@ -26,12 +26,12 @@ SCHEDULES: tuple[str, ...] = ("cosine", "step", "poly")
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, min_lr: float = 0.0, *,
           schedule: str = "cosine", step_fractions: Sequence[float] = (0.875,), step_gamma: float = 0.1,
-          warmup_lr: float | None = None, cosine_after_warmup: bool = True) -> float:
+          warmup_lr: float = 0.0, cosine_after_warmup: bool = True) -> float:
     """Learning rate of optimiser step ``step`` (0-based) of ``total_steps``.
 
-    Warm-up (``step < warmup_steps``): ``warmup_lr + (peak - warmup_lr) x step / warmup_steps`` (MAE's
-    and timm's rule; MAE's ``warmup_lr`` is 0), or with ``warmup_lr=None`` ``peak x (step + 1) /
-    warmup_steps`` (this project's earlier rule, which reaches the peak on the last warm-up step).
+    Warm-up (``step < warmup_steps``): ``warmup_lr + (peak - warmup_lr) x step / warmup_steps``: MAE's
+    ``util/lr_sched.py`` (which the MixMIM release keeps) with ``warmup_lr`` 0, timm's schedulers with
+    their ``warmup_lr_init`` (SimMIM's code).
     ``cosine``: a half-cosine from ``peak`` to ``min_lr`` over the steps after the warm-up
     (``cosine_after_warmup``) or over the whole run (SimMIM's code). ``step``: ``peak x step_gamma ** k``
     where k milestones have passed; milestone ``f`` is step ``round(f x total_steps)``, counted from the
@@ -43,8 +43,6 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, min_lr: f
     if schedule == "step":
         check_steps(step_fractions, step_gamma)  # at step 0 too: a bad recipe fails at once
     if warmup_steps > 0 and step < warmup_steps:
-        if warmup_lr is None:
-            return peak * (step + 1) / warmup_steps
         return warmup_lr + (peak - warmup_lr) * step / warmup_steps
     if schedule == "step":
         passed = sum(step >= round(f * total_steps) for f in step_fractions)
@@ -64,7 +62,7 @@ class Schedule:
     warmup_steps: int
     peak: float
     min_lr: float
-    warmup_lr: float | None
+    warmup_lr: float
     config: OptimConfig
 
     def __call__(self, step: int) -> float:
@@ -84,7 +82,7 @@ def build_schedule(optim: OptimConfig, total_steps: int, steps_per_epoch: int, l
     the run; with ``scale_lr_bounds`` the floor and the warm-up start scale with the batch as the peak)."""
     warmup = optim.warmup_steps if optim.warmup_steps is not None else round(optim.warmup_epochs * steps_per_epoch)
     scale = lr_batch / optim.lr_batch_divisor if optim.scale_lr_bounds else 1.0
-    warmup_lr = optim.warmup_lr * scale if optim.warmup_lr is not None else None
+    warmup_lr = optim.warmup_lr * scale
     return Schedule(total_steps, min(warmup, total_steps), peak_lr(optim, lr_batch), optim.min_lr * scale, warmup_lr,
                     optim)
 

@@ -47,7 +47,7 @@ def small_data_settings(images: int, classes: int) -> dict[str, Any]:
     strong = images >= STRONG_AUGMENT_FROM
     return plain({
         "train": {"batch_size": batch, "epochs": epochs},
-        "optim": {"lr": PEAK_LR, "warmup_epochs": round(0.1 * epochs, 3), "min_lr": 1e-6, "warmup_lr": 1e-6,
+        "optim": {"lr": PEAK_LR, "warmup_epochs": round(0.1 * epochs, 3), "min_lr": 1e-6, "warmup_lr": 0.0,
                   "layer_decay": LAYER_DECAY},
         "model": {"drop_path_rate": 0.1},
         "finetune": {"head_init": "probe", "smoothing": 0.1, "mixup": 0.8 if strong else 0.0,
