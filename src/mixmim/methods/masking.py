@@ -141,13 +141,6 @@ def token_cells(groups: Tensor, ratio: float, num_groups: int = 2,
     return out.reshape(groups.shape).to(groups.device)
 
 
-def upsample_groups(groups: Tensor, factor: int) -> Tensor:
-    """Nearest-neighbour upsampling of (G, h, w) ids by an integer factor (section 2.3)."""
-    if factor == 1:
-        return groups
-    return groups.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
-
-
 def partner_sources(batch: int, num_groups: int, device: torch.device | None = None) -> Tensor:
     """(num_groups, B): ``sources[g, i]`` is the image whose tokens fill the group-g cells of sample i.
 
