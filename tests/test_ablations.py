@@ -78,8 +78,11 @@ def test_shuffle_keeps_the_multiset_of_each_images_hidden_tokens(monkeypatch):
     seen = capture_encoder_input(model, monkeypatch)
     pixels_seen = {}
     real_embed = model.encoder.embed
-    monkeypatch.setattr(model.encoder, "embed",
-                        lambda x, groups=None: (pixels_seen.__setitem__("x", x.detach().clone()), real_embed(x, groups))[1])
+    def embed(x, groups=None):
+        pixels_seen["x"] = x.detach().clone()
+        return real_embed(x, groups)
+
+    monkeypatch.setattr(model.encoder, "embed", embed)
     images = torch.randn(B, 3, 128, 128)
     mask = random_groups(model.grid, 0.5)
     model(images, mask=mask)

@@ -225,3 +225,29 @@ def _class_folder(root: Path) -> Path:
             pixels = np.clip(np.array(colour) + rng.normal(0, 25, (48, 48, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(root / name / f"{i}.png")
     return root
+
+
+def test_decoder_carries_the_class_token():
+    """MAE's decoder (models_mae.py ``forward_decoder``): the encoder's class token, embedded, goes in
+    front of the patches at a position of zeros and runs through every block; its output is dropped.
+    So the encoder's final class-token feature gets a gradient (it got exactly zero before)."""
+    model = tiny_mae().eval()
+    images = torch.randn(2, 3, 128, 128)
+    mask = model.sample_mask(2, torch.Generator().manual_seed(4))
+    seen = {}
+    hook = model.decoder.blocks[0].register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0].detach()))
+    real = model.encoder.forward_kept
+
+    def keep_output(tokens, keep_index):
+        seen["encoded"] = real(tokens, keep_index)
+        seen["encoded"].retain_grad()
+        return seen["encoded"]
+
+    model.encoder.forward_kept = keep_output
+    out = model(images, mask)
+    hook.remove()
+    assert seen["x"].shape == (2, 1 + 64, 32)
+    torch.testing.assert_close(seen["x"][:, :1], model.decoder.embed(seen["encoded"][:, :1]).detach())
+    out.loss.backward()
+    # Every image's final class-token feature is trained.
+    assert seen["encoded"].grad[:, 0].abs().amax(dim=-1).min() > 0

@@ -415,8 +415,9 @@ def test_segment_embedding_reaches_every_block(accumulate):
     images = torch.randn(4, 3, 128, 128)
     masks = model.sample_masks(4, torch.Generator().manual_seed(8))
     ins, outs = [], []
-    hooks = [blk.register_forward_pre_hook(lambda m, args: ins.append(args[0].detach())) for blk in model.encoder.blocks]
-    hooks += [blk.register_forward_hook(lambda m, args, out: outs.append(out.detach())) for blk in model.encoder.blocks]
+    blocks = model.encoder.blocks
+    hooks = [blk.register_forward_pre_hook(lambda m, args: ins.append(args[0].detach())) for blk in blocks]
+    hooks += [blk.register_forward_hook(lambda m, args, out: outs.append(out.detach())) for blk in blocks]
     model.encode(model.mix(images, masks), masks)
     for h in hooks:
         h.remove()

@@ -232,3 +232,18 @@ def test_bad_options_are_clear_errors():
         build(target_downsample=64)
     with pytest.raises(TypeError, match="decoder_dim"):
         build(decoder_dim=32)
+
+
+@pytest.mark.parametrize("d", [1, 2])
+def test_norm_pix_target_is_normalised_per_predicted_token(d):
+    """``norm_pix_loss`` (MAE's target, not in SimMIM): the (downsampled) target is normalised over
+    each last-stage token's patch, i.e. over the 32/d x 32/d target pixels x 3 channels it predicts."""
+    model = build(norm_pix_loss=True, target_downsample=d)
+    images = torch.rand(2, 3, 128, 128)
+    small = F.avg_pool2d(images, d) if d > 1 else images
+    per = 32 // d
+    patches = small.unfold(2, per, per).unfold(3, per, per)  # (B, 3, 4, 4, per, per)
+    mean = patches.mean(dim=(1, 4, 5), keepdim=True)
+    var = patches.var(dim=(1, 4, 5), keepdim=True)  # unbiased, as MAE's code
+    expected = ((patches - mean) / (var + 1e-6).sqrt()).permute(0, 1, 2, 4, 3, 5).reshape(2, 3, 128 // d, 128 // d)
+    torch.testing.assert_close(model.make_target(images), expected)

@@ -45,10 +45,10 @@ Cases (B images each):
   positions, no relative position bias and no layer scale (``init_values=None``: the configuration
   this project's timm ViT has); masks of 16-px cells at 0.6; B = 2.
 
-Each file holds: ``config``, ``state_dict`` (the authors' parameter names, float32, no buffers), ``images`` (float32), the mask (``mask`` and,
-for MAE, the ``noise``), ``loss``, the predictions (MAE: ``pred`` (B, L, p*p*3); SimMIM:
-``x_rec`` (B, 3, H, W)), ``grads`` (a few parameters, the authors' names) and ``provenance`` (the
-repositories' commits, torch/timm/NumPy versions).
+Each file holds: ``config``, ``state_dict`` (the authors' parameter names, float32, no buffers),
+``images`` (float32), the mask (``mask`` and, for MAE, the ``noise``), ``loss``, the predictions
+(MAE: ``pred`` (B, L, p*p*3); SimMIM: ``x_rec`` (B, 3, H, W)), ``grads`` (a few parameters, the
+authors' names) and ``provenance`` (the repositories' commits, torch/timm/NumPy versions).
 """
 
 from __future__ import annotations
@@ -172,11 +172,13 @@ def mae_case(config: dict, batch: int, seed: int) -> dict:
     torch.manual_seed(seed + 3)  # forward draws the same noise in random_masking
     loss, pred, mask = model(images, mask_ratio=config["mask_ratio"])
     loss.backward()
-    names = ["cls_token", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight", f"blocks.{config['depth'] - 1}.norm2.bias",
+    names = ["cls_token", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight",
+             f"blocks.{config['depth'] - 1}.norm2.bias",
              "norm.weight", "decoder_embed.weight", "mask_token", "decoder_blocks.0.attn.proj.weight",
              "decoder_norm.bias", "decoder_pred.bias"]
     return dict(config=config, state_dict=float32_state(model),
-                images=images.float(), noise=noise, mask=mask.detach().long().reshape(batch, side, side), loss=loss.detach(),
+                images=images.float(), noise=noise, mask=mask.detach().long().reshape(batch, side, side),
+                loss=loss.detach(),
                 pred=pred.detach(), grads=grads_of(model, names))
 
 
@@ -195,7 +197,8 @@ def simmim_case(kind: str, config: dict, batch: int, seed: int) -> dict:
                                                   **common)
         names = ["mask_token", "patch_embed.proj.weight", "patch_embed.norm.weight",
                  "layers.0.blocks.1.attn.relative_position_bias_table", "layers.0.blocks.1.attn.qkv.weight",
-                 "layers.0.downsample.reduction.weight", "layers.1.downsample.norm.bias", "layers.2.blocks.0.mlp.fc1.weight",
+                 "layers.0.downsample.reduction.weight", "layers.1.downsample.norm.bias",
+                 "layers.2.blocks.0.mlp.fc1.weight",
                  "norm.weight"]
     else:
         from functools import partial

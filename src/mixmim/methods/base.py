@@ -167,9 +167,10 @@ class PretrainMethod(nn.Module, ABC):
 
 class VersionedState:
     """Mixin for a method whose weights mean something else than they did in an earlier version of
-    this code: it keeps ``method_version`` (a buffer) in its state, and a strict load of a state of
-    another version, or of none, fails in one line that says why instead of running the new code on
-    weights trained for the old one. Subclasses set ``state_version`` and ``state_changes``."""
+    this code: it keeps ``method_version`` (a buffer) in its state, and loading a state of another
+    version, or of none, fails in one line that says why instead of running the new code on weights
+    trained for the old one (a state that holds none of the method's keys is left to
+    ``load_state_dict``). Subclasses set ``state_version`` and ``state_changes``."""
 
     state_version: ClassVar[int]
     state_changes: ClassVar[str]
@@ -180,7 +181,9 @@ class VersionedState:
 
     def _check_state_version(self: Any, state_dict, prefix, local_metadata, strict, missing, unexpected,
                              errors) -> None:
-        if not strict:
+        # (PyTorch passes strict=True to every module's hook whatever the caller asked, so the
+        # check cannot depend on it.)
+        if not any(key.startswith(prefix) for key in state_dict):
             return
         saved = state_dict.get(prefix + "method_version")
         if saved is not None and int(saved) == self.state_version:
@@ -188,9 +191,9 @@ class VersionedState:
         found = "no method_version (it was made before versions were recorded)" if saved is None else \
             f"method_version {int(saved)}"
         raise ValueError(f"this {self.name} checkpoint has {found}; this code is version {self.state_version} "
-                         f"({self.state_changes}), and would give other results with its weights; its encoder still "
-                         "transfers (mixmim knn/linprobe/finetune read only the encoder), or load it with "
-                         "strict=False to take the weights as they are")
+                         f"({self.state_changes}) and would give other results with its weights; its encoder still "
+                         "transfers (mixmim knn/linprobe/finetune read only the encoder), or set the state's "
+                         f"method_version to {self.state_version} to take the weights as they are")
 
 
 def default_in_chans(encoder: nn.Module) -> int:

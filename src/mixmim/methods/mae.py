@@ -28,10 +28,10 @@ import torch
 from torch import Tensor, nn
 
 from mixmim.methods.base import Picture, PretrainMethod, PretrainOutput, VersionedState, default_in_chans
-from mixmim.methods.masking import as_grid_masks, check_ratio
+from mixmim.methods.decoding import DecoderOptions, build_decoder
+from mixmim.methods.masking import as_grid_masks, check_ratio, kept_count, random_patch_masks
 from mixmim.methods.patches import masked_mse, patch_targets
 from mixmim.models.base import resize_groups
-from mixmim.models.decoder import MaskTokenDecoder
 from mixmim.models.token_dropping import TokenDroppingEncoder
 
 # The decoder's LayerNorm epsilon in MAE's models (``partial(nn.LayerNorm, eps=1e-6)``).
@@ -66,47 +66,18 @@ def mae_init_(encoder: nn.Module) -> None:
         nn.init.normal_(encoder.cls_token, std=0.02)
 
 
-def kept_count(length: int, mask_ratio: float) -> int:
-    """Patches MAE keeps of ``length``: ``int(L * (1 - ratio))`` (49 of 196 at 0.75), at least one."""
-    return max(1, int(length * (1.0 - mask_ratio)))
-
-
-def random_patch_masks(batch: int, grid: tuple[int, int], mask_ratio: float,
-                       generator: torch.Generator | None = None) -> Tensor:
-    """(B, h, w) long, 1 = hidden: per image a uniformly random set of ``L - kept_count`` patches,
-    drawn on the CPU so runs replay on any device."""
-    h, w = grid
-    length = h * w
-    keep = kept_count(length, mask_ratio)
-    order = torch.rand(batch, length, generator=generator).argsort(dim=1)
-    masks = torch.ones(batch, length, dtype=torch.long)
-    masks.scatter_(1, order[:, :keep], 0)
-    return masks.reshape(batch, h, w)
-
-
-def check_positive_ints(config: Any, names: tuple[str, ...]) -> None:
-    for name in names:
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r}: expected a positive integer")
-
-
 @dataclass
-class MAEConfig:
-    """Options of MAE; the defaults are the paper's (75% masking, 8 x 512 decoder, normalised pixels).
-    ``xavier_init``: re-initialise the encoder as MAE does (:func:`mae_init_`); turn it off to continue
-    from weights already in the encoder."""
+class MAEConfig(DecoderOptions):
+    """Options of MAE; the defaults are the paper's (75% masking, 8 x 512 decoder, normalised pixels:
+    :class:`~mixmim.methods.decoding.DecoderOptions`). ``xavier_init``: re-initialise the encoder as
+    MAE does (:func:`mae_init_`); turn it off to continue from weights already in the encoder."""
 
     mask_ratio: float = 0.75
-    decoder_dim: int = 512
-    decoder_depth: int = 8
-    decoder_num_heads: int = 16
-    norm_pix_loss: bool = True
     xavier_init: bool = True
 
     def validate(self) -> None:
         check_ratio(self.mask_ratio)
-        check_positive_ints(self, ("decoder_dim", "decoder_depth", "decoder_num_heads"))
+        self.validate_decoder()
 
 
 class MAE(VersionedState, PretrainMethod):
@@ -129,8 +100,7 @@ class MAE(VersionedState, PretrainMethod):
         self.cell = encoder.strides[0]  # one predicted patch per token: 16x16 pixels
         self.grid = tuple(encoder.grids[0])
         self.in_chans = default_in_chans(encoder) if in_chans is None else in_chans
-        self.decoder = MaskTokenDecoder(encoder.num_features, self.grid, self.cell**2 * self.in_chans, c.decoder_dim,
-                                        c.decoder_depth, c.decoder_num_heads, norm_eps=MAE_NORM_EPS)
+        self.decoder = build_decoder(encoder.num_features, self.grid, self.cell, self.in_chans, c, MAE_NORM_EPS)
         self.init_state_version()
         if c.xavier_init:
             mae_init_(encoder)

@@ -39,11 +39,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mixmim.methods.base import Picture, PretrainMethod, PretrainOutput, VersionedState, default_in_chans
+from mixmim.methods.decoding import DecoderOptions, build_decoder, check_positive_ints
 from mixmim.methods.homologous import TopK
-from mixmim.methods.mae import MAE_NORM_EPS, check_positive_ints, mae_init_, require_token_dropping
+from mixmim.methods.mae import MAE_NORM_EPS, mae_init_, require_token_dropping
+from mixmim.methods.masking import balanced_assignment
 from mixmim.methods.patches import masked_mse, patch_targets, patchify, unpatchify
 from mixmim.models.base import resize_groups
-from mixmim.models.decoder import MaskTokenDecoder
 
 Mode = Literal["compose", "full"]
 AttentionKind = Literal["homologous", "global", "masked"]
@@ -61,21 +62,6 @@ def group_size(mixing_ratio: float) -> int:
         raise ValueError(f"mixing_ratio={mixing_ratio}: 1/r must be an integer (each image supplies r of the "
                          "patches of a mixed sample of 1/r images)")
     return k
-
-
-def balanced_assignment(grid: tuple[int, int], k: int, count: int,
-                        generator: torch.Generator | None = None) -> Tensor:
-    """``count`` random mixing masks (count, h, w) with values 0..k-1 (eq. 1-2): every member gets
-    ``n // k`` of the n cells, exactly ``r n`` when k divides n; otherwise the ``n mod k`` spare
-    cells go to members drawn at random, so counts differ by at most one and no member is favoured.
-    Drawn on the CPU so runs replay on any device."""
-    h, w = grid
-    n = h * w
-    base = torch.arange(k).repeat(n // k).expand(count, -1)
-    spare = torch.rand(count, k, generator=generator).argsort(dim=1)[:, : n % k]
-    labels = torch.cat([base, spare], dim=1)
-    order = torch.rand(count, n, generator=generator).argsort(dim=1)
-    return labels.gather(1, order).reshape(count, h, w)
 
 
 def segment_sincos(count: int, dim: int) -> Tensor:
@@ -132,7 +118,7 @@ def homologous_contrastive_loss(features: Tensor, sources: Tensor, temperature: 
 
 
 @dataclass
-class MixedAEConfig:
+class MixedAEConfig(DecoderOptions):
     """Options of MixedAE; the defaults are the paper's choices (section 4.1, appendix B).
 
     - ``mixing_ratio`` r (Table 3a): 1/r images per group, r in (0, 0.5]. ``mode``: ``compose``
@@ -168,10 +154,6 @@ class MixedAEConfig:
     mixing_ratio: float = 0.25
     mode: Mode = "compose"
     mask_cell: int = 32
-    decoder_dim: int = 512
-    decoder_depth: int = 8
-    decoder_num_heads: int = 16
-    norm_pix_loss: bool = True
     attention: AttentionKind = "homologous"
     topk_ratio: float | None = None
     global_layers: int = 1
@@ -197,7 +179,8 @@ class MixedAEConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
-        check_positive_ints(self, ("mask_cell", "decoder_dim", "decoder_depth", "decoder_num_heads", "contrastive_dim"))
+        check_positive_ints(self, ("mask_cell", "contrastive_dim"))
+        self.validate_decoder()
         if isinstance(self.global_layers, bool) or not isinstance(self.global_layers, int) or self.global_layers < 0:
             raise ValueError(f"global_layers={self.global_layers!r}: expected a count of blocks (0 or more)")
         if self.topk_ratio is not None and not 0.0 < float(self.topk_ratio) <= 1.0:
@@ -253,8 +236,7 @@ class MixedAE(VersionedState, PretrainMethod):
 
         dim = encoder.embed_dim
         # MAE's decoder (section 4.1: "8 Transformer layers with the hidden dimension as 512").
-        self.decoder = MaskTokenDecoder(encoder.num_features, self.grid, self.cell**2 * self.in_chans, c.decoder_dim,
-                                        c.decoder_depth, c.decoder_num_heads, norm_eps=MAE_NORM_EPS)
+        self.decoder = build_decoder(encoder.num_features, self.grid, self.cell, self.in_chans, c, MAE_NORM_EPS)
         if c.segment_embed == "sincos":
             self.register_buffer("segment_embed", segment_sincos(self.k, dim), persistent=False)
         elif c.segment_embed == "learnable":

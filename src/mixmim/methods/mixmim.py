@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mixmim.methods.base import Picture, PretrainMethod, PretrainOutput, default_in_chans
+from mixmim.methods.decoding import DecoderOptions, build_decoder
 from mixmim.methods.masking import as_grid_masks, block_groups, check_ratio, partner_sources, random_groups, token_cells
 from mixmim.methods.patches import masked_mse, patch_targets
 from mixmim.models.base import resize_groups
-from mixmim.models.decoder import MaskTokenDecoder
 
 
 Filling = Literal["mix", "zero", "learnable", "shuffle", "zoomin"]
@@ -42,8 +42,9 @@ PRETEXTS: tuple[str, ...] = ("masked_attention", "mix_embedding", "none")
 
 
 @dataclass
-class MixMIMConfig:
-    """Options of the MixMIM method; the defaults are the paper's choices.
+class MixMIMConfig(DecoderOptions):
+    """Options of the MixMIM method; the defaults are the paper's choices (the decoder's and the
+    target's: :class:`~mixmim.methods.decoding.DecoderOptions`).
 
     - ``filling`` (Table 6 / supplement Table 3): what fills the cells hidden from an image. ``mix``:
       the other image's tokens (the method). ``zero``: zero tokens; ``learnable``: one shared
@@ -68,10 +69,6 @@ class MixMIMConfig:
       [MASK] token at the encoder input (0.5 with two images: 25% / 25% / 50%).
     """
 
-    decoder_dim: int = 512
-    decoder_depth: int = 8
-    decoder_num_heads: int = 16
-    norm_pix_loss: bool = True
     mask_ratio: float = 0.5
     mask_ratio_range: tuple[float, float] | None = None
     mask_type: Literal["random", "block"] = "random"
@@ -90,6 +87,7 @@ class MixMIMConfig:
             self.mask_ratio_range = tuple(self.mask_ratio_range)
 
     def validate(self) -> None:
+        self.validate_decoder()
         check_ratio(self.mask_ratio)
         if self.mask_ratio_range is not None:
             if len(self.mask_ratio_range) != 2:
@@ -159,8 +157,7 @@ class MixMIM(PretrainMethod):
             raise ValueError(f"mask_cell={c.mask_cell} does not divide the image size "
                              f"{self.grid[0] * self.cell}x{self.grid[1] * self.cell}")
         self.mask_grid = (self.grid[0] // self.mask_factor, self.grid[1] // self.mask_factor)
-        self.decoder = MaskTokenDecoder(encoder.num_features, self.grid, self.cell**2 * self.in_chans, c.decoder_dim,
-                                        c.decoder_depth, c.decoder_num_heads)
+        self.decoder = build_decoder(encoder.num_features, self.grid, self.cell, self.in_chans, c)
         # Parameters of the ablations exist only when used, so default checkpoints keep the
         # release's names exactly.
         if c.filling == "learnable" or c.mask_token_ratio > 0:
@@ -318,7 +315,8 @@ class MixMIM(PretrainMethod):
         visible = (groups.reshape(groups.shape[0], -1) == 0).expand(b, -1)
         shown = None
         if picture:  # shuffle and zoom-in fill pixels; zero and learnable tokens, drawn as the data mean
-            shown = pixels if pixels is not None else images * (resize_groups(groups, images.shape[-2:]) == 0).unsqueeze(1)
+            own = (resize_groups(groups, images.shape[-2:]) == 0).unsqueeze(1)
+            shown = pixels if pixels is not None else images * own
         return self._reconstruct(images, latent, visible, ~visible, torch.arange(b, device=images.device), groups,
                                  shown)
 

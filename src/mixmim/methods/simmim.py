@@ -113,7 +113,8 @@ def downsample(images: Tensor, factor: int) -> Tensor:
 
 
 def colour_bins(images: Tensor, bins: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
-    """Normalised images ``(B, C, h, w)`` (``mean``/``std``: C values) -> bin of every channel's 8-bit value, ``bins`` equal bins
+    """Normalised images ``(B, C, h, w)`` (``mean``/``std``: C values) -> bin of every channel's
+    8-bit value, ``bins`` equal bins
     (256 bins: the 8-bit value itself). Channel-wise bin colour discretisation, section 3.4."""
     m = images.new_tensor(mean).view(1, -1, 1, 1)
     s = images.new_tensor(std).view(1, -1, 1, 1)
@@ -238,7 +239,8 @@ class SimMIM(PretrainMethod):
         if c.loss_area == "full":
             weight = torch.ones_like(weight)
         target = self.make_target(images)
-        out = PretrainOutput(loss=weighted_mean(value_errors(prediction, target, c.loss, c.num_bins), weight), mask=mask)
+        loss = weighted_mean(value_errors(prediction, target, c.loss, c.num_bins), weight)
+        out = PretrainOutput(loss=loss, mask=mask)
         if self.wants_picture(picture):
             out.picture = self._picture(prediction, target, weight, pixels, images)
         return out
