@@ -235,7 +235,8 @@ def test_decoder_carries_the_class_token():
     images = torch.randn(2, 3, 128, 128)
     mask = model.sample_mask(2, torch.Generator().manual_seed(4))
     seen = {}
-    hook = model.decoder.blocks[0].register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0].detach()))
+    # (A pre-hook's return value replaces the block's input: this one returns None.)
+    hook = model.decoder.blocks[0].register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[0].detach()))
     real = model.encoder.forward_kept
 
     def keep_output(tokens, keep_index):
