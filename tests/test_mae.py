@@ -252,3 +252,22 @@ def test_decoder_carries_the_class_token():
     out.loss.backward()
     # Every image's final class-token feature is trained.
     assert seen["encoded"].grad[:, 0].abs().amax(dim=-1).min() > 0
+
+
+def test_encoder_is_initialised_as_maes_code():
+    """models_mae.py ``initialize_weights``: the patch projection xavier-uniform as a linear map of the
+    flattened patch, every linear layer xavier-uniform with zero bias."""
+    import math
+
+    for xavier in (True, False):
+        enc = tiny_mae(xavier_init=xavier).encoder
+        proj = enc.patch_embed.proj
+        bound = math.sqrt(6 / (proj.weight[0].numel() + proj.out_channels))
+        std = proj.weight.std().item()
+        if xavier:
+            assert proj.weight.abs().max() <= bound and std == pytest.approx(bound / math.sqrt(3), rel=0.1)
+            linear = [m for m in enc.modules() if isinstance(m, torch.nn.Linear)]
+            assert all(bool((m.bias == 0).all()) for m in linear)
+            assert all(m.weight.abs().max() <= math.sqrt(6 / (m.in_features + m.out_features)) for m in linear)
+        else:  # PyTorch's default for a convolution: about a third of xavier's spread here
+            assert std < 0.6 * bound / math.sqrt(3)
