@@ -127,14 +127,15 @@ def test_reconstruction_picture_says_what_it_borrows_and_can_draw_the_raw_predic
     mask = torch.zeros(4, 4, dtype=torch.long)
     mask[0, 0] = 1  # image 0's cell (0, 0) is hidden from it and drawn from its prediction
     with torch.no_grad():
-        out = model(images, mask=mask)
+        out = model(images, mask=mask, picture=True)
     brighter = images.clone()
     brighter[0, :, :32, :32] += 1.0
     for raw in (False, True):
-        before = reconstruction_rows(out, images, model.cell, True, raw=raw)[2][0, :, :32, :32]
-        after = reconstruction_rows(out, brighter, model.cell, True, raw=raw)[2][0, :, :32, :32]
+        before = reconstruction_rows(out, images, raw=raw)[2][0, :, :32, :32]
+        after = reconstruction_rows(out, brighter, raw=raw)[2][0, :, :32, :32]
+        # The same picture tensors drawn twice: exact when the images are not read (raw).
         assert torch.equal(before, after) == raw
     assert picture_note(True, False) == BORROWED_NOTE and picture_note(False, False) is None
-    path = save_reconstruction_grid(reconstruction_rows(out, images, model.cell, True), tmp_path / "r.png",
+    path = save_reconstruction_grid(reconstruction_rows(out, images), tmp_path / "r.png",
                                     title="t", note=BORROWED_NOTE)
     assert path.stat().st_size > 1000

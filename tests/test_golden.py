@@ -24,10 +24,10 @@ def test_golden_loss_reconstruction_and_logits(golden, impl):
     cfg = dict(golden["config"])
     model = _pretrainer(golden, impl)
     with torch.no_grad():
-        out = model(golden["images"], mask=golden["mask_stage4"])
+        out = model(golden["images"], mask=golden["mask_stage4"], picture=True)
     torch.testing.assert_close(out.loss, golden["loss"], rtol=LOSS_RTOL, atol=0)
     # Rows 0..B-1 decode the mask==0 group, rows B..2B-1 the mask==1 group: the release's order.
-    torch.testing.assert_close(out.reconstruction, golden["reconstruction"], rtol=0, atol=RECON_ATOL)
+    torch.testing.assert_close(out.picture.reconstruction, golden["reconstruction"], rtol=0, atol=RECON_ATOL)
 
     encoder_cfg = {k: v for k, v in cfg.items() if not k.startswith("decoder")}
     classifier = mixmim.create_classifier("mixmim_base", num_classes=10, attention_impl=impl, **encoder_cfg)
@@ -73,9 +73,9 @@ def test_release_forward_on_a_batch_of_four_pins_the_partner_rule(golden):
     images = torch.cat([golden["images"], torch.randn(2, 3, 224, 224, generator=g)])
     mask = golden["mask_stage4"].long()
     with torch.no_grad():
-        out = model(images, mask=mask)
+        out = model(images, mask=mask, picture=True)
         loss, rec = _release_forward(model, images, mask)
-    torch.testing.assert_close(out.reconstruction, rec, rtol=0, atol=RECON_ATOL)
+    torch.testing.assert_close(out.picture.reconstruction, rec, rtol=0, atol=RECON_ATOL)
     torch.testing.assert_close(out.loss, loss, rtol=1e-6, atol=0)
     # ... and on the golden pair itself, the restated release gives the stored loss.
     with torch.no_grad():

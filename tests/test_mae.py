@@ -14,8 +14,8 @@ import mixmim
 import mixmim.methods.mae as mae_module
 from conftest import TINY_DECODER, TINY_ENCODERS, tiny_run
 from mixmim.config import load_config
-from mixmim.methods.mae import MAE, kept_count, masked_patch_mse, random_patch_masks
-from mixmim.methods.patches import normalize_patches, patchify
+from mixmim.methods.mae import MAE, kept_count, random_patch_masks
+from mixmim.methods.patches import masked_mse, normalize_patches, patchify
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = dict(TINY_ENCODERS["vit_tiny"], **TINY_DECODER)
@@ -43,7 +43,7 @@ def test_encoder_receives_exactly_the_kept_tokens():
     mask = model.sample_mask(3, torch.Generator().manual_seed(1))
     seen = {}
     hook = model.encoder.blocks[0].register_forward_pre_hook(lambda module, args: seen.setdefault("x", args[0]))
-    out = model(images, mask)
+    out = model(images, mask, picture=True)
     hook.remove()
 
     enc = model.encoder
@@ -53,8 +53,8 @@ def test_encoder_receives_exactly_the_kept_tokens():
                             for i, idx in enumerate(kept)])
     assert seen["x"].shape == (3, 1 + 16, 32)  # the class token and the 16 kept patches, nothing else
     torch.testing.assert_close(seen["x"], expected)
-    assert out.hidden.sum(dim=1).tolist() == [48] * 3
-    assert torch.equal(out.hidden, mask.reshape(3, -1).bool())
+    assert out.picture.hidden.sum(dim=1).tolist() == [48] * 3
+    assert torch.equal(out.picture.hidden, mask.reshape(3, -1).bool())
 
 
 def test_loss_reads_the_hidden_patches_only(monkeypatch):
@@ -62,20 +62,21 @@ def test_loss_reads_the_hidden_patches_only(monkeypatch):
     images = torch.randn(2, 3, 128, 128)
     mask = model.sample_mask(2, torch.Generator().manual_seed(2))
     hidden = mask.reshape(2, -1).bool()
-    base = model(images, mask)
-    torch.testing.assert_close(base.loss, masked_patch_mse(base.reconstruction, base.target, base.hidden))
+    base = model(images, mask, picture=True)
+    torch.testing.assert_close(base.loss, masked_mse(base.picture.reconstruction, base.picture.target, hidden))
+    real = mae_module.patch_targets
 
     def shifted_target(where):
-        def patchify_changed(pixels, patch):
-            patches = patchify(pixels, patch).clone()
+        def targets_changed(pixels, patch, norm_pix):
+            patches = real(pixels, patch, norm_pix).clone()
             # Only the target is changed: the encoder's input pixels stay the same.
             patches[where] += torch.randn_like(patches[where]) * 3.0
             return patches
-        return patchify_changed
+        return targets_changed
 
-    monkeypatch.setattr(mae_module, "patchify", shifted_target(~hidden))
+    monkeypatch.setattr(mae_module, "patch_targets", shifted_target(~hidden))
     assert model(images, mask).loss.item() == pytest.approx(base.loss.item(), abs=1e-6)
-    monkeypatch.setattr(mae_module, "patchify", shifted_target(hidden))
+    monkeypatch.setattr(mae_module, "patch_targets", shifted_target(hidden))
     assert abs(model(images, mask).loss.item() - base.loss.item()) > 1e-3
 
 
@@ -83,12 +84,12 @@ def test_target_is_normalised_pixels_and_inputs_show_the_kept_patches():
     model = tiny_mae().eval()
     images = torch.randn(2, 3, 128, 128)
     mask = model.sample_mask(2, torch.Generator().manual_seed(3))
-    out = model(images, mask)
+    out = model(images, mask, picture=True).picture
     torch.testing.assert_close(out.target, normalize_patches(patchify(images, 16)))
     shown = patchify(out.inputs, 16)
     hidden = mask.reshape(2, -1).bool()
-    assert torch.equal(shown[hidden], torch.zeros_like(shown[hidden]))  # greyed: the data mean
-    assert torch.equal(shown[~hidden], patchify(images, 16)[~hidden])
+    assert (shown[hidden] == 0).all()  # greyed: the data mean (x * 0 is exactly 0)
+    assert torch.equal(shown[~hidden], patchify(images, 16)[~hidden])  # x * 1 is exactly x
     assert torch.equal(out.sources, torch.arange(2)) and out.reconstruction.shape == (2, 64, 768)
 
 
@@ -102,7 +103,7 @@ def test_masks_given_by_the_caller_are_checked():
     with pytest.raises(ValueError, match="hides every patch"):
         model(images, torch.ones(8, 8, dtype=torch.long))
     shared = model.sample_mask(1)[0]  # one (h, w) mask for the batch is accepted
-    assert model(images, shared).hidden.sum().item() == 2 * 48
+    assert model(images, shared, picture=True).picture.hidden.sum().item() == 2 * 48
 
 
 @pytest.mark.parametrize("name", [n for n in TINY_ENCODERS if not n.startswith("vit")])
@@ -224,3 +225,49 @@ def _class_folder(root: Path) -> Path:
             pixels = np.clip(np.array(colour) + rng.normal(0, 25, (48, 48, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(root / name / f"{i}.png")
     return root
+
+
+def test_decoder_carries_the_class_token():
+    """MAE's decoder (models_mae.py ``forward_decoder``): the encoder's class token, embedded, goes in
+    front of the patches at a position of zeros and runs through every block; its output is dropped.
+    So the encoder's final class-token feature gets a gradient (it got exactly zero before)."""
+    model = tiny_mae().eval()
+    images = torch.randn(2, 3, 128, 128)
+    mask = model.sample_mask(2, torch.Generator().manual_seed(4))
+    seen = {}
+    # (A pre-hook's return value replaces the block's input: this one returns None.)
+    hook = model.decoder.blocks[0].register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[0].detach()))
+    real = model.encoder.forward_kept
+
+    def keep_output(tokens, keep_index):
+        seen["encoded"] = real(tokens, keep_index)
+        seen["encoded"].retain_grad()
+        return seen["encoded"]
+
+    model.encoder.forward_kept = keep_output
+    out = model(images, mask)
+    hook.remove()
+    assert seen["x"].shape == (2, 1 + 64, 32)
+    torch.testing.assert_close(seen["x"][:, :1], model.decoder.embed(seen["encoded"][:, :1]).detach())
+    out.loss.backward()
+    # Every image's final class-token feature is trained.
+    assert seen["encoded"].grad[:, 0].abs().amax(dim=-1).min() > 0
+
+
+def test_encoder_is_initialised_as_maes_code():
+    """models_mae.py ``initialize_weights``: the patch projection xavier-uniform as a linear map of the
+    flattened patch, every linear layer xavier-uniform with zero bias."""
+    import math
+
+    for xavier in (True, False):
+        enc = tiny_mae(xavier_init=xavier).encoder
+        proj = enc.patch_embed.proj
+        bound = math.sqrt(6 / (proj.weight[0].numel() + proj.out_channels))
+        std = proj.weight.std().item()
+        if xavier:
+            assert proj.weight.abs().max() <= bound and std == pytest.approx(bound / math.sqrt(3), rel=0.1)
+            linear = [m for m in enc.modules() if isinstance(m, torch.nn.Linear)]
+            assert all(bool((m.bias == 0).all()) for m in linear)
+            assert all(m.weight.abs().max() <= math.sqrt(6 / (m.in_features + m.out_features)) for m in linear)
+        else:  # PyTorch's default for a convolution: about a third of xavier's spread here
+            assert std < 0.6 * bound / math.sqrt(3)

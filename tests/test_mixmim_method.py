@@ -6,6 +6,7 @@ import torch
 import mixmim
 from conftest import TINY
 from mixmim.methods.masking import random_groups
+from mixmim.methods.patches import masked_mse
 
 
 @pytest.fixture
@@ -15,9 +16,9 @@ def model():
 
 def test_outputs_have_release_layout(model):
     images = torch.randn(4, 3, 128, 128)
-    out = model(images)
+    out = model(images, picture=True)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
-    assert out.reconstruction.shape == (8, 16, 32 * 32 * 3)
+    assert out.picture.reconstruction.shape == (8, 16, 32 * 32 * 3)
     assert out.mask.shape == (1, 4, 4)
     assert int(out.mask.sum()) == 8
     out.loss.backward()
@@ -26,7 +27,7 @@ def test_outputs_have_release_layout(model):
 
 def test_every_cell_of_every_image_is_a_target_exactly_once(model):
     images = torch.randn(4, 3, 128, 128)
-    out = model(images)
+    out = model(images, picture=True).picture
     count = torch.zeros(4, 16)
     for row in range(out.hidden.shape[0]):
         count[out.sources[row]] += out.hidden[row].float()
@@ -35,13 +36,14 @@ def test_every_cell_of_every_image_is_a_target_exactly_once(model):
 
 def test_loss_counts_only_hidden_cells(model):
     images = torch.randn(4, 3, 128, 128)
-    out = model(images)
-    base = model.reconstruction_loss(out.reconstruction, out.target, out.hidden)
-    torch.testing.assert_close(base, out.loss)
+    result = model(images, picture=True)
+    out = result.picture
+    base = masked_mse(out.reconstruction, out.target, out.hidden)
+    torch.testing.assert_close(base, result.loss)
     visible_changed = torch.where(out.hidden.unsqueeze(-1), out.target, out.target + 5.0)
-    torch.testing.assert_close(model.reconstruction_loss(out.reconstruction, visible_changed, out.hidden), base)
+    torch.testing.assert_close(masked_mse(out.reconstruction, visible_changed, out.hidden), base)
     hidden_changed = torch.where(out.hidden.unsqueeze(-1), out.target + 5.0, out.target)
-    assert model.reconstruction_loss(out.reconstruction, hidden_changed, out.hidden) > base + 1.0
+    assert masked_mse(out.reconstruction, hidden_changed, out.hidden) > base + 1.0
 
 
 def test_loss_unchanged_when_visible_pixels_of_a_target_move(model):
@@ -49,18 +51,19 @@ def test_loss_unchanged_when_visible_pixels_of_a_target_move(model):
     model.eval()
     images = torch.randn(2, 3, 128, 128)
     mask = random_groups(model.grid, 0.5)[0]
-    out = model(images, mask=mask)
+    result = model(images, mask=mask, picture=True)
+    out = result.picture
     # Sequence 0 reconstructs image 0 and sees its group-0 cells; rescoring it with a target that
     # differs only there leaves the loss unchanged.
     target = out.target.clone()
     target[0, mask.flatten() == 0] += 3.0
-    torch.testing.assert_close(model.reconstruction_loss(out.reconstruction, target, out.hidden), out.loss)
+    torch.testing.assert_close(masked_mse(out.reconstruction, target, out.hidden), result.loss)
 
 
 def test_norm_pix_target_can_be_switched_off():
     m = mixmim.create_pretrainer("mixmim", "mixmim_base", **{**TINY, "norm_pix_loss": False})
     images = torch.rand(2, 3, 128, 128)
-    out = m(images)
+    out = m(images, picture=True).picture
     from mixmim.methods.patches import patchify
 
     torch.testing.assert_close(out.target[:2], patchify(images, 32))

@@ -61,10 +61,9 @@ def load_pretrainer(checkpoint: str, model_name: str, img_size: int | None):
     import torch
 
     from mixmim.config import build_dataclass, RunConfig
-    from mixmim.interop.official import convert_official
-    from mixmim.methods.factory import create_pretrainer
     from mixmim.interop.checkpoint import load_checkpoint, resolve_checkpoint
-    from mixmim.training.pretrain import build_method
+    from mixmim.interop.official import convert_official
+    from mixmim.methods.factory import build_pretrainer, create_pretrainer
 
     path = resolve_checkpoint(checkpoint)
     raw = torch.load(path, map_location="cpu", weights_only=False)
@@ -73,7 +72,8 @@ def load_pretrainer(checkpoint: str, model_name: str, img_size: int | None):
         config = build_dataclass(RunConfig, state["config"])
         if img_size is not None:
             config.model.img_size = img_size
-        method = build_method(config)
+        m = config.model
+        method = build_pretrainer(config.method_name(), config.method_options(), m.name, m.encoder_overrides())
         method.load_state_dict(state["model"])
         return method.eval(), config
     state = convert_official(raw, target="pretrainer")
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
     method, config = load_pretrainer(args.checkpoint, args.model, args.img_size)
     pictures = _pictures(args.images, args.max_images)
-    groups = int(getattr(method, "num_groups", 2))
+    groups = method.num_groups
     if len(pictures) < groups:
         raise ValueError(f"{len(pictures)} image(s) given; this method mixes {groups} images, give at least {groups}")
     pictures = pictures[: len(pictures) // groups * groups]
@@ -101,11 +101,11 @@ def run(args: argparse.Namespace) -> int:
     images = torch.stack([transform(p) for p in pictures])
     torch.manual_seed(args.seed)
     with torch.no_grad():
-        out = method(images)
-    norm_pix = bool(getattr(getattr(method, "config", None), "norm_pix_loss", False))
-    rows = reconstruction_rows(out, images, method.cell, norm_pix, mean, std, raw=args.raw_prediction)
-    path = save_reconstruction_grid(rows, args.output, cell=method.cell,
+        out = method(images, picture=True)
+    picture = out.picture
+    rows = reconstruction_rows(out, images, mean, std, raw=args.raw_prediction)
+    path = save_reconstruction_grid(rows, args.output, cell=picture.cell,
                                     title=f"{Path(args.checkpoint).name}: loss {float(out.loss):.4f}",
-                                    note=picture_note(norm_pix, args.raw_prediction))
+                                    note=picture_note(picture.norm_pix, args.raw_prediction))
     print(f"wrote {path} ({len(pictures)} images, loss {float(out.loss):.4f})")
     return 0

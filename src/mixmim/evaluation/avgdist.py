@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from scipy.ndimage import distance_transform_edt
 
-from mixmim.methods.masking import block_groups, random_groups, upsample_groups
+from mixmim.methods.masking import block_groups, random_groups
 from mixmim.methods.simmim_masks import MASK_TYPES, sample_cells
+from mixmim.models.base import resize_groups
 
 GENERATORS: dict[str, tuple[str, ...]] = {"simmim": MASK_TYPES, "mixmim": ("random", "block")}
 
@@ -63,7 +64,7 @@ def draw_pixel_masks(kind: str, ratio: float, cell: int = 32, img_size: int = 19
         cells = block_groups(grid, ratio, count=count, generator=generator)
     else:
         cells = random_groups(grid, ratio, count=count, generator=generator)
-    return upsample_groups(cells, cell).bool()
+    return resize_groups(cells, (img_size, img_size)).bool()
 
 
 def mask_avg_dist(kind: str, ratio: float, cell: int = 32, img_size: int = 192, draws: int = 100,

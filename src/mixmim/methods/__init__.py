@@ -1,7 +1,10 @@
-"""Pretraining methods: each an nn.Module mapping images to a loss and outputs."""
+"""Pretraining methods: each a :class:`~mixmim.methods.base.PretrainMethod` mapping images to a
+:class:`~mixmim.methods.base.PretrainOutput` (loss, metrics, mask, and a picture on request)."""
 
-from mixmim.methods.base import PretrainOutput
-from mixmim.methods.factory import create_pretrainer, method_names
+from mixmim.methods.base import Picture, PretrainMethod, PretrainOutput
+from mixmim.methods.factory import (METHODS, build_pretrainer, create_pretrainer, method_config_class,
+                                    method_names)
 from mixmim.methods.mixmim import MixMIM, MixMIMConfig
 
-__all__ = ["MixMIM", "MixMIMConfig", "PretrainOutput", "create_pretrainer", "method_names"]
+__all__ = ["METHODS", "MixMIM", "MixMIMConfig", "Picture", "PretrainMethod", "PretrainOutput", "build_pretrainer",
+           "create_pretrainer", "method_config_class", "method_names"]

@@ -1,37 +1,47 @@
-"""MAE on the plain ViT (He et al. 2022; summarised as the starting point of MixedAE, section 3.1).
+"""MAE on the plain ViT (He et al. 2022; summarised as the starting point of MixedAE, section 3.1), as
+the authors' code has it (facebookresearch/mae ``models_mae.py``; ``tests/test_golden_authors.py``
+compares loss, predictions and gradients with it at float64 rounding).
 
 1. Random masking per image: ``L - int(L * (1 - mask_ratio))`` of the L patches are hidden (75% by
    default), a fresh draw for every image.
-2. The encoder sees only the kept patches: they are dropped, not replaced by a token, which only a
-   plain ViT can do (a hierarchical encoder needs the full 2-D grid: the reason MixMIM mixes instead).
-3. A light decoder (8 blocks, 512 wide, fixed 2-D sine-cosine positions) gets the encoded patches
-   back at their places and the shared [MASK] token at every hidden place, and predicts the
-   16x16x3 pixels of every patch.
-4. Mean squared error on per-patch normalised pixels (``norm_pix_loss``) of the hidden patches only.
+2. The encoder sees only the kept patches and its class token: the hidden patches are dropped, not
+   replaced by a token, which only a plain ViT can do (a hierarchical encoder needs the full 2-D
+   grid: the reason MixMIM mixes instead).
+3. A light decoder (8 blocks, 512 wide, LayerNorm eps 1e-6, fixed 2-D sine-cosine positions) gets
+   the encoder's class token (at a position of zeros) and the encoded patches back at their places,
+   the shared [MASK] token at every hidden place, and predicts the p x p x C pixels of every patch.
+   The class token runs through every decoder block (every patch attends to it), so the encoder's
+   final class-token feature is trained too; the decoder's output for it is dropped.
+4. Mean squared error on per-patch normalised pixels (``norm_pix_loss``, MAE's recommended recipe)
+   of the hidden patches only.
 
-The decoder is this project's :class:`~mixmim.models.decoder.MaskTokenDecoder` (MixMIM's, which
-follows MAE's) and so carries no class token: MAE's decoder passes the encoder's class token along,
-but no loss reads it.
+With a ``vit_*`` model the factory builds MAE's encoder: fixed 2-D sine-cosine positions
+(``fixed_pos_embed=True`` unless overridden) and LayerNorm eps 1e-6 (timm's ViT default).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from mixmim.methods.base import PretrainOutput
-from mixmim.methods.masking import as_grid_masks, check_ratio
-from mixmim.methods.patches import normalize_patches, patchify
+from mixmim.methods.base import Picture, PretrainMethod, PretrainOutput, VersionedState, default_in_chans
+from mixmim.methods.decoding import DecoderOptions, build_decoder
+from mixmim.methods.masking import as_grid_masks, check_ratio, kept_count, random_patch_masks
+from mixmim.methods.patches import masked_mse, patch_targets
 from mixmim.models.base import resize_groups
-from mixmim.models.decoder import MaskTokenDecoder
+from mixmim.models.token_dropping import TokenDroppingEncoder
+
+# The decoder's LayerNorm epsilon in MAE's models (``partial(nn.LayerNorm, eps=1e-6)``).
+MAE_NORM_EPS = 1e-6
 
 
 def require_token_dropping(encoder: nn.Module, method: str) -> None:
     """Refuse, in one line, an encoder that cannot run on a subset of its tokens (MixedAE section 3.1,
     MixMIM section 1: hierarchical encoders need every position of their grid)."""
-    if not (hasattr(encoder, "forward_visible") and hasattr(encoder, "forward_plans")):
+    if not isinstance(encoder, TokenDroppingEncoder):
         family = getattr(encoder, "family", "") or type(encoder).__name__
         raise ValueError(f"{method} needs a plain ViT that can drop tokens (vit_*); the {family} encoder needs "
                          "every position of its grid and cannot process a subset of its tokens (that limitation "
@@ -56,58 +66,31 @@ def mae_init_(encoder: nn.Module) -> None:
         nn.init.normal_(encoder.cls_token, std=0.02)
 
 
-def masked_patch_mse(prediction: Tensor, target: Tensor, hidden: Tensor) -> Tensor:
-    """Mean squared error over every value of the hidden patches (MAE's loss; MixedAE eq. 4)."""
-    per_patch = (prediction.float() - target.float()).pow(2).mean(dim=-1)
-    weight = hidden.to(per_patch.dtype)
-    return (per_patch * weight).sum() / weight.sum().clamp(min=1)
-
-
-def kept_count(length: int, mask_ratio: float) -> int:
-    """Patches MAE keeps of ``length``: ``int(L * (1 - ratio))`` (49 of 196 at 0.75), at least one."""
-    return max(1, int(length * (1.0 - mask_ratio)))
-
-
-def random_patch_masks(batch: int, grid: tuple[int, int], mask_ratio: float,
-                       generator: torch.Generator | None = None) -> Tensor:
-    """(B, h, w) long, 1 = hidden: per image a uniformly random set of ``L - kept_count`` patches,
-    drawn on the CPU so runs replay on any device."""
-    h, w = grid
-    length = h * w
-    keep = kept_count(length, mask_ratio)
-    order = torch.rand(batch, length, generator=generator).argsort(dim=1)
-    masks = torch.ones(batch, length, dtype=torch.long)
-    masks.scatter_(1, order[:, :keep], 0)
-    return masks.reshape(batch, h, w)
-
-
 @dataclass
-class MAEConfig:
-    """Options of MAE; the defaults are the paper's (75% masking, 8 x 512 decoder, normalised pixels).
-    ``xavier_init``: re-initialise the encoder as MAE does (:func:`mae_init_`); turn it off to continue
-    from weights already in the encoder."""
+class MAEConfig(DecoderOptions):
+    """Options of MAE; the defaults are the paper's (75% masking, 8 x 512 decoder, normalised pixels:
+    :class:`~mixmim.methods.decoding.DecoderOptions`). ``xavier_init``: re-initialise the encoder as
+    MAE does (:func:`mae_init_`); turn it off to continue from weights already in the encoder."""
 
     mask_ratio: float = 0.75
-    decoder_dim: int = 512
-    decoder_depth: int = 8
-    decoder_num_heads: int = 16
-    norm_pix_loss: bool = True
     xavier_init: bool = True
 
     def validate(self) -> None:
         check_ratio(self.mask_ratio)
-        for name in ("decoder_dim", "decoder_depth", "decoder_num_heads"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r}: expected a positive integer")
+        self.validate_decoder()
 
 
-class MAE(nn.Module):
+class MAE(VersionedState, PretrainMethod):
     """images -> MSE on the hidden patches; the encoder runs on the kept patches only."""
 
-    num_groups = 1  # one image per sample (the pictures and `mixmim reconstruct` ask)
+    name = "mae"
+    state_version: ClassVar[int] = 2
+    state_changes: ClassVar[str] = ("version 2 carries the class token through the decoder and uses LayerNorm eps "
+                                    "1e-6 there, as MAE's code")
+    # With a plain ViT: MAE's fixed 2-D sine-cosine positions.
+    encoder_defaults: ClassVar[dict[str, dict[str, Any]]] = {"vit": {"fixed_pos_embed": True}}
 
-    def __init__(self, encoder: nn.Module, config: MAEConfig | None = None, in_chans: int = 3):
+    def __init__(self, encoder: nn.Module, config: MAEConfig | None = None, in_chans: int | None = None):
         super().__init__()
         self.config = config or MAEConfig()
         self.config.validate()
@@ -116,9 +99,9 @@ class MAE(nn.Module):
         self.encoder = encoder
         self.cell = encoder.strides[0]  # one predicted patch per token: 16x16 pixels
         self.grid = tuple(encoder.grids[0])
-        self.in_chans = in_chans
-        self.decoder = MaskTokenDecoder(encoder.num_features, self.grid, self.cell**2 * in_chans, c.decoder_dim,
-                                        c.decoder_depth, c.decoder_num_heads)
+        self.in_chans = default_in_chans(encoder) if in_chans is None else in_chans
+        self.decoder = build_decoder(encoder.num_features, self.grid, self.cell, self.in_chans, c, MAE_NORM_EPS)
+        self.init_state_version()
         if c.xavier_init:
             mae_init_(encoder)
 
@@ -146,7 +129,7 @@ class MAE(nn.Module):
             raise ValueError("the mask hides every patch: the encoder would see nothing")
         return mask
 
-    def forward(self, images: Tensor, mask: Tensor | None = None) -> PretrainOutput:
+    def forward(self, images: Tensor, mask: Tensor | None = None, *, picture: bool | None = None) -> PretrainOutput:
         """``mask``: 1 = hidden on the patch grid (drawn per image when None)."""
         self.encoder.check_input(images)
         b = images.shape[0]
@@ -161,17 +144,19 @@ class MAE(nn.Module):
         # Kept positions in increasing order: a stable sort puts the zeros (kept) first.
         keep_index = hidden.long().argsort(dim=1, stable=True)[:, :keep]
 
-        latent = self.encoder.forward_visible(self.encoder.embed(images), keep_index)  # (B, n, C)
+        encoded = self.encoder.forward_kept(self.encoder.embed(images), keep_index)  # (B, P + n, C)
+        lead = self.encoder.num_prefix_tokens
+        prefix, latent = encoded[:, :lead], encoded[:, lead:]
         # Back to the full grid for the decoder; the hidden places get the [MASK] token there.
         full = latent.new_zeros(b, length, latent.shape[-1])
         full = full.scatter(1, keep_index.unsqueeze(-1).expand(-1, -1, latent.shape[-1]), latent)
-        reconstruction = self.decoder(full, ~hidden)
-
-        target = patchify(images, self.cell)
-        if self.config.norm_pix_loss:
-            target = normalize_patches(target)
-        loss = masked_patch_mse(reconstruction, target, hidden)
-        # What the encoder saw: the kept patches, the hidden ones at 0 (the data mean: grey).
-        seen = images * (1 - resize_groups(mask, images.shape[-2:]).unsqueeze(1).to(images.dtype))
-        return PretrainOutput(loss=loss, reconstruction=reconstruction, mask=mask, target=target, hidden=hidden,
-                              sources=torch.arange(b, device=images.device), inputs=seen)
+        reconstruction = self.decoder(full, ~hidden, prefix=prefix if lead else None)
+        target = patch_targets(images, self.cell, self.config.norm_pix_loss)
+        out = PretrainOutput(loss=masked_mse(reconstruction, target, hidden), mask=mask)
+        if self.wants_picture(picture):
+            # What the encoder saw: the kept patches, the hidden ones at 0 (the data mean: grey).
+            seen = images * (1 - resize_groups(mask, images.shape[-2:]).unsqueeze(1).to(images.dtype))
+            out.picture = Picture(inputs=seen.detach(), reconstruction=reconstruction.detach(), hidden=hidden,
+                                  sources=torch.arange(b, device=images.device), cell=self.cell,
+                                  norm_pix=self.config.norm_pix_loss, target=target)
+        return out

@@ -1,8 +1,13 @@
-"""Mask samplers on the last-stage grid (one cell = 32x32 pixels for the MixMIM encoders).
+"""Mask samplers of the mixing and masking methods (SimMIM's strategies: :mod:`simmim_masks`).
 
-A mask here is a tensor of integer group ids of shape (G, h, w): G is 1 when the whole batch shares
-one mask (the release's choice) and B when every sample draws its own. For two images, group 1 marks
-the cells taken from the partner image, exactly the release's 0/1 mixing mask (MixMIM eq. 1).
+MixMIM (on the last-stage grid, one cell = 32x32 pixels for the MixMIM encoders): a mask is a
+tensor of integer group ids of shape (G, h, w): G is 1 when the whole batch shares one mask (the
+release's choice) and B when every sample draws its own. For two images, group 1 marks the cells
+taken from the partner image, exactly the release's 0/1 mixing mask (MixMIM eq. 1).
+
+MAE (:func:`random_patch_masks`: 1 = hidden patch, one draw per image) and MixedAE
+(:func:`balanced_assignment`: the member of its group each cell of a mixed sample comes from).
+All samplers draw on the CPU (optionally from a ``generator``) so that runs replay on any device.
 """
 
 from __future__ import annotations
@@ -141,13 +146,6 @@ def token_cells(groups: Tensor, ratio: float, num_groups: int = 2,
     return out.reshape(groups.shape).to(groups.device)
 
 
-def upsample_groups(groups: Tensor, factor: int) -> Tensor:
-    """Nearest-neighbour upsampling of (G, h, w) ids by an integer factor (section 2.3)."""
-    if factor == 1:
-        return groups
-    return groups.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
-
-
 def partner_sources(batch: int, num_groups: int, device: torch.device | None = None) -> Tensor:
     """(num_groups, B): ``sources[g, i]`` is the image whose tokens fill the group-g cells of sample i.
 
@@ -160,3 +158,35 @@ def partner_sources(batch: int, num_groups: int, device: torch.device | None = N
     if num_groups == 2:
         return torch.stack([index, index.flip(0)])
     return torch.stack([(index + g) % batch for g in range(num_groups)])
+
+
+def kept_count(length: int, mask_ratio: float) -> int:
+    """Patches MAE keeps of ``length``: ``int(L * (1 - ratio))`` (49 of 196 at 0.75), at least one."""
+    return max(1, int(length * (1.0 - mask_ratio)))
+
+
+def random_patch_masks(batch: int, grid: tuple[int, int], mask_ratio: float,
+                       generator: torch.Generator | None = None) -> Tensor:
+    """MAE's masking: (B, h, w) long, 1 = hidden, per image a uniformly random set of
+    ``L - kept_count`` patches (the kept ones: the lowest of L uniform draws, as MAE's code)."""
+    h, w = grid
+    length = h * w
+    keep = kept_count(length, mask_ratio)
+    order = torch.rand(batch, length, generator=generator).argsort(dim=1)
+    masks = torch.ones(batch, length, dtype=torch.long)
+    masks.scatter_(1, order[:, :keep], 0)
+    return masks.reshape(batch, h, w)
+
+
+def balanced_assignment(grid: tuple[int, int], k: int, count: int,
+                        generator: torch.Generator | None = None) -> Tensor:
+    """MixedAE's mixing masks (eq. 1-2): ``count`` masks (count, h, w) with values 0..k-1; every member
+    gets ``n // k`` of the n cells, exactly ``r n`` when k divides n; otherwise the ``n mod k`` spare
+    cells go to members drawn at random, so counts differ by at most one and no member is favoured."""
+    h, w = grid
+    n = h * w
+    base = torch.arange(k).repeat(n // k).expand(count, -1)
+    spare = torch.rand(count, k, generator=generator).argsort(dim=1)[:, : n % k]
+    labels = torch.cat([base, spare], dim=1)
+    order = torch.rand(count, n, generator=generator).argsort(dim=1)
+    return labels.gather(1, order).reshape(count, h, w)

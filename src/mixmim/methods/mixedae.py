@@ -20,6 +20,11 @@ appendix B), on the plain ViT.
    linear projector to 128 dims, cosine similarity, temperature 0.25; the total loss is eq. 8,
    reconstruction + 0.1 x contrastive.
 
+The decoder is MAE's (LayerNorm eps 1e-6), but by default without the class token: eq. 3 unmixes
+the patch features only, and the class token, which attends over every image of the mixed sample,
+would hand each image's decoder a summary of the other images, the heterologous shortcut section
+3.2 removes (``decoder_cls_token`` switches MAE's class-token path on; docs/mae_mixedae.md).
+
 Every ablation of Table 3 and appendix Table 7 that is a switch is a field of :class:`MixedAEConfig`
 (see docs/mae_mixedae.md); the defaults are the paper's choices.
 """
@@ -27,18 +32,19 @@ Every ablation of Table 3 and appendix Table 7 that is a switch is a field of :c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mixmim.methods.base import PretrainOutput
-from mixmim.methods.mae import mae_init_, masked_patch_mse, require_token_dropping
-from mixmim.methods.masking import upsample_groups
-from mixmim.methods.patches import normalize_patches, patchify, unpatchify
-from mixmim.models.decoder import MaskTokenDecoder
-from mixmim.models.vit import TopK
+from mixmim.methods.base import Picture, PretrainMethod, PretrainOutput, VersionedState, default_in_chans
+from mixmim.methods.decoding import DecoderOptions, build_decoder, check_positive_ints
+from mixmim.methods.homologous import TopK
+from mixmim.methods.mae import MAE_NORM_EPS, mae_init_, require_token_dropping
+from mixmim.methods.masking import balanced_assignment
+from mixmim.methods.patches import masked_mse, patch_targets, patchify, unpatchify
+from mixmim.models.base import resize_groups
 
 Mode = Literal["compose", "full"]
 AttentionKind = Literal["homologous", "global", "masked"]
@@ -56,21 +62,6 @@ def group_size(mixing_ratio: float) -> int:
         raise ValueError(f"mixing_ratio={mixing_ratio}: 1/r must be an integer (each image supplies r of the "
                          "patches of a mixed sample of 1/r images)")
     return k
-
-
-def balanced_assignment(grid: tuple[int, int], k: int, count: int,
-                        generator: torch.Generator | None = None) -> Tensor:
-    """``count`` random mixing masks (count, h, w) with values 0..k-1 (eq. 1-2): every member gets
-    ``n // k`` of the n cells, exactly ``r n`` when k divides n; otherwise the ``n mod k`` spare
-    cells go to members drawn at random, so counts differ by at most one and no member is favoured.
-    Drawn on the CPU so runs replay on any device."""
-    h, w = grid
-    n = h * w
-    base = torch.arange(k).repeat(n // k).expand(count, -1)
-    spare = torch.rand(count, k, generator=generator).argsort(dim=1)[:, : n % k]
-    labels = torch.cat([base, spare], dim=1)
-    order = torch.rand(count, n, generator=generator).argsort(dim=1)
-    return labels.gather(1, order).reshape(count, h, w)
 
 
 def segment_sincos(count: int, dim: int) -> Tensor:
@@ -127,7 +118,7 @@ def homologous_contrastive_loss(features: Tensor, sources: Tensor, temperature: 
 
 
 @dataclass
-class MixedAEConfig:
+class MixedAEConfig(DecoderOptions):
     """Options of MixedAE; the defaults are the paper's choices (section 4.1, appendix B).
 
     - ``mixing_ratio`` r (Table 3a): 1/r images per group, r in (0, 0.5]. ``mode``: ``compose``
@@ -141,6 +132,10 @@ class MixedAEConfig:
     - ``segment_embed`` (Table 7c): ``sincos`` (fixed, appendix B), ``learnable`` (one trained
       vector per member, as BERT's segment embeddings), ``none``. ``segment_embed_every_layer``:
       added to the input of every block (appendix B) or once, beside the positions (section 3.2).
+      ``segment_embed_accumulate``: every block's input gets it added into the residual stream, so
+      block i reads i copies (True, the literal reading of "added to the input of each Transformer
+      layer"), or every block reads ``x + e`` and none keeps it (False: one copy at every block, as
+      Swin's per-block relative position bias that appendix B cites).
     - Homologous contrastive loss: ``contrastive_weight`` lambda (eq. 8; 0 turns it off, Table 3f),
       ``contrastive_dim`` (projector output), ``contrastive_temperature`` tau,
       ``contrastive_features`` (Table 3b: after or before the final LayerNorm),
@@ -149,15 +144,16 @@ class MixedAEConfig:
     - ``measure_topk``: report the TopK sampling accuracy of every homologous block (Figure 6) in
       the metrics as ``topk_acc_layer<i>`` (blocks counted from 1).
     - ``xavier_init``: initialise the encoder as MAE's code (appendix B).
+    - ``decoder_cls_token``: give every decoder sequence of a mixed sample the sample's encoded class
+      token, as MAE's decoder does (off by default: see the module docstring).
+    - ``lr_batch``: what the learning-rate rule ``lr = base_lr x batch / 256`` counts (section 4.1):
+      ``images`` per step (the paper's "batch size 4096 for compose", default) or encoder
+      ``samples`` (B r in compose mode, B in full mode); :meth:`MixedAE.lr_batch` tells the loop.
     """
 
     mixing_ratio: float = 0.25
     mode: Mode = "compose"
     mask_cell: int = 32
-    decoder_dim: int = 512
-    decoder_depth: int = 8
-    decoder_num_heads: int = 16
-    norm_pix_loss: bool = True
     attention: AttentionKind = "homologous"
     topk_ratio: float | None = None
     global_layers: int = 1
@@ -171,19 +167,20 @@ class MixedAEConfig:
     reconstruction_weight: float = 1.0
     measure_topk: bool = True
     xavier_init: bool = True
+    decoder_cls_token: bool = False
+    segment_embed_accumulate: bool = True
+    lr_batch: Literal["images", "samples"] = "images"
 
     def validate(self) -> None:
         group_size(self.mixing_ratio)
         choices = {"mode": ("compose", "full"), "attention": ("homologous", "global", "masked"),
-                   "segment_embed": ("sincos", "learnable", "none"),
+                   "segment_embed": ("sincos", "learnable", "none"), "lr_batch": ("images", "samples"),
                    "contrastive_features": ("post_norm", "pre_norm"), "contrastive_positives": ("separate", "mean")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
-        for name in ("mask_cell", "decoder_dim", "decoder_depth", "decoder_num_heads", "contrastive_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r}: expected a positive integer")
+        check_positive_ints(self, ("mask_cell", "contrastive_dim"))
+        self.validate_decoder()
         if isinstance(self.global_layers, bool) or not isinstance(self.global_layers, int) or self.global_layers < 0:
             raise ValueError(f"global_layers={self.global_layers!r}: expected a count of blocks (0 or more)")
         if self.topk_ratio is not None and not 0.0 < float(self.topk_ratio) <= 1.0:
@@ -197,12 +194,20 @@ class MixedAEConfig:
         if self.attention == "masked" and self.segment_embed != "none":
             raise ValueError(f"attention='masked' is told which image each patch is from (appendix Table 7a); "
                              f"segment_embed={self.segment_embed!r} needs segment_embed='none'")
+        if self.attention == "masked" and self.decoder_cls_token:
+            raise ValueError("attention='masked' keeps one class token copy per image inside the encoder and returns "
+                             "none; decoder_cls_token=True needs attention='homologous' or 'global'")
 
 
-class MixedAE(nn.Module):
+class MixedAE(VersionedState, PretrainMethod):
     """images -> eq. 8 loss, reconstructions and the TopK sampling accuracy per block."""
 
-    def __init__(self, encoder: nn.Module, config: MixedAEConfig | None = None, in_chans: int = 3):
+    name = "mixedae"
+    state_version: ClassVar[int] = 2
+    state_changes: ClassVar[str] = "version 2 uses LayerNorm eps 1e-6 in the decoder, as MAE's code"
+    encoder_defaults: ClassVar[dict[str, dict[str, Any]]] = {"vit": {"fixed_pos_embed": True}}  # MAE's positions
+
+    def __init__(self, encoder: nn.Module, config: MixedAEConfig | None = None, in_chans: int | None = None):
         super().__init__()
         self.config = config or MixedAEConfig()
         self.config.validate()
@@ -213,7 +218,7 @@ class MixedAE(nn.Module):
         self.cell = encoder.strides[0]  # one predicted patch per token: 16x16 pixels
         self.grid = tuple(encoder.grids[0])
         self.length = self.grid[0] * self.grid[1]
-        self.in_chans = in_chans
+        self.in_chans = default_in_chans(encoder) if in_chans is None else in_chans
         h, w = encoder.img_size
         if c.mask_cell % self.cell or h % c.mask_cell or w % c.mask_cell:
             raise ValueError(f"mask_cell={c.mask_cell} must be a multiple of the patch size {self.cell} and divide "
@@ -223,7 +228,7 @@ class MixedAE(nn.Module):
         if self.mask_grid[0] * self.mask_grid[1] < self.k:
             raise ValueError(f"{self.mask_grid[0] * self.mask_grid[1]} mixing cells of {c.mask_cell} px cannot be "
                              f"shared by 1/r = {self.k} images")
-        depth = len(encoder.blocks)
+        depth = encoder.num_blocks
         if c.attention == "homologous" and c.global_layers > depth:
             raise ValueError(f"global_layers={c.global_layers} exceeds the encoder's {depth} blocks")
         ratio = c.mixing_ratio if c.topk_ratio is None else c.topk_ratio
@@ -231,8 +236,7 @@ class MixedAE(nn.Module):
 
         dim = encoder.embed_dim
         # MAE's decoder (section 4.1: "8 Transformer layers with the hidden dimension as 512").
-        self.decoder = MaskTokenDecoder(encoder.num_features, self.grid, self.cell**2 * in_chans, c.decoder_dim,
-                                        c.decoder_depth, c.decoder_num_heads)
+        self.decoder = build_decoder(encoder.num_features, self.grid, self.cell, self.in_chans, c, MAE_NORM_EPS)
         if c.segment_embed == "sincos":
             self.register_buffer("segment_embed", segment_sincos(self.k, dim), persistent=False)
         elif c.segment_embed == "learnable":
@@ -245,6 +249,7 @@ class MixedAE(nn.Module):
             self.projector = nn.Linear(encoder.num_features, c.contrastive_dim)
             nn.init.xavier_uniform_(self.projector.weight)
             nn.init.zeros_(self.projector.bias)
+        self.init_state_version()
         if c.xavier_init:
             mae_init_(encoder)
 
@@ -257,6 +262,13 @@ class MixedAE(nn.Module):
     def num_groups(self) -> int:
         """Images per group (1/r); the pictures and ``mixmim reconstruct`` take a multiple of it."""
         return self.k
+
+    def lr_batch(self, global_batch: int) -> int:
+        """The batch the lr scaling rule counts: the images of the step, or (``lr_batch="samples"``)
+        the mixed samples the encoder sees (B r in compose mode, B in full mode)."""
+        if self.config.lr_batch == "samples":
+            return int(global_batch) // self.k * self.samples_per_group()
+        return int(global_batch)
 
     def no_weight_decay(self) -> set[str]:
         """Nothing beyond the 1-d parameters: MixedAE builds on MAE's code, which decays every other
@@ -279,7 +291,7 @@ class MixedAE(nn.Module):
         patch comes from; S = B r (compose) or B (full: 1/r independent draws per group)."""
         count = self.check_batch(batch) * self.samples_per_group()
         cells = balanced_assignment(self.mask_grid, self.k, count, generator)
-        return upsample_groups(cells, self.mask_factor)
+        return resize_groups(cells, self.grid)
 
     def check_masks(self, masks: Tensor, batch: int) -> Tensor:
         """Accept (S, h, w) member ids on the patch grid (S = B r or B as the mode says)."""
@@ -318,7 +330,7 @@ class MixedAE(nn.Module):
         """One plan per encoder block: None (global attention) for the first ``global_layers``
         blocks, homologous attention with K = rL after (eq. 6). ``members`` (S, L) is handed to
         the plans only to measure the TopK sampling accuracy; the attention never reads it."""
-        depth = len(self.encoder.blocks)
+        depth = self.encoder.num_blocks
         c = self.config
         if c.attention != "homologous" or self.topk >= self.length:  # K = L: "no sampling" (Table 3d)
             return [None] * depth
@@ -327,7 +339,9 @@ class MixedAE(nn.Module):
         return [None] * first + [TopK(self.topk, sources=sources) for _ in range(depth - first)]
 
     def encode(self, mixed: Tensor, masks: Tensor) -> tuple[Tensor, list[TopK | None]]:
-        """(S, L, C) patch features of the mixed samples before the final norm, and the plans used."""
+        """(S, P + L, C) features of the mixed samples before the final norm (P prefix tokens: the
+        class token; none with masked attention, which keeps one copy per image inside the
+        encoder), and the plans used."""
         tokens = self.encoder.embed(mixed)
         members = masks.reshape(masks.shape[0], -1)
         if self.config.attention == "masked":
@@ -342,10 +356,16 @@ class MixedAE(nn.Module):
             else:
                 tokens = tokens + segments  # beside the positions, once (section 3.2)
         plans = self.attention_plans(members)
-        return self.encoder.forward_plans(tokens, plans, layer_embed), plans
+        features = self.encoder.forward_plans(tokens, plans, layer_embed,
+                                              accumulate=self.config.segment_embed_accumulate)
+        return features, plans
+
+    def prefix_count(self) -> int:
+        """Tokens in front of the patches in :meth:`encode`'s output."""
+        return 0 if self.config.attention == "masked" else self.encoder.num_prefix_tokens
 
     # ------------------------------------------------------------------ forward
-    def forward(self, images: Tensor, mask: Tensor | None = None) -> PretrainOutput:
+    def forward(self, images: Tensor, mask: Tensor | None = None, *, picture: bool | None = None) -> PretrainOutput:
         """``mask``: (S, h, w) member ids per mixed sample on the patch grid (drawn when None)."""
         self.encoder.check_input(images)
         b = images.shape[0]
@@ -353,8 +373,10 @@ class MixedAE(nn.Module):
         masks = masks.to(images.device)
         c = self.config
         mixed = self.mix(images, masks)
-        pre_norm, plans = self.encode(mixed, masks)
-        latent = self.encoder.final_norm(pre_norm)
+        encoded, plans = self.encode(mixed, masks)
+        lead = self.prefix_count()
+        normed = self.encoder.final_norm(encoded)
+        prefix, latent, pre_norm = normed[:, :lead], normed[:, lead:], encoded[:, lead:]
 
         # Unmixing (eq. 3): sequence s * k + t keeps the patches of member t of mixed sample s.
         s = masks.shape[0]
@@ -362,13 +384,11 @@ class MixedAE(nn.Module):
         index = torch.arange(self.k, device=images.device)
         visible = (members[:, None, :] == index[None, :, None]).reshape(s * self.k, -1)
         seq_sources = (self.first_images(s, images.device)[:, None] + index[None, :]).reshape(-1)
-        reconstruction = self.decoder(latent.repeat_interleave(self.k, dim=0), visible)
-        target = patchify(images, self.cell)
-        if c.norm_pix_loss:
-            target = normalize_patches(target)
-        seq_target = target[seq_sources]
+        cls = prefix.repeat_interleave(self.k, dim=0) if c.decoder_cls_token and lead else None
+        reconstruction = self.decoder(latent.repeat_interleave(self.k, dim=0), visible, prefix=cls)
+        seq_target = patch_targets(images, self.cell, c.norm_pix_loss)[seq_sources]
         hidden = ~visible
-        recon_loss = masked_patch_mse(reconstruction, seq_target, hidden)  # eq. 4
+        recon_loss = masked_mse(reconstruction, seq_target, hidden)  # eq. 4
 
         loss = c.reconstruction_weight * recon_loss
         metrics: dict[str, Tensor] = {"recon_loss": recon_loss.detach()}
@@ -383,10 +403,12 @@ class MixedAE(nn.Module):
                 metrics[f"topk_acc_layer{i + 1}"] = plan.accuracy
         # One host synchronisation for all values.
         values = torch.stack([v.float() for v in metrics.values()]).tolist()
-        # What the encoder saw, one picture per image: the mixed sample whose reconstruction of that
-        # image the pictures show (the group's first sample).
-        first = torch.arange(0, s, self.samples_per_group(), device=images.device)
-        inputs = mixed[first].repeat_interleave(self.k, dim=0)
-        return PretrainOutput(loss=loss, reconstruction=reconstruction, mask=masks, target=seq_target, hidden=hidden,
-                              sources=seq_sources, inputs=inputs, metrics=dict(zip(metrics, values)))
-
+        out = PretrainOutput(loss=loss, mask=masks, metrics=dict(zip(metrics, values)))
+        if self.wants_picture(picture):
+            # What the encoder saw, one picture per image: the mixed sample whose reconstruction of
+            # that image the pictures show (the group's first one).
+            first = torch.arange(0, s, self.samples_per_group(), device=images.device)
+            out.picture = Picture(inputs=mixed[first].repeat_interleave(self.k, dim=0).detach(),
+                                  reconstruction=reconstruction.detach(), hidden=hidden, sources=seq_sources,
+                                  cell=self.cell, norm_pix=c.norm_pix_loss, target=seq_target)
+        return out

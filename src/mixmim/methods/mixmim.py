@@ -28,12 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mixmim.methods.base import PretrainOutput
-from mixmim.methods.masking import (as_grid_masks, block_groups, check_ratio, partner_sources, random_groups, token_cells,
-                                    upsample_groups)
-from mixmim.methods.patches import normalize_patches, patchify
+from mixmim.methods.base import Picture, PretrainMethod, PretrainOutput, default_in_chans
+from mixmim.methods.decoding import DecoderOptions, build_decoder
+from mixmim.methods.masking import as_grid_masks, block_groups, check_ratio, partner_sources, random_groups, token_cells
+from mixmim.methods.patches import masked_mse, patch_targets
 from mixmim.models.base import resize_groups
-from mixmim.models.decoder import MaskTokenDecoder
 
 
 Filling = Literal["mix", "zero", "learnable", "shuffle", "zoomin"]
@@ -43,8 +42,9 @@ PRETEXTS: tuple[str, ...] = ("masked_attention", "mix_embedding", "none")
 
 
 @dataclass
-class MixMIMConfig:
-    """Options of the MixMIM method; the defaults are the paper's choices.
+class MixMIMConfig(DecoderOptions):
+    """Options of the MixMIM method; the defaults are the paper's choices (the decoder's and the
+    target's: :class:`~mixmim.methods.decoding.DecoderOptions`).
 
     - ``filling`` (Table 6 / supplement Table 3): what fills the cells hidden from an image. ``mix``:
       the other image's tokens (the method). ``zero``: zero tokens; ``learnable``: one shared
@@ -69,10 +69,6 @@ class MixMIMConfig:
       [MASK] token at the encoder input (0.5 with two images: 25% / 25% / 50%).
     """
 
-    decoder_dim: int = 512
-    decoder_depth: int = 8
-    decoder_num_heads: int = 16
-    norm_pix_loss: bool = True
     mask_ratio: float = 0.5
     mask_ratio_range: tuple[float, float] | None = None
     mask_type: Literal["random", "block"] = "random"
@@ -91,6 +87,7 @@ class MixMIMConfig:
             self.mask_ratio_range = tuple(self.mask_ratio_range)
 
     def validate(self) -> None:
+        self.validate_decoder()
         check_ratio(self.mask_ratio)
         if self.mask_ratio_range is not None:
             if len(self.mask_ratio_range) != 2:
@@ -134,18 +131,20 @@ class MixMIMConfig:
                                  "holds one image")
 
 
-class MixMIM(nn.Module):
+class MixMIM(PretrainMethod):
     """images -> loss and reconstructions. The encoder is any
     :class:`~mixmim.models.base.GroupedEncoder` (MixMIM's own, ViT, Swin, PVT v2, ResNet-v2)."""
 
-    def __init__(self, encoder: nn.Module, config: MixMIMConfig | None = None, in_chans: int = 3):
+    name = "mixmim"
+
+    def __init__(self, encoder: nn.Module, config: MixMIMConfig | None = None, in_chans: int | None = None):
         super().__init__()
         self.config = config or MixMIMConfig()
         self.config.validate()
         self.encoder = encoder
         self.cell = encoder.stride
-        self.grid = encoder.grids[-1]
-        self.in_chans = in_chans
+        self.grid = tuple(encoder.grids[-1])
+        self.in_chans = default_in_chans(encoder) if in_chans is None else in_chans
         c = self.config
         if c.mask_cell % encoder.stride:
             # Section 3: the mask patch is 32 because the encoder downsamples to 1/32. A smaller cell
@@ -158,8 +157,7 @@ class MixMIM(nn.Module):
             raise ValueError(f"mask_cell={c.mask_cell} does not divide the image size "
                              f"{self.grid[0] * self.cell}x{self.grid[1] * self.cell}")
         self.mask_grid = (self.grid[0] // self.mask_factor, self.grid[1] // self.mask_factor)
-        self.decoder = MaskTokenDecoder(encoder.num_features, self.grid, self.cell**2 * in_chans, c.decoder_dim,
-                                        c.decoder_depth, c.decoder_num_heads)
+        self.decoder = build_decoder(encoder.num_features, self.grid, self.cell, self.in_chans, c)
         # Parameters of the ablations exist only when used, so default checkpoints keep the
         # release's names exactly.
         if c.filling == "learnable" or c.mask_token_ratio > 0:
@@ -173,6 +171,7 @@ class MixMIM(nn.Module):
 
     @property
     def num_groups(self) -> int:
+        """Images per mixed sample (k; 2 by default)."""
         return self.config.num_images
 
     def no_weight_decay(self) -> set[str]:
@@ -194,8 +193,7 @@ class MixMIM(nn.Module):
             groups = random_groups(self.mask_grid, c.mask_ratio, num_groups=self.num_groups, count=count,
                                    ratio_range=c.mask_ratio_range, generator=generator)
         tokens = token_cells(groups, c.mask_token_ratio, self.num_groups, generator) if c.mask_token_ratio else None
-        up = self.mask_factor
-        return upsample_groups(groups, up), (upsample_groups(tokens, up) if tokens is not None else None)
+        return resize_groups(groups, self.grid), (resize_groups(tokens, self.grid) if tokens is not None else None)
 
     def sample_mask(self, batch: int, generator: torch.Generator | None = None) -> Tensor:
         """Group ids (G, h, w) on the last grid, drawn on the CPU so runs replay on any device."""
@@ -223,10 +221,11 @@ class MixMIM(nn.Module):
             return None
         f = self.mask_factor
         drawn = token_cells(groups[:, ::f, ::f].cpu(), self.config.mask_token_ratio, self.num_groups)
-        return upsample_groups(drawn, f).to(groups.device)
+        return resize_groups(drawn, self.grid).to(groups.device)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, images: Tensor, mask: Tensor | None = None, token_mask: Tensor | None = None) -> PretrainOutput:
+    def forward(self, images: Tensor, mask: Tensor | None = None, token_mask: Tensor | None = None, *,
+                picture: bool | None = None) -> PretrainOutput:
         """``mask``: group ids on the last grid (drawn when None). ``token_mask``: (G, h, w) bool cells
         that hold the [MASK] token (only with ``mask_token_ratio``; drawn when None)."""
         self.encoder.check_input(images)
@@ -238,12 +237,12 @@ class MixMIM(nn.Module):
             tokens_at = self._token_cells_for(groups, token_mask)
         groups = groups.to(images.device)
         if self.config.filling != "mix":
-            return self._forward_filled(images, groups)
+            return self._forward_filled(images, groups, self.wants_picture(picture))
 
         k = self.num_groups
         sources = partner_sources(b, k, images.device)  # (k, B)
-        mixed = self.make_input(images, groups, sources, tokens_at)
-        latent = self.encode(mixed, groups)
+        mixed = self.mix(images, groups, sources)
+        latent = self.encode(self.make_input(mixed, groups, tokens_at), groups)
 
         # Unmix: one decoder sequence per (group, sample), rows ordered g * B + i as in the release.
         # Single reconstruction (Table 7) keeps group 0 only: image i from its own cells of sample i.
@@ -254,15 +253,19 @@ class MixMIM(nn.Module):
         if tokens_at is not None:
             # A [MASK] cell of the image's group carries no pixel of it: it is scored too.
             hidden = hidden | tokens_at.reshape(tokens_at.shape[0], -1).expand(b, -1).repeat(decoded, 1)
-        return self._reconstruct(images, latent, visible, hidden, sources[:decoded].reshape(-1), groups)
+        shown = None
+        if self.wants_picture(picture):
+            shown = mixed
+            if tokens_at is not None:  # [MASK] cells drawn as the data mean
+                shown = mixed * ~resize_groups(tokens_at, images.shape[-2:]).unsqueeze(1)
+        return self._reconstruct(images, latent, visible, hidden, sources[:decoded].reshape(-1), groups, shown)
 
-    def make_input(self, images: Tensor, groups: Tensor, sources: Tensor, tokens_at: Tensor | None = None) -> Tensor:
-        """Stage-1 tokens the encoder sees for mixed filling: eq. 1 on the pixels, embedded so that no
-        token sees another image's cells (a patch embedding sees only its patch; a convolutional
-        stem is a mixed convolution), then the [MASK] token on ``tokens_at`` cells (before
-        positions are added, as in SimMIM). [MASK] cells are embedded apart from the rest too, so
-        the pixels they hide reach no neighbour."""
-        mixed = self.mix(images, groups, sources)
+    def make_input(self, mixed: Tensor, groups: Tensor, tokens_at: Tensor | None = None) -> Tensor:
+        """Stage-1 tokens the encoder sees for mixed filling: the mixed pixels (eq. 1, :meth:`mix`)
+        embedded so that no token sees another image's cells (a patch embedding sees only its patch;
+        a convolutional stem is a mixed convolution), then the [MASK] token on ``tokens_at`` cells
+        (before positions are added, as in SimMIM). [MASK] cells are embedded apart from the rest
+        too, so the pixels they hide reach no neighbour."""
         if tokens_at is None:
             return self.encoder.embed(mixed, groups)
         segments = torch.where(tokens_at.to(groups.device), self.num_groups, groups)
@@ -280,17 +283,18 @@ class MixMIM(nn.Module):
                                            num_groups=self.num_groups)
 
     def _reconstruct(self, images: Tensor, latent: Tensor, visible: Tensor, hidden: Tensor, seq_sources: Tensor,
-                     groups: Tensor) -> PretrainOutput:
-        """Decode ``visible.shape[0]`` sequences (latent repeated) and score the hidden cells."""
+                     groups: Tensor, shown: Tensor | None) -> PretrainOutput:
+        """Decode ``visible.shape[0]`` sequences (latent repeated) and score the hidden cells (eq. 2);
+        ``shown``: the pixels the encoder saw, given only when a picture is asked for."""
         repeats = visible.shape[0] // latent.shape[0]
         reconstruction = self.decoder(latent.repeat(repeats, 1, 1) if repeats > 1 else latent, visible)
-        target = patchify(images, self.cell)
-        if self.config.norm_pix_loss:
-            target = normalize_patches(target)
-        seq_target = target[seq_sources]
-        loss = self.reconstruction_loss(reconstruction, seq_target, hidden)
-        return PretrainOutput(loss=loss, reconstruction=reconstruction, mask=groups, target=seq_target,
-                              hidden=hidden, sources=seq_sources)
+        seq_target = patch_targets(images, self.cell, self.config.norm_pix_loss)[seq_sources]
+        out = PretrainOutput(loss=masked_mse(reconstruction, seq_target, hidden), mask=groups)
+        if shown is not None:
+            out.picture = Picture(inputs=shown.detach(), reconstruction=reconstruction.detach(), hidden=hidden,
+                                  sources=seq_sources, cell=self.cell, norm_pix=self.config.norm_pix_loss,
+                                  target=seq_target)
+        return out
 
     def mix(self, images: Tensor, groups: Tensor, sources: Tensor) -> Tensor:
         """Eq. 1 on the pixels (B, C, H, W): each cell of sample i is taken from image
@@ -303,32 +307,41 @@ class MixMIM(nn.Module):
         return mixed
 
     # ------------------------------------------------------------------ non-mix fillings (Table 6)
-    def _forward_filled(self, images: Tensor, groups: Tensor) -> PretrainOutput:
+    def _forward_filled(self, images: Tensor, groups: Tensor, picture: bool) -> PretrainOutput:
         """One image per sample: group-1 cells are filled, plain attention, single reconstruction."""
         b = images.shape[0]
-        x = self.fill_input(images, groups)
+        x, pixels = self.fill_input(images, groups)
         latent = self.encoder.forward_tokens(x)  # one image: nothing to keep apart
         visible = (groups.reshape(groups.shape[0], -1) == 0).expand(b, -1)
-        return self._reconstruct(images, latent, visible, ~visible, torch.arange(b, device=images.device), groups)
+        shown = None
+        if picture:  # shuffle and zoom-in fill pixels; zero and learnable tokens, drawn as the data mean
+            own = (resize_groups(groups, images.shape[-2:]) == 0).unsqueeze(1)
+            shown = pixels if pixels is not None else images * own
+        return self._reconstruct(images, latent, visible, ~visible, torch.arange(b, device=images.device), groups,
+                                 shown)
 
-    def fill_input(self, images: Tensor, groups: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Stage-1 tokens of each image with its group-1 cells replaced by ``config.filling``. Shuffle
-        and zoom-in fill the pixels; zero and learnable fill the tokens. The visible and the hidden
-        cells are embedded apart, so the hidden pixels reach no visible token."""
+    def fill_input(self, images: Tensor, groups: Tensor,
+                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
+        """(stage-1 tokens of each image with its group-1 cells replaced by ``config.filling``, the
+        filled pixels or None). Shuffle and zoom-in fill the pixels; zero and learnable fill the
+        tokens. The visible and the hidden cells are embedded apart, so the hidden pixels reach no
+        visible token."""
         filling = self.config.filling
         if filling not in ("zero", "learnable", "shuffle", "zoomin"):
             raise ValueError(f"filling={filling!r} is not a single-image filling")
         if filling == "shuffle":
             b, c, h, w = images.shape
-            pixels = self.shuffle_cells(images.permute(0, 2, 3, 1).reshape(b, h * w, c), groups, generator)
-            return self.encoder.embed(pixels.reshape(b, h, w, c).permute(0, 3, 1, 2), groups)
+            rows = self.shuffle_cells(images.permute(0, 2, 3, 1).reshape(b, h * w, c), groups, generator)
+            pixels = rows.reshape(b, h, w, c).permute(0, 3, 1, 2)
+            return self.encoder.embed(pixels, groups), pixels
         if filling == "zoomin":
             hidden = resize_groups(groups, images.shape[-2:]).unsqueeze(1) == 1
-            return self.encoder.embed(torch.where(hidden, self.zoom_in(images, generator), images), groups)
+            pixels = torch.where(hidden, self.zoom_in(images, generator), images)
+            return self.encoder.embed(pixels, groups), pixels
         tokens = self.encoder.embed(images, groups)
         fill = torch.zeros_like(tokens) if filling == "zero" else self.mask_token.to(tokens.dtype).expand_as(tokens)
         hidden = self.encoder.stage_groups(groups, 0).reshape(groups.shape[0], -1, 1) == 1
-        return torch.where(hidden, fill, tokens)
+        return torch.where(hidden, fill, tokens), None
 
     def _cells(self, tokens: Tensor) -> Tensor:
         """(B, N, C) positions on a grid of f x f positions per last-grid cell (stage-1 tokens, or
@@ -375,13 +388,6 @@ class MixMIM(nn.Module):
         tops, lefts, ch, cw = self.zoom_boxes(images.shape[0], generator)
         crops = torch.stack([img[:, t:t + ch, l:l + cw] for img, t, l in zip(images, tops.tolist(), lefts.tolist())])
         return F.interpolate(crops, size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False)
-
-    @staticmethod
-    def reconstruction_loss(prediction: Tensor, target: Tensor, hidden: Tensor) -> Tensor:
-        """Mean squared error over every value of the hidden cells (eq. 2)."""
-        per_cell = (prediction.float() - target.float()).pow(2).mean(dim=-1)
-        weight = hidden.to(per_cell.dtype)
-        return (per_cell * weight).sum() / weight.sum().clamp(min=1)
 
 
 def derangement(n: int, generator: torch.Generator | None = None) -> Tensor:

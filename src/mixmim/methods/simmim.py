@@ -13,6 +13,10 @@ Table 8 compares against it).
    (Table 3: area averages of d x d pixels, see :func:`downsample`), as raw pixels (l1 by default;
    l2, smooth-l1: Table 5) or as channel-wise colour bins classified with cross-entropy (Table 5 and
    13). The loss covers the masked pixels (eq. 1) or the whole image (Table 4).
+
+With the default options the loss, the predictions and the gradients equal the authors' code
+(microsoft/SimMIM ``models/simmim.py``, on its Swin and on its ViT without relative position bias or
+layer scale) at float64 rounding (``tests/test_golden_authors.py``).
 """
 
 from __future__ import annotations
@@ -24,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mixmim.methods.base import PretrainOutput
-from mixmim.methods.masking import as_grid_masks, check_ratio, upsample_groups
-from mixmim.methods.patches import normalize_patches, patchify, unpatchify
+from mixmim.methods.base import Picture, PretrainMethod, PretrainOutput, default_in_chans
+from mixmim.methods.masking import as_grid_masks, check_ratio
+from mixmim.methods.patches import at_least_float32, normalize_patches, patchify, unpatchify
 from mixmim.methods.simmim_heads import HEADS, build_head
 from mixmim.methods.simmim_masks import MASK_TYPES, sample_cells
 from mixmim.models.base import resize_groups
@@ -56,7 +60,7 @@ class SimMIMConfig:
     - ``loss`` (Table 5): ``l1``, ``l2``, ``smooth_l1`` (PyTorch's, beta 1, on normalised pixels) or
       ``bins``: every channel's 8-bit value in one of ``num_bins`` equal bins (2 to 256, Table 13),
       predicted by cross-entropy. ``pixel_mean``/``pixel_std`` undo the input normalisation for
-      it (keep them equal to ``data.mean``/``data.std``).
+      it (keep them equal to ``data.mean``/``data.std``: one value per image channel).
     - ``norm_pix_loss``: MAE's per-patch normalised target (not in the SimMIM paper; regression only).
     """
 
@@ -71,8 +75,8 @@ class SimMIMConfig:
     loss: Literal["l1", "smooth_l1", "l2", "bins"] = "l1"
     num_bins: int = 8
     norm_pix_loss: bool = False
-    pixel_mean: tuple[float, float, float] = IMAGENET_MEAN
-    pixel_std: tuple[float, float, float] = IMAGENET_STD
+    pixel_mean: tuple[float, ...] = IMAGENET_MEAN
+    pixel_std: tuple[float, ...] = IMAGENET_STD
 
     def __post_init__(self) -> None:
         # YAML and the run config's method section give lists; keep the declared tuples.
@@ -93,9 +97,10 @@ class SimMIMConfig:
                 raise ValueError(f"num_bins={self.num_bins!r}: expected 2 to 256 bins of 8-bit colour values")
             if self.norm_pix_loss:
                 raise ValueError("norm_pix_loss normalises a regression target; loss='bins' classifies colours")
-        if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3 or min(self.pixel_std) <= 0:
-            raise ValueError(f"pixel_mean={list(self.pixel_mean)} / pixel_std={list(self.pixel_std)}: expected three "
-                             "values each, positive deviations")
+        if (len(self.pixel_mean) not in (1, 3) or len(self.pixel_std) != len(self.pixel_mean)
+                or min(self.pixel_std) <= 0):
+            raise ValueError(f"pixel_mean={list(self.pixel_mean)} / pixel_std={list(self.pixel_std)}: expected one value "
+                             "per image channel each (1 or 3), positive deviations")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -108,16 +113,17 @@ def downsample(images: Tensor, factor: int) -> Tensor:
 
 
 def colour_bins(images: Tensor, bins: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
-    """Normalised images ``(B, 3, h, w)`` -> bin of every channel's 8-bit value, ``bins`` equal bins
+    """Normalised images ``(B, C, h, w)`` (``mean``/``std``: C values) -> bin of every channel's
+    8-bit value, ``bins`` equal bins
     (256 bins: the 8-bit value itself). Channel-wise bin colour discretisation, section 3.4."""
     m = images.new_tensor(mean).view(1, -1, 1, 1)
     s = images.new_tensor(std).view(1, -1, 1, 1)
-    levels = ((images.float() * s + m).clamp(0, 1) * 255).round().long()
+    levels = ((at_least_float32(images) * s + m).clamp(0, 1) * 255).round().long()
     return levels * bins // 256
 
 
 def bin_colours(bins_or_logits: Tensor, bins: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
-    """Bin ids ``(B, 3, h, w)`` (or logits ``(B, 3 * bins, h, w)``, decoded by argmax) -> the
+    """Bin ids ``(B, C, h, w)`` (or logits ``(B, C * bins, h, w)``, decoded by argmax) -> the
     normalised colour of each bin's centre, for pictures."""
     ids = bins_or_logits
     if ids.is_floating_point():
@@ -132,7 +138,7 @@ def bin_colours(bins_or_logits: Tensor, bins: int, mean: tuple[float, ...], std:
 def value_errors(prediction: Tensor, target: Tensor, loss: str, bins: int = 8) -> Tensor:
     """Per-value loss ``(B, C, h, w)``: a distance between predicted and true pixels, or the
     cross-entropy of every channel's bin (``prediction`` then holds C x bins logits per pixel)."""
-    pred = prediction.float()
+    pred = at_least_float32(prediction)
     if loss == "bins":
         b, _, h, w = pred.shape
         logits = pred.reshape(b, -1, bins, h, w)
@@ -140,7 +146,7 @@ def value_errors(prediction: Tensor, target: Tensor, loss: str, bins: int = 8) -
         ce = F.cross_entropy(logits.reshape(b * channels, bins, h, w), target.reshape(b * channels, h, w),
                              reduction="none")
         return ce.reshape(b, channels, h, w)
-    tgt = target.float()
+    tgt = at_least_float32(target)
     if loss == "l1":
         return (pred - tgt).abs()
     if loss == "smooth_l1":
@@ -151,24 +157,34 @@ def value_errors(prediction: Tensor, target: Tensor, loss: str, bins: int = 8) -
 def weighted_mean(errors: Tensor, weight: Tensor) -> Tensor:
     """Mean of ``errors`` ``(B, C, h, w)`` over the weighted pixels, every channel counted (eq. 1:
     divided by the number of masked values). ``weight`` ``(B or 1, 1, h, w)`` in [0, 1]: the masked
-    share of each target pixel, or 1 everywhere for the full-image loss."""
-    weight = weight.float().expand(errors.shape[0], 1, *errors.shape[-2:])
+    share of each target pixel, or 1 everywhere for the full-image loss.
+
+    SimMIM's code writes ``sum / (mask.sum() + 1e-5) / C``, but its mask is an integer tensor, so
+    ``mask.sum() + 1e-5`` is a float32 number in which the 1e-5 vanishes for any count above ~170
+    pixels (every real batch): its loss is ``sum / count / C``, which is what this computes (the
+    golden test against its code tells the two apart)."""
+    weight = weight.to(errors.dtype).expand(errors.shape[0], 1, *errors.shape[-2:])
     total = weight.sum() * errors.shape[1]
     return (errors * weight).sum() / total.clamp(min=1e-6)
 
 
-class SimMIM(nn.Module):
+class SimMIM(PretrainMethod):
     """images -> loss on the masked pixels, with a learnable mask token at the encoder input."""
 
-    def __init__(self, encoder: nn.Module, config: SimMIMConfig | None = None, in_chans: int = 3):
+    name = "simmim"
+
+    def __init__(self, encoder: nn.Module, config: SimMIMConfig | None = None, in_chans: int | None = None):
         super().__init__()
         self.config = config or SimMIMConfig()
         self.config.validate()
         c = self.config
         self.encoder = encoder
         self.cell = encoder.stride  # pixels per last-stage token: the patches of the reconstruction
-        self.grid = encoder.grids[-1]
-        self.in_chans = in_chans
+        self.grid = tuple(encoder.grids[-1])
+        self.in_chans = default_in_chans(encoder) if in_chans is None else in_chans
+        if c.loss == "bins" and len(c.pixel_mean) != self.in_chans:
+            raise ValueError(f"pixel_mean={list(c.pixel_mean)} has {len(c.pixel_mean)} value(s) but the encoder takes "
+                             f"{self.in_chans}-channel images; set method.pixel_mean/pixel_std to data.mean/data.std")
         h, w = encoder.img_size
         if c.mask_cell % encoder.strides[0] or h % c.mask_cell or w % c.mask_cell:
             raise ValueError(f"mask_cell={c.mask_cell} must be a multiple of the encoder's first stride "
@@ -178,7 +194,7 @@ class SimMIM(nn.Module):
         self.mask_grid = (h // c.mask_cell, w // c.mask_cell)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.embed_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-        values = in_chans * (c.num_bins if c.loss == "bins" else 1)
+        values = self.in_chans * (c.num_bins if c.loss == "bins" else 1)
         self.head = build_head(c.head, encoder, values, c.target_downsample, c.head_window)
 
     def no_weight_decay(self) -> set[str]:
@@ -191,6 +207,10 @@ class SimMIM(nn.Module):
     def no_weight_decay_keywords(self) -> set[str]:
         return {"relative_position_bias_table"}
 
+    def head_blocks(self) -> list[nn.Module]:
+        """The inverse Swin heads' blocks (a linear or MLP head has none)."""
+        return [blk for stage in getattr(self.head, "stages", []) for blk in stage]
+
     def sample_mask(self, batch: int, generator: torch.Generator | None = None) -> Tensor:
         """(G, mh, mw) long, 1 = masked, on the ``mask_cell`` grid, drawn on the CPU so runs replay on
         any device. G is B per image (the paper) or 1 for a batch-shared mask."""
@@ -198,7 +218,7 @@ class SimMIM(nn.Module):
         count = batch if c.mask_per_sample else 1
         return sample_cells(c.mask_type, self.mask_grid, c.mask_ratio, count, c.mask_cell, generator)
 
-    def forward(self, images: Tensor, mask: Tensor | None = None) -> PretrainOutput:
+    def forward(self, images: Tensor, mask: Tensor | None = None, *, picture: bool | None = None) -> PretrainOutput:
         """``mask``: (mh, mw), (1, mh, mw) or (B, mh, mw) with 1 = masked on the ``mask_cell`` grid."""
         self.encoder.check_input(images)
         b = images.shape[0]
@@ -212,7 +232,7 @@ class SimMIM(nn.Module):
         x = torch.where(at, self.mask_token.to(tokens.dtype), tokens)
         prediction = self.head(self.encoder.forward_tokens(x))  # (B, V, H/d, W/d)
 
-        pixels = upsample_groups(mask, c.mask_cell).unsqueeze(1).to(images.dtype)  # (G, 1, H, W)
+        pixels = resize_groups(mask, images.shape[-2:]).unsqueeze(1).to(images.dtype)  # (G, 1, H, W)
         # A target pixel covering d x d image pixels counts by its masked share (cells smaller
         # than d straddle it); the full-image loss of Table 4 counts every pixel.
         weight = downsample(pixels, c.target_downsample)
@@ -220,10 +240,13 @@ class SimMIM(nn.Module):
             weight = torch.ones_like(weight)
         target = self.make_target(images)
         loss = weighted_mean(value_errors(prediction, target, c.loss, c.num_bins), weight)
-        return self._output(loss, prediction, target, weight, mask, pixels, images)
+        out = PretrainOutput(loss=loss, mask=mask)
+        if self.wants_picture(picture):
+            out.picture = self._picture(prediction, target, weight, pixels, images)
+        return out
 
     def make_target(self, images: Tensor) -> Tensor:
-        """``(B, 3, H/d, W/d)``: normalised pixels (per patch with ``norm_pix_loss``) or colour bins."""
+        """``(B, C, H/d, W/d)``: normalised pixels (per patch with ``norm_pix_loss``) or colour bins."""
         c = self.config
         small = downsample(images, c.target_downsample)
         if c.loss == "bins":
@@ -235,23 +258,22 @@ class SimMIM(nn.Module):
             small = unpatchify(normalize_patches(patchify(small, per)), per, grid, small.shape[1])
         return small
 
-    def _output(self, loss: Tensor, prediction: Tensor, target: Tensor, weight: Tensor, mask: Tensor,
-                pixels: Tensor, images: Tensor) -> PretrainOutput:
-        """Reconstruction and target as (B, L, stride^2 x 3) patches of normalised pixels at the input
+    @torch.no_grad()
+    def _picture(self, prediction: Tensor, target: Tensor, weight: Tensor, pixels: Tensor, images: Tensor) -> Picture:
+        """Reconstruction and target as (B, L, stride^2 x C) patches of normalised pixels at the input
         resolution (a coarse target repeated over its d x d pixels; bins as their centre colours)."""
         c = self.config
-        with torch.no_grad():
-            pred = prediction.detach().float()
-            truth = target
-            if c.loss == "bins":
-                pred = bin_colours(pred, c.num_bins, c.pixel_mean, c.pixel_std)
-                truth = bin_colours(target, c.num_bins, c.pixel_mean, c.pixel_std)
-            pred, truth, scored = (upsample_groups(t, c.target_downsample) for t in (pred, truth.float(), weight))
-            hidden = patchify(scored.expand(images.shape[0], 1, -1, -1), self.cell).amax(dim=-1) > 0
-            shown = torch.where(pixels.bool(), torch.zeros_like(images), images)  # [MASK] drawn as the mean colour
-        return PretrainOutput(loss=loss, reconstruction=patchify(pred, self.cell), mask=mask,
-                              target=patchify(truth, self.cell), hidden=hidden,
-                              sources=torch.arange(images.shape[0], device=images.device), inputs=shown)
+        pred, truth = at_least_float32(prediction.detach()), target
+        if c.loss == "bins":
+            pred = bin_colours(pred, c.num_bins, c.pixel_mean, c.pixel_std)
+            truth = bin_colours(target, c.num_bins, c.pixel_mean, c.pixel_std)
+        size = images.shape[-2:]
+        pred, truth, scored = (resize_groups(t, size) for t in (pred, at_least_float32(truth), weight))
+        hidden = patchify(scored.expand(images.shape[0], 1, -1, -1), self.cell).amax(dim=-1) > 0
+        shown = torch.where(pixels.bool(), torch.zeros_like(images), images)  # [MASK] drawn as the mean colour
+        return Picture(inputs=shown, reconstruction=patchify(pred, self.cell), hidden=hidden,
+                       sources=torch.arange(images.shape[0], device=images.device), cell=self.cell,
+                       norm_pix=c.norm_pix_loss, target=patchify(truth, self.cell))
 
     def _check_mask(self, mask: Tensor, batch: int) -> Tensor:
         mask = as_grid_masks(mask, self.mask_grid, batch, f"on the {self.config.mask_cell}-pixel cell grid")

@@ -14,13 +14,15 @@ mixing needs beyond timm's model (parameter names unchanged, so ``vit_*_patch16_
   of timm's learnable table. ``global_pool="avg", fc_norm=False``: the final norm on every token, then
   the average of the patches (MixMIM's pooling) instead of the class token.
 
-What MAE and MixedAE need beyond that (same parameters, so the same weights serve every method):
+What MAE and MixedAE need beyond that (same parameters, so the same weights serve every method) is
+the :class:`~mixmim.models.token_dropping.TokenDroppingEncoder` interface:
 
-- :meth:`ViTEncoder.forward_visible`: the encoder on a subset of the patches, the others dropped
-  (MAE, MixedAE section 3.1), which only a plain ViT can do.
-- :meth:`ViTEncoder.forward_plans`: one attention plan per block (None for global attention, a
-  :class:`TopK` for MixedAE's homologous attention, a boolean mask) and an optional embedding added
-  to the input of every block (MixedAE's segment embeddings, appendix B).
+- :meth:`ViTEncoder.forward_kept`: the encoder on a subset of the patches (and the class token), the
+  others dropped (MAE, MixedAE section 3.1), which only a plain ViT can do.
+- :meth:`ViTEncoder.forward_plans`: one attention plan per block (None for global attention, or any
+  :class:`~mixmim.models.token_dropping.AttentionPlan`, such as MixedAE's TopK) and an optional
+  embedding added to the input of every block (MixedAE's segment embeddings, appendix B). The ViT
+  computes each block's queries, keys and values and lets the plan attend; it knows no plan.
 """
 
 from __future__ import annotations
@@ -37,84 +39,36 @@ from torch import Tensor, nn
 
 from mixmim.models.base import GroupedEncoder, resize_groups
 from mixmim.models.pos_embed import sincos_2d
+from mixmim.models.token_dropping import AttentionPlan
 
 
 @dataclass
 class Segments:
-    """Attention within contiguous segments of the sequence (lengths ``sizes``), one dense call each."""
+    """Attention within contiguous segments of the sequence (lengths ``sizes``), one dense call each:
+    an :class:`~mixmim.models.token_dropping.AttentionPlan`."""
 
     sizes: list[int]
 
-
-@dataclass(eq=False)
-class TopK:
-    """Homologous attention (MixedAE section 3.2, eq. 6): every query keeps its ``k`` highest scores
-    ``q k^T / sqrt(d)`` and the softmax runs over those only (all of them when ``k`` is at least the
-    sequence length). The class token takes part like any token, as a query and as a key: eq. 6
-    replaces the ViT's self-attention as it is, and the encoder is told nothing about the images.
-
-    ``sources``: optional ``(B, L)`` image ids of the patches (the sequence's prefix tokens are not
-    counted). They are read only to *measure* the TopK sampling accuracy of MixedAE Figure 6, never
-    to attend; after the block has run, ``accuracy`` holds the share of the ``k`` kept keys that are
-    patches of the query's own image, averaged over heads and patch queries (a 0-d tensor)."""
-
-    k: int
-    sources: Tensor | None = None
-    accuracy: Tensor | None = None
-
-
-def topk_accuracy(index: Tensor, sources: Tensor) -> Tensor:
-    """MixedAE section 4.5, Figure 6: the share of kept keys that come from the query's own image.
-    ``index``: (B, H, N, K) kept key positions; ``sources``: (B, N) image id per position, negative
-    for tokens of no image (the class token: as a key it counts as a miss, as a query it is skipped)."""
-    b, h, n, k = index.shape
-    kept = sources.gather(1, index.reshape(b, -1)).reshape(b, h, n, k)
-    hits = (kept == sources[:, None, :, None]).float().mean(dim=-1)  # (B, H, N)
-    # A weighted mean, not boolean indexing: no host synchronisation inside the forward pass.
-    queries = (sources >= 0)[:, None, :].float().expand(b, h, n)
-    return (hits * queries).sum() / queries.sum().clamp(min=1)
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> Tensor:
+        outs = [F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout_p)
+                for qs, ks, vs in zip(*(t.split(self.sizes, dim=2) for t in (q, k, v)))]
+        return torch.cat(outs, dim=2)
 
 
 class GroupAttention(Attention):
-    """timm's ``Attention``, whose ``attn_mask`` may also be a :class:`Segments` or a :class:`TopK`
-    plan; a boolean tensor mask (True = may attend) or None behaves as in timm."""
+    """timm's ``Attention``, whose ``attn_mask`` may also be an attention plan (anything with
+    ``attend(q, k, v, dropout_p)``, e.g. :class:`Segments`); a boolean tensor mask (True = may
+    attend) or None behaves as in timm."""
 
     def forward(self, x: Tensor, attn_mask: Any = None, is_causal: bool = False) -> Tensor:
-        if isinstance(attn_mask, TopK):
-            return self._topk_forward(x, attn_mask)
-        if not isinstance(attn_mask, Segments):
+        if not isinstance(attn_mask, AttentionPlan):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        b, n, _ = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        drop = self.attn_drop.p if self.training else 0.0
-        outs = [F.scaled_dot_product_attention(qs, ks, vs, dropout_p=drop)
-                for qs, ks, vs in zip(*(t.split(attn_mask.sizes, dim=2) for t in (q, k, v)))]
-        out = torch.cat(outs, dim=2).transpose(1, 2).reshape(b, n, self.attn_dim)
-        return self.proj_drop(self.proj(self.norm(out)))
-
-    def _topk_forward(self, x: Tensor, plan: TopK) -> Tensor:
-        """Eq. 6 of MixedAE: softmax over each query's TopK scores; the other keys get weight 0."""
         b, n, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        scores = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
-        keep = min(int(plan.k), n)
-        top, index = scores.topk(keep, dim=-1)
-        # Scatter the K weights back into a dense row: exactly K keys per query even when scores tie
-        # (a threshold on the K-th value would keep every tied key). Softmax in float32 as the
-        # scores may be bf16 under autocast.
-        weights = top.float().softmax(dim=-1).to(v.dtype)
-        attn = torch.zeros(scores.shape, dtype=v.dtype, device=v.device).scatter(-1, index, weights)
-        out = self.attn_drop(attn) @ v
-        if plan.sources is not None:
-            with torch.no_grad():
-                ids = plan.sources.to(device=x.device, dtype=torch.long)
-                prefix = torch.full((b, n - ids.shape[1]), -1, dtype=torch.long, device=x.device)
-                plan.accuracy = topk_accuracy(index, torch.cat([prefix, ids.expand(b, -1)], dim=1))
+        out = attn_mask.attend(q, k, v, self.attn_drop.p if self.training else 0.0)
         out = self.norm(out.transpose(1, 2).reshape(b, n, self.attn_dim))
         if gate is not None:
             out = out * gate
@@ -175,9 +129,10 @@ class ViTEncoder(GroupedEncoder, VisionTransformer):
     def _patches_with_positions(self, tokens: Tensor) -> Tensor:
         return tokens + self.pos_embed[:, self.num_prefix_tokens:]
 
-    def _run_blocks(self, x: Tensor, plan: Any, layer_embed: Tensor | None = None) -> Tensor:
+    def _run_blocks(self, x: Tensor, plan: Any, layer_embed: Tensor | None = None, accumulate: bool = True) -> Tensor:
         """All blocks; ``plan`` is one attention plan for every block or a list of one per block;
-        ``layer_embed`` (broadcastable to ``x``) is added to the input of every block."""
+        ``layer_embed`` (broadcastable to ``x``) is added to the input of every block, into the
+        residual stream (``accumulate``) or only into what the block reads."""
         plans = plan if isinstance(plan, (list, tuple)) else [plan] * len(self.blocks)
         if len(plans) != len(self.blocks):
             raise ValueError(f"{len(plans)} attention plans for {len(self.blocks)} blocks")
@@ -188,7 +143,17 @@ class ViTEncoder(GroupedEncoder, VisionTransformer):
                 x = torch.utils.checkpoint.checkpoint(blk, x, blk_plan, use_reentrant=False)
             else:
                 x = blk(x, attn_mask=blk_plan)
+            if layer_embed is not None and not accumulate:
+                x = x - layer_embed  # the block's update stays, the embedding leaves the stream
         return x
+
+    def repeated_blocks(self) -> list[nn.Module]:
+        """The blocks FSDP shards one by one."""
+        return list(self.blocks)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
 
     def forward_stages(self, tokens: Tensor, groups: Tensor | None = None, *, restrict_attention: bool = True,
                        stage_embeds: Sequence[Tensor] | None = None, num_groups: int | None = None) -> list[Tensor]:
@@ -249,27 +214,28 @@ class ViTEncoder(GroupedEncoder, VisionTransformer):
         return self.final_norm(self.forward_stages(tokens, groups, **kwargs)[-1])
 
     # ------------------------------------------------------------------ MAE and MixedAE
-    def forward_visible(self, tokens: Tensor, keep_index: Tensor) -> Tensor:
+    def forward_kept(self, tokens: Tensor, keep_index: Tensor) -> Tensor:
         """MAE's encoder (He et al. 2022 section 3; MixedAE section 3.1): only the kept patches are
         processed, the others are dropped, not masked. ``tokens``: (B, L, C) from :meth:`embed`;
         ``keep_index``: (B, n) positions to keep. Positions are added before gathering, so each
-        kept patch keeps its own; the class token is kept. Returns the (B, n) kept patches'
-        normalised features, in ``keep_index`` order."""
+        kept patch keeps its own. Returns (B, P + n, C) after the final norm: the class token, then
+        the kept patches in ``keep_index`` order."""
         b, _, c = tokens.shape
         x = self._patches_with_positions(tokens)
         x = x.gather(1, keep_index.to(x.device).unsqueeze(-1).expand(-1, -1, c))
         cls = self._prefix(b)
         if cls is not None:
             x = torch.cat([cls, x], dim=1)
-        x = self._run_blocks(self.pos_drop(x), None)
-        return self.final_norm(x)[:, self.num_prefix_tokens:]
+        return self.final_norm(self._run_blocks(self.pos_drop(x), None))
 
-    def forward_plans(self, tokens: Tensor, plans: Sequence[Any], layer_embed: Tensor | None = None) -> Tensor:
-        """Patch tokens (B, L, C) -> (B, L, C) patch features *before* the final norm, block i
-        attending by ``plans[i]`` (None: global; :class:`TopK`: homologous attention, MixedAE eq. 6;
-        a boolean (B, 1, N, N) mask over the class token and the patches). ``layer_embed``: (B, L, C)
-        added to the patches at the input of every block (MixedAE's segment embeddings, appendix B:
-        "added to the input of each Transformer layer"); the class token gets none."""
+    def forward_plans(self, tokens: Tensor, plans: Sequence[Any], layer_embed: Tensor | None = None, *,
+                      accumulate: bool = True) -> Tensor:
+        """Patch tokens (B, L, C) -> (B, P + L, C) (the class token, then the patches) *before* the
+        final norm, block i attending by ``plans[i]`` (None: global; an attention plan, e.g.
+        MixedAE's TopK; a boolean (B, 1, N, N) mask over the class token and the patches).
+        ``layer_embed``: (B, L, C) added to the patches at the input of every block (MixedAE's
+        segment embeddings, appendix B: "added to the input of each Transformer layer"); the class
+        token gets none. ``accumulate=False``: every block reads it, none keeps it in the stream."""
         b = tokens.shape[0]
         x = self._patches_with_positions(tokens)
         cls = self._prefix(b)
@@ -278,8 +244,7 @@ class ViTEncoder(GroupedEncoder, VisionTransformer):
             if layer_embed is not None:
                 layer_embed = torch.cat([layer_embed.new_zeros(b, self.num_prefix_tokens, layer_embed.shape[-1]),
                                          layer_embed.expand(b, -1, -1)], dim=1)
-        x = self._run_blocks(self.pos_drop(x), list(plans), layer_embed)
-        return x[:, self.num_prefix_tokens:]
+        return self._run_blocks(self.pos_drop(x), list(plans), layer_embed, accumulate)
 
     def compile_blocks(self, **compile_kwargs: Any) -> None:
         for blk in self.blocks:

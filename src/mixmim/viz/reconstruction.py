@@ -1,7 +1,9 @@
-"""Reconstruction pictures: what the encoder saw and what the decoder made of it (MixMIM Fig. 1).
+"""Reconstruction pictures: what the encoder saw and what the decoder made of it (MixMIM Fig. 1),
+drawn from a method's :class:`~mixmim.methods.base.Picture` (``method(images, picture=True)``).
 
-Rows: original images; the mixed input (cells of two or more images); each image's reconstruction;
-the reconstruction with the cells the image kept replaced by the original pixels.
+Rows: original images; what the encoder saw (MixMIM: the mixed input, cells of two or more images;
+SimMIM / MAE: the masked cells in the mean colour); each image's reconstruction; the reconstruction
+with the cells the image kept replaced by the original pixels.
 
 With the normalised-pixel target (norm_pix_loss, the default) the model predicts each cell at zero
 mean and unit variance. To draw it in colour, each predicted cell is by default given the mean and
@@ -14,13 +16,13 @@ shows the structure the model predicts inside each cell but no brightness or con
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
 from mixmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize
-from mixmim.methods.base import PretrainOutput
+from mixmim.methods.base import Picture, PretrainOutput
 from mixmim.methods.patches import patchify, unpatchify
 
 
@@ -35,54 +37,56 @@ def picture_note(norm_pix: bool, raw: bool) -> str | None:
     return RAW_NOTE if raw else BORROWED_NOTE
 
 
-def _predicted_pixels(out: PretrainOutput, images: Tensor, cell: int, norm_pix: bool, raw: bool = False) -> Tensor:
+def _predicted_pixels(picture: Picture, images: Tensor, raw: bool = False) -> Tensor:
     """(S, L, P) predictions back in normalised-image space; a norm-pix prediction is rescaled by
     the statistics of the true patch it stands for (as MAE's visualisation does) unless ``raw``."""
-    pred = out.reconstruction.detach().float()
-    if not norm_pix or raw:
+    pred = picture.reconstruction.detach().float()
+    if not picture.norm_pix or raw:
         return pred
-    target = patchify(images.float(), cell)[out.sources]
+    target = patchify(images.float(), picture.cell)[picture.sources]
     mean = target.mean(dim=-1, keepdim=True)
     var = target.var(dim=-1, keepdim=True)
     return pred * (var + 1e-6).sqrt() + mean
 
 
-def _mixed_inputs(out: PretrainOutput, images: Tensor, cell: int) -> Tensor:
-    """The encoder's input in pixels: the method's own picture when it gives one, else built from the
-    group map (cell of group g in sample i comes from the image sequence g*B+i reconstructs)."""
-    if out.inputs is not None:
-        return out.inputs.detach().float()
-    b = images.shape[0]
-    groups = out.mask.to(images.device)
-    if out.sources is None or out.sources.numel() % b:
-        return images
-    sources = out.sources.view(-1, b)
-    up = groups.repeat_interleave(cell, -2).repeat_interleave(cell, -1).unsqueeze(1)  # (G|1, 1, H, W)
-    mixed = images.clone()
-    for g in range(1, sources.shape[0]):
-        mixed = torch.where(up == g, images[sources[g]], mixed)
-    return mixed
+def _legacy(mean: Any, std: Any, raw: Any, rest: tuple) -> tuple[Any, Any, bool]:
+    """Transitional: the call written before the contract, ``(out, images, cell, norm_pix, mean,
+    std, raw)``, whose ``cell`` and ``norm_pix`` the picture now carries (they are ignored)."""
+    if not isinstance(mean, int):
+        return mean, std, raw
+    given = ([] if isinstance(raw, bool) else [raw]) + list(rest)  # what followed cell and norm_pix
+    defaults = [IMAGENET_MEAN, IMAGENET_STD, raw if isinstance(raw, bool) else False]
+    mean, std, raw = given + defaults[len(given):]
+    return mean, std, bool(raw)
 
 
-def reconstruction_rows(out: PretrainOutput, images: Tensor, cell: int, norm_pix: bool,
-                        mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                        raw: bool = False) -> list[Tensor]:
-    """Four (B, 3, H, W) tensors in [0, 1]: originals, mixed inputs, reconstructions, pasted.
-    ``raw``: draw a normalised-pixel prediction without the true cells' statistics."""
-    b, _, h, w = images.shape
-    pred = _predicted_pixels(out, images, cell, norm_pix, raw)
-    sources = out.sources if out.sources is not None else torch.arange(pred.shape[0], device=images.device)
-    rows_for = [int((sources == i).nonzero()[0]) if (sources == i).any() else None for i in range(b)]
+def reconstruction_rows(out: PretrainOutput, images: Tensor, mean: Sequence[float] = IMAGENET_MEAN,
+                        std: Sequence[float] = IMAGENET_STD, raw: bool = False, *legacy: Any) -> list[Tensor]:
+    """Four (B, C, H, W) tensors in [0, 1] from ``out.picture`` (call the method with
+    ``picture=True``): originals, what the encoder saw, reconstructions, reconstructions with the
+    cells each image kept pasted back. ``mean``/``std``: the data normalisation to undo; ``raw``:
+    draw a normalised-pixel prediction without the true cells' statistics."""
+    mean, std, raw = _legacy(mean, std, raw, legacy)
+    picture = out.picture
+    if picture is None:
+        raise ValueError("this output carries no picture: call the method with picture=True (in eval mode, under "
+                         "torch.no_grad()) to draw it")
+    b, channels, h, w = images.shape
+    cell, grid = picture.cell, (h // picture.cell, w // picture.cell)
+    pred = _predicted_pixels(picture, images, raw)
+    sources = picture.sources
     truth = patchify(images.float(), cell)
     recon, pasted = images.float().clone(), images.float().clone()
-    for i, s in enumerate(rows_for):
-        if s is None:
+    for i in range(b):
+        rows = (sources == i).nonzero()
+        if not len(rows):
             continue
-        recon[i] = unpatchify(pred[s:s + 1], cell, (h // cell, w // cell))[0]
-        hidden = out.hidden[s].unsqueeze(-1) if out.hidden is not None else torch.ones_like(pred[s, :, :1], dtype=torch.bool)
-        pasted[i] = unpatchify(torch.where(hidden, pred[s], truth[i]).unsqueeze(0), cell, (h // cell, w // cell))[0]
-    mixed = _mixed_inputs(out, images.float(), cell)
-    return [denormalize(x, mean, std).cpu() for x in (images, mixed, recon, pasted)]
+        s = int(rows[0])  # the first sequence that reconstructs image i (MixMIM: from its own cells)
+        recon[i] = unpatchify(pred[s:s + 1], cell, grid, channels)[0]
+        hidden = picture.hidden[s].unsqueeze(-1)
+        pasted[i] = unpatchify(torch.where(hidden, pred[s], truth[i]).unsqueeze(0), cell, grid, channels)[0]
+    shown = picture.inputs.detach().float()
+    return [denormalize(x, mean, std).cpu() for x in (images, shown, recon, pasted)]
 
 
 ROW_TITLES = ("original", "mixed input", "reconstruction", "reconstruction + visible")
@@ -100,6 +104,7 @@ def save_reconstruction_grid(rows: list[Tensor], path: str | Path, title: str | 
     from mixmim.utils.files import atomic_write
 
     n = rows[0].shape[0]
+    rows = [r.expand(-1, 3, -1, -1) if r.shape[1] == 1 else r for r in rows]  # one channel: grey
     fig, axes = plt.subplots(len(rows), n, figsize=(1.6 * n + 1.2, 1.7 * len(rows)), squeeze=False)
     for r, (row, name) in enumerate(zip(rows, ROW_TITLES)):
         for c in range(n):
