@@ -89,18 +89,18 @@ def test_stage_geometry(name):
 
 @pytest.mark.parametrize("name", ENCODERS)
 def test_reconstruction_of_an_image_ignores_every_other_image(name):
-    """Through the public API: ``out.reconstruction[i]`` (i < B) is image i rebuilt from its own
+    """Through the public API: ``out.picture.reconstruction[i]`` (i < B) is image i rebuilt from its own
     cells; changing any other image of the batch leaves it unchanged (same ``mask=out.mask``)."""
     torch.manual_seed(0)
     model = mixmim.create_pretrainer("mixmim", name, **TINY_ENCODERS[name], **TINY_DECODER).eval()
     images = torch.randn(4, 3, 128, 128)
     with torch.no_grad():
-        out = model(images)
+        out = model(images, picture=True)
         changed = images.clone()
         changed[1:] = torch.randn(3, 3, 128, 128)
-        again = model(changed, mask=out.mask)
-    torch.testing.assert_close(again.reconstruction[0], out.reconstruction[0], rtol=0, atol=1e-5)
-    assert not torch.allclose(again.reconstruction[1], out.reconstruction[1])
+        again = model(changed, mask=out.mask, picture=True)
+    torch.testing.assert_close(again.picture.reconstruction[0], out.picture.reconstruction[0], rtol=0, atol=1e-5)
+    assert not torch.allclose(again.picture.reconstruction[1], out.picture.reconstruction[1])
 
 
 @pytest.mark.parametrize("method", ["mixmim", "simmim"])

@@ -249,16 +249,20 @@ class NaNOnCalls(nn.Module):
         self.snapshot: dict | None = None
         self.unchanged_after_bad: list[bool] = []
 
-    @property
-    def encoder(self) -> nn.Module:
-        return self.inner.encoder
+    def __getattr__(self, name):
+        # The rest of the method contract (encoder, num_groups, lr_batch, repeated_blocks, ...) is the
+        # wrapped method's.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
 
-    def forward(self, images):
+    def forward(self, images, picture=None):
         if self.training and self.snapshot is not None:
             self.unchanged_after_bad.append(all(torch.equal(p, self.snapshot[n])
                                                 for n, p in self.inner.named_parameters()))
             self.snapshot = None
-        out = self.inner(images)
+        out = self.inner(images, picture=picture)
         if self.training:
             self.calls += 1
             if self.calls in self.bad:

@@ -54,9 +54,6 @@ class Picture:
         return int(self.inputs.shape[1])
 
 
-_PICTURE_FIELDS = ("inputs", "reconstruction", "hidden", "sources", "target")
-
-
 @dataclass
 class PretrainOutput:
     """``loss``: 0-d tensor to minimise. ``metrics``: what the method reports besides its loss (e.g.
@@ -68,17 +65,6 @@ class PretrainOutput:
     mask: Tensor
     metrics: dict[str, float] = field(default_factory=dict)
     picture: Picture | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        # Transitional: ``out.reconstruction`` etc. read the picture (callers written before the
-        # contract). New code reads ``out.picture.<field>``.
-        if name in _PICTURE_FIELDS:
-            picture = self.__dict__.get("picture")
-            if picture is None:
-                raise AttributeError(f"PretrainOutput.{name}: this output carries no picture; call the method "
-                                     f"with picture=True and read out.picture.{name}")
-            return getattr(picture, name)
-        raise AttributeError(f"'PretrainOutput' object has no attribute {name!r}")
 
 
 def encoder_blocks(encoder: nn.Module) -> list[nn.Module]:
@@ -105,10 +91,6 @@ class PretrainMethod(nn.Module, ABC):
     # Constructor arguments the factory gives the encoder of a family (registry family name) unless
     # the user overrides them: a method's own defaults for a backbone (MAE: fixed positions on a ViT).
     encoder_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
-    # Transitional, for the loop written before this contract (it draws by calling the method in
-    # eval mode under no_grad): with picture=None such a call also fills the picture. A training
-    # step (train mode) never does. Set to False once every caller passes picture=True.
-    picture_when_evaluating: ClassVar[bool] = True
 
     encoder: nn.Module
     config: Any
@@ -154,10 +136,8 @@ class PretrainMethod(nn.Module, ABC):
         return encoder_blocks(self.encoder) + self.head_blocks()
 
     def wants_picture(self, picture: bool | None) -> bool:
-        """Resolve ``forward``'s ``picture`` argument (see :attr:`picture_when_evaluating`)."""
-        if picture is not None:
-            return bool(picture)
-        return self.picture_when_evaluating and not self.training and not torch.is_grad_enabled()
+        """Resolve ``forward``'s ``picture`` argument: a picture only when asked for."""
+        return bool(picture)
 
     @abstractmethod
     def forward(self, images: Tensor, mask: Tensor | None = None, *, picture: bool | None = None) -> PretrainOutput:

@@ -59,40 +59,17 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def block_types() -> tuple[type[nn.Module], ...]:
-    """The repeated blocks FSDP shards one by one (subclasses included), one entry per family:
-
-    - ``MixMIMBlock``: the ``mixmim_*`` encoders;
-    - timm's ``vision_transformer.Block``: the ``vit_*`` encoders and the MixMIM decoder
-      (``MaskTokenDecoder``);
-    - timm's ``SwinTransformerBlock``: ``swin_*`` (ours is its subclass ``GroupSwinBlock``);
-    - timm's ``pvt_v2.Block``: ``pvt_v2_*`` (ours: ``GroupedBlock``);
-    - timm's ``PreActBottleneck``: ``resnetv2_*`` (ours: ``GroupedPreActBottleneck``).
-
-    A new family adds its block class here. Everything else (patch embeddings, patch merging,
-    downsampling, norms, positions, heads, SimMIM's linear head) stays in the root's unit, so code
-    that calls those modules' parameters directly, outside their ``forward``, keeps working."""
-    from timm.models.pvt_v2 import Block as PVTv2Block
-    from timm.models.resnetv2 import PreActBottleneck
-    from timm.models.swin_transformer import SwinTransformerBlock
-    from timm.models.vision_transformer import Block as ViTBlock
-
-    from mixmim.models.mixmim_vit import MixMIMBlock
-
-    return MixMIMBlock, ViTBlock, SwinTransformerBlock, PVTv2Block, PreActBottleneck
-
-
 def wrap(model: nn.Module, info: DistInfo, device: torch.device, mode: str = "ddp",
          blocks: list[nn.Module] | None = None) -> nn.Module:
     """DDP (every rank holds the model) or FSDP2: ``blocks`` (the task's repeated blocks: the
-    encoder's and the decoder's) sharded one by one, the rest in the root's unit (for L/H)."""
+    encoder's and the decoder's, from the method's or classifier's ``repeated_blocks()``) sharded one by
+    one, the rest (patch embeddings, merging, norms, positions, heads) in the root's unit (for L/H)."""
     if not info.enabled:
         return model
     if mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        units = blocks or [m for m in model.modules() if isinstance(m, block_types())]
-        for module in units:  # blocks do not nest, so the order does not matter
+        for module in blocks or []:  # blocks do not nest, so the order does not matter
             fully_shard(module)
         fully_shard(model)
         return model

@@ -55,18 +55,16 @@ class PretrainTask(Task):
         return self.data
 
     def batch_multiple(self) -> int:
-        return int(getattr(self.method, "batch_multiple", 1))
+        return self.method.batch_multiple
 
     def lr_batch(self, global_batch: int) -> int:
-        rule = getattr(self.method, "lr_batch", None)
-        return int(rule(global_batch)) if callable(rule) else global_batch
+        return self.method.lr_batch(global_batch)
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         return decay_groups(model, self.config.optim.weight_decay)
 
     def repeated_blocks(self, model: nn.Module) -> list[nn.Module]:
-        blocks = getattr(model, "repeated_blocks", None)
-        return list(blocks()) if callable(blocks) else []
+        return model.repeated_blocks()
 
     def step(self, model: nn.Module, batch: dict) -> StepOutput:
         out = model(batch["image"])
@@ -147,7 +145,7 @@ class PretrainTask(Task):
             save_loss_curves(trainer.run_dir / "metrics.csv", trainer.run_dir / "loss.png", self.config.name)
 
     def _picture_batch(self) -> torch.Tensor:
-        groups = int(getattr(self.method, "num_groups", 2))
+        groups = self.method.num_groups
         n = min(len(self.data), max(8, groups) // groups * groups)
         items = [self.data[(i, sample_seed(self.config.train.seed, -1, i))]["image"] for i in range(n)]
         return torch.stack(items)
@@ -163,12 +161,11 @@ class PretrainTask(Task):
         with torch.random.fork_rng(devices=[trainer.device] if trainer.device.type == "cuda" else []):
             torch.manual_seed(self.config.train.seed)
             with trainer.autocast():
-                out = model(images)
+                out = model(images, picture=True)
         model.train(was_training)
         if not trainer.info.is_main:
             return
-        cell = getattr(self.method, "cell", 32)
-        norm_pix = bool(getattr(getattr(self.method, "config", None), "norm_pix_loss", False))
+        cell, norm_pix = out.picture.cell, out.picture.norm_pix
         c = self.config
         title = f"{c.name}: {c.method_name()} on {c.model.name}, step {trainer.step}, loss {float(out.loss):.4f}"
         # With a normalised-pixel target the usual picture borrows each hidden cell's brightness and
@@ -176,7 +173,7 @@ class PretrainTask(Task):
         for raw, name in ((False, "reconstruction.png"), (True, "reconstruction_raw.png")):
             if raw and not norm_pix:
                 continue
-            rows = reconstruction_rows(out, images, cell, norm_pix, c.data.mean, c.data.std, raw)
+            rows = reconstruction_rows(out, images, c.data.mean, c.data.std, raw)
             save_reconstruction_grid(rows, trainer.run_dir / name, cell=cell, title=title,
                                      note=picture_note(norm_pix, raw))
         self._curves(trainer)

@@ -16,7 +16,7 @@ shows the structure the model predicts inside each cell but no brightness or con
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -49,24 +49,12 @@ def _predicted_pixels(picture: Picture, images: Tensor, raw: bool = False) -> Te
     return pred * (var + 1e-6).sqrt() + mean
 
 
-def _legacy(mean: Any, std: Any, raw: Any, rest: tuple) -> tuple[Any, Any, bool]:
-    """Transitional: the call written before the contract, ``(out, images, cell, norm_pix, mean,
-    std, raw)``, whose ``cell`` and ``norm_pix`` the picture now carries (they are ignored)."""
-    if not isinstance(mean, int):
-        return mean, std, raw
-    given = ([] if isinstance(raw, bool) else [raw]) + list(rest)  # what followed cell and norm_pix
-    defaults = [IMAGENET_MEAN, IMAGENET_STD, raw if isinstance(raw, bool) else False]
-    mean, std, raw = given + defaults[len(given):]
-    return mean, std, bool(raw)
-
-
 def reconstruction_rows(out: PretrainOutput, images: Tensor, mean: Sequence[float] = IMAGENET_MEAN,
-                        std: Sequence[float] = IMAGENET_STD, raw: bool = False, *legacy: Any) -> list[Tensor]:
+                        std: Sequence[float] = IMAGENET_STD, raw: bool = False) -> list[Tensor]:
     """Four (B, C, H, W) tensors in [0, 1] from ``out.picture`` (call the method with
     ``picture=True``): originals, what the encoder saw, reconstructions, reconstructions with the
     cells each image kept pasted back. ``mean``/``std``: the data normalisation to undo; ``raw``:
     draw a normalised-pixel prediction without the true cells' statistics."""
-    mean, std, raw = _legacy(mean, std, raw, legacy)
     picture = out.picture
     if picture is None:
         raise ValueError("this output carries no picture: call the method with picture=True (in eval mode, under "
