@@ -134,6 +134,11 @@ def _index_members(tar: tarfile.TarFile, handle, path: Path, file_size: int, lab
         members = list(tar)
     except tarfile.ReadError as exc:
         raise ShardError(f"shard {path} is truncated or not a tar file ({exc})") from None
+    if members and tar.offset + 512 > file_size:
+        # Cut at a member boundary: tarfile reads the end of the file as the end of the archive, but a
+        # whole archive ends with zero blocks.
+        raise ShardError(f"shard {path} is truncated: it ends after member {members[-1].name} without the "
+                         "end-of-archive blocks (re-copy or re-write the shard)")
     for info in members:
         if not info.isfile():
             continue
@@ -369,6 +374,11 @@ def _tar_bytes(size: int) -> int:
     return 512 + (size + 511) // 512 * 512
 
 
+def _file_bytes(archive: int) -> int:
+    # tarfile pads the archive to whole 10240-byte records when it closes.
+    return -(-archive // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
 class _ShardWriter:
     """Streams samples into ``shard-NNNNNN.tar`` files of at most ``shard_size`` bytes (a sample larger than
     that gets a shard of its own). Each shard is written to a temporary file, flushed to disk, then
@@ -383,7 +393,7 @@ class _ShardWriter:
 
     def add(self, sample: list[tuple[tarfile.TarInfo, bytes]]) -> None:
         extra = sum(_tar_bytes(info.size) for info, _ in sample)
-        if self.tar is not None and self.bytes + extra > self.shard_size:
+        if self.tar is not None and _file_bytes(self.bytes + extra) > self.shard_size:
             self.flush()
         if self.tar is None:
             fd, name = tempfile.mkstemp(prefix=".shard-", suffix=".tmp", dir=self.output)
