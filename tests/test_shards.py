@@ -156,6 +156,22 @@ def test_bad_members_are_skipped_and_named_by_shard_and_member(tmp_path):
         assert fragment in reason
 
 
+def test_class_members_before_or_after_their_image(tmp_path):
+    # WebDataset groups members by key whatever their order in the tar.
+    (tmp_path / "s").mkdir()
+    image = io.BytesIO()
+    picture(2).save(image, "PNG")
+    with tarfile.open(tmp_path / "s" / "x.tar", "w") as tar:
+        for name, payload in [("k1.cls", b"2"), ("k1.png", image.getvalue()), ("k2.png", image.getvalue()),
+                              ("k2.cls", b"0"), ("dir/k3.png", image.getvalue()), ("dir/k3.cls", b"1")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    source = ShardSource(tmp_path / "s")
+    assert source.labels.tolist() == [2, 0, 1] and source.classes == ["0", "1", "2"]
+    assert source.name(2) == "x.tar:dir/k3.png"
+
+
 def test_truncated_shard_is_one_line_naming_it(tmp_path, capsys):
     labelled_folder(tmp_path / "data", bad=False)
     out = tmp_path / "shards"

@@ -105,6 +105,9 @@ class ShardStream(IterableDataset):
 
     def __iter__(self):
         worker, workers = self._reader()
+        # The DataLoader takes batch k from worker k % workers. Resumed after start_batch batches, its first
+        # batch must be the one reader start_batch % workers would have produced: the workers' roles turn.
+        worker = (worker + self.start_batch) % workers
         mine = self.reader_shards(worker, workers)
         my_batches = len(range(worker, self.batches_per_epoch, workers))
         quota = my_batches * self.batch_size
