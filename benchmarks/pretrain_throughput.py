@@ -80,16 +80,17 @@ def _unavailable(variant: str, model: str) -> str | None:
     return None
 
 
-def _build(variant: str, model: str, img_size: int):
+def _build(variant: str, model: str, img_size: int, window_size: list[int] | None = None):
     from mixmim.methods.factory import create_pretrainer, method_names
 
+    size = {"img_size": img_size, **({"window_size": window_size} if window_size else {})}
     if variant == "simmim":
         if "simmim" not in method_names():
             return None
-        return create_pretrainer("simmim", model, img_size=img_size)
+        return create_pretrainer("simmim", model, **size)
     if variant in ("mixmim", "mae", "mixedae"):
-        return create_pretrainer(variant, model, img_size=img_size)
-    return create_pretrainer("mixmim", model, img_size=img_size, attention_impl=variant.split("+")[0])
+        return create_pretrainer(variant, model, **size)
+    return create_pretrainer("mixmim", model, attention_impl=variant.split("+")[0], **size)
 
 
 def _rss_bytes() -> int:
@@ -144,7 +145,7 @@ def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = _build(args.variant, args.model, args.img_size)
+    model = _build(args.variant, args.model, args.img_size, args.window_size)
     if model is None:
         return {"skipped": "method 'simmim' is not registered in mixmim.methods.factory"}
     model = model.to(device).train()
@@ -251,6 +252,8 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=["mixmim_tiny"])
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[16])
     p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--window-size", type=lambda t: [int(v) for v in t.split(",")], default=None,
+                   help="windows per stage, e.g. 16,16,8,4 for mixmim_* at 128 px (default: the model's)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--max-warmup", type=int, default=30,
@@ -297,6 +300,8 @@ def main(argv=None) -> int:
                        "--device", args.device,
                        "--threads", str(args.threads)]
                 cmd += ["--compile"] * args.compile + ["--grad-checkpointing"] * args.grad_checkpointing
+                if args.window_size:
+                    cmd += ["--window-size", ",".join(map(str, args.window_size))]
                 cmd += ["--no-flops"] * args.no_flops
                 env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
