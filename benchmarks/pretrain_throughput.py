@@ -194,6 +194,7 @@ def worker(args) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
+    events_before = _compile_events() if compiled else 0
     for _ in range(args.steps):
         t0 = time.perf_counter()
         step()
@@ -211,6 +212,7 @@ def worker(args) -> dict:
         # The warm-up less what its steps would have cost at the steady-state speed.
         result["compile_s"] = max(0.0, warm_s - warmup_steps * sum(times) / len(times))
         result["compile_events_per_warmup_step"] = recompiling
+        result["compile_events_in_timed_steps"] = _compile_events() - events_before  # 0: nothing compiled there
     if device.type == "cuda":
         result["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
     else:

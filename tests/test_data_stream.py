@@ -109,3 +109,18 @@ def test_the_gpu_path_on_the_cpu_gives_the_cpu_crops(tmp_path):
     assert [n for n, _ in out["skipped"]] == [n for n, _ in reference["skipped"]]
     same = reference["index"] == out["index"]
     assert same.all() and (out["image"] - reference["image"]).abs().max() < 1e-4
+
+
+def test_exif_orientations_on_tensors_match_pil():
+    from PIL import Image, ImageOps
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    from mixmim.data.gpu import _orient
+
+    image = Image.fromarray(torch.randint(0, 255, (5, 7, 3), dtype=torch.uint8).numpy())
+    for value in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = value
+        tagged = image.copy()
+        tagged.info["exif"] = exif.tobytes()
+        assert torch.equal(_orient(pil_to_tensor(image), value), pil_to_tensor(ImageOps.exif_transpose(tagged))), value

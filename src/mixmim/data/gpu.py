@@ -27,29 +27,18 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from mixmim.data.datasets import SourceDataset, _key
-from mixmim.data.images import ORIENTATION, BadImage, decode
+from mixmim.data.images import BadImage, decode, orientation, oriented_size
 from mixmim.data.transforms import CropDraw, PretrainTransform
 
 _warned = False
 
 
-def _orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
-    """Turn a (C, H, W) tensor upright by its EXIF orientation (what ``ImageOps.exif_transpose`` does)."""
-    if orientation == 2:
-        return image.flip(-1)
-    if orientation == 3:
-        return image.flip(-1, -2)
-    if orientation == 4:
-        return image.flip(-2)
-    if orientation == 5:
-        return image.transpose(-1, -2)
-    if orientation == 6:
-        return image.transpose(-1, -2).flip(-1)
-    if orientation == 7:
-        return image.transpose(-1, -2).flip(-1, -2)
-    if orientation == 8:
-        return image.transpose(-1, -2).flip(-2)
-    return image
+def _orient(image: torch.Tensor, value: int) -> torch.Tensor:
+    """Turn a (C, H, W) tensor upright by its EXIF orientation ``value`` (what ``ImageOps.exif_transpose`` does)."""
+    if value in (5, 6, 7, 8):
+        image = image.transpose(-1, -2)
+    flips = {2: (-1,), 3: (-1, -2), 4: (-2,), 6: (-1,), 7: (-1, -2), 8: (-2,)}.get(value)
+    return image.flip(flips) if flips else image
 
 
 class EncodedDataset(SourceDataset):
@@ -81,18 +70,16 @@ class EncodedDataset(SourceDataset):
             candidate = (index + attempt) % len(self.source)
             try:
                 image = self.source.open(candidate)
-                orientation = image.getexif().get(ORIENTATION, 1) if image.format == "JPEG" else 1
-                width, height = image.size
-                if orientation in (5, 6, 7, 8):
-                    width, height = height, width
-                draw = t.draw(width, height, seed)
+                turn = orientation(image) if image.format == "JPEG" else 1
+                draw = t.draw(*oriented_size(image), seed)
                 if image.format == "JPEG" and image.mode in ("RGB", "L", "YCbCr"):
+                    image.close()  # only the header was needed
                     data = self.source.read(candidate)
                     if not isinstance(data, (bytes, bytearray, memoryview)):
                         with open(data, "rb") as handle:
                             data = handle.read()
                     return {"jpeg": torch.frombuffer(bytearray(data), dtype=torch.uint8), "pixels": None, "draw": draw,
-                            "orientation": orientation, "index": candidate, "name": self.source.name(candidate),
+                            "orientation": turn, "index": candidate, "name": self.source.name(candidate),
                             "skipped": skipped}
                 return {"jpeg": None, "pixels": t.pixels(image, draw), "draw": draw, "orientation": 1,
                         "index": candidate, "name": self.source.name(candidate), "skipped": skipped}

@@ -102,14 +102,19 @@ def open_image(source: Source) -> Image.Image:
         raise BadImage(f"{exc.__class__.__name__}: {exc}") from None
 
 
+def orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1: upright) read from the header; 1 when the EXIF block cannot be parsed (a
+    broken EXIF block is not a broken image: :func:`finish` decides)."""
+    try:
+        return int(image.getexif().get(ORIENTATION, 1))
+    except Exception:
+        return 1
+
+
 def oriented_size(image: Image.Image) -> tuple[int, int]:
     """(width, height) the image will have once turned upright by its EXIF orientation."""
     width, height = image.size
-    try:
-        turned = image.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8)
-    except Exception:  # a broken EXIF block is not a broken image; finish() decides
-        turned = False
-    return (height, width) if turned else (width, height)
+    return (height, width) if orientation(image) in (5, 6, 7, 8) else (width, height)
 
 
 def finish(image: Image.Image, mode: str = "RGB") -> Image.Image:
