@@ -175,7 +175,8 @@ def main(argv=None) -> int:
         v = r["variants"]
         print(f"{name}: ours_folder {v['ours_folder']['x_torchvision']:.2f}x torchvision, "
               f"{v['ours_folder']['x_bare']:.2f}x bare, {v['ours_folder']['x_base_cfc46db']:.2f}x base; "
-              f"ours_shards {v['ours_shards']['x_torchvision']:.2f}x torchvision, {v['ours_shards']['x_bare']:.2f}x bare")
+              f"ours_shards {v['ours_shards']['x_torchvision']:.2f}x torchvision, "
+              f"{v['ours_shards']['x_bare']:.2f}x bare")
     for name, r in results.items():
         print(f"{name}: decode ms (best of {args.rounds}) " + ", ".join(f"{k}: {v:.1f}"
                                                                       for k, v in r["decode_ms_by_scale"].items()))

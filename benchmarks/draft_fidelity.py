@@ -85,7 +85,8 @@ def main(argv=None) -> int:
     start = time.time()
     bundled = [Image.open(path).convert("RGB") for path in bundled_photo_paths()]
     camera = [photo_like(4000, 3000, seed) for seed in range(args.camera_photos)]
-    sets = {"bundled_photos@64": measure(bundled, 64, args.seeds), "bundled_photos@112": measure(bundled, 112, args.seeds),
+    sets = {"bundled_photos@64": measure(bundled, 64, args.seeds),
+            "bundled_photos@112": measure(bundled, 112, args.seeds),
             "camera_like_4000x3000@224": measure(camera, 224, args.seeds)}
     print(f"{'set':<28}{'JPEG q90':>10}{'resampler':>11}" + "".join(f"{'m=' + format(m, 'g'):>9}" for m in MARGINS)
           + "   mean draft scale per margin")

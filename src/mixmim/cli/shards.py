@@ -42,5 +42,6 @@ def run(args: argparse.Namespace) -> int:
         size = sum(s["bytes"] for s in report.shards)
         print(f"{report.output}: {report.samples} images in {len(report.shards)} shard(s), {size / 2**20:.1f} MiB"
               + (f", {len(report.classes)} classes" if report.classes else "")
-              + (f"; {len(report.skipped)} skipped, listed in {report.output / 'skipped.txt'}" if report.skipped else ""))
+              + (f"; {len(report.skipped)} skipped, listed in {report.output / 'skipped.txt'}"
+                 if report.skipped else ""))
     return 0

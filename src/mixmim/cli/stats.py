@@ -14,7 +14,8 @@ import os
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="folder, shards, Hugging Face dataset, 'fashion_mnist' or 'bundled'")
+    parser.add_argument("--data", required=True,
+                        help="folder, shards, Hugging Face dataset, 'fashion_mnist' or 'bundled'")
     parser.add_argument("--channels", type=int, choices=(1, 3), default=3, help="3: RGB (default), 1: grey")
     parser.add_argument("--limit", type=int, default=None, help="measure a seeded sample of N images")
     parser.add_argument("--seed", type=int, default=0)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from mixmim.data.images import BadImage, Source
-from mixmim.data.sources import ImageSource
+from mixmim.data.sources import ImageSource, MissingExtra
 
 INSTALL = "pip install 'mixmim[hf]' (or: pip install datasets)"
 SPLIT_NAMES = {"train": ("train",), "test": ("validation", "val", "test", "valid")}
@@ -25,7 +25,7 @@ def _datasets():
     try:
         import datasets
     except ImportError:
-        raise ImportError(f"reading a Hugging Face dataset needs the 'datasets' package: {INSTALL}") from None
+        raise MissingExtra(f"reading a Hugging Face dataset needs the 'datasets' package: {INSTALL}") from None
     return datasets
 
 
@@ -64,8 +64,8 @@ def load_hf_splits(path: str | Path) -> dict[str, object]:
     """{split name: datasets.Dataset} of a local dataset; a single dataset is ``{"train": ...}``."""
     datasets = _datasets()
     path = Path(path).expanduser()
-    parquet = _parquet_files(path) if not (path / "dataset_dict.json").is_file() and not (path / "state.json").is_file() \
-        else []
+    saved = (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+    parquet = [] if saved else _parquet_files(path)
     if parquet:
         groups: dict[str, list[str]] = {}
         for file in parquet:

@@ -19,6 +19,10 @@ from mixmim.data.images import Source, finish, open_image
 from mixmim.data.scan import scan_images
 
 
+class MissingExtra(ImportError, ValueError):
+    """An optional dependency is not installed (a ValueError too, so that the command line says it in one line)."""
+
+
 class ImageSource:
     """Encoded images by index. ``classes`` is None for an unlabelled source; ``scan_problems`` lists
     (path, reason) of what the listing passed over (unreadable folders, ...)."""

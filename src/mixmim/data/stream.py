@@ -35,6 +35,7 @@ from mixmim.data.images import IMAGE_EXTENSIONS, BadImage, decode, mode_of, open
 from mixmim.data.sampler import sample_seed
 from mixmim.data.seeding import augment
 from mixmim.data.shards import split_key
+from mixmim.data.sources import MissingExtra
 
 _IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 
@@ -44,7 +45,7 @@ def _open(url: str):
         try:
             import fsspec
         except ImportError:
-            raise ImportError(f"streaming {url} needs fsspec (pip install fsspec and the store's backend)") from None
+            raise MissingExtra(f"streaming {url} needs fsspec (pip install fsspec and the store's backend)") from None
         return fsspec.open(url, "rb").open()
     return open(url, "rb")
 

@@ -47,7 +47,8 @@ def imagenet_stats(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]
     return (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else (IMAGENET_GREY_MEAN, IMAGENET_GREY_STD)
 
 
-def check_stats(mean: Sequence[float], std: Sequence[float], channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def check_stats(mean: Sequence[float], std: Sequence[float],
+                channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """``mean``/``std`` as tuples, after checking there is one value per channel and every std is positive."""
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     if len(mean) != channels or len(std) != channels:
