@@ -125,15 +125,19 @@ def _read_cls(handle, info: tarfile.TarInfo, path: Path) -> int:
         raise ShardError(f"shard {path}: member {info.name} should hold a class index, holds {text[:40]!r}") from None
 
 
-def _index_members(tar: tarfile.TarFile, handle, path: Path, file_size: int, label: int = -1) -> ShardEntry:
+def _members(tar: tarfile.TarFile, path: Path) -> list[tarfile.TarInfo]:
+    try:
+        return list(tar)  # headers only: tarfile seeks over the data
+    except tarfile.ReadError as exc:
+        raise ShardError(f"shard {path} is truncated or not a tar file ({exc})") from None
+
+
+def _index_members(tar: tarfile.TarFile, members: list[tarfile.TarInfo], handle, path: Path, file_size: int,
+                   label: int = -1) -> ShardEntry:
     """Group the members of one (possibly inner) tar into samples: one image + optional .cls per key."""
     entry = ShardEntry(size=file_size, mtime_ns=0)
     slot: dict[str, int] = {}
     pending_cls: dict[str, int] = {}
-    try:
-        members = list(tar)
-    except tarfile.ReadError as exc:
-        raise ShardError(f"shard {path} is truncated or not a tar file ({exc})") from None
     if members and tar.offset + 512 > file_size:
         # Cut at a member boundary: tarfile reads the end of the file as the end of the archive, but a
         # whole archive ends with zero blocks.
@@ -170,13 +174,12 @@ def index_shard(path: Path) -> ShardEntry:
     with open(path, "rb") as handle:
         try:
             outer = tarfile.open(fileobj=handle, mode="r:")
-            members = list(outer)
         except tarfile.ReadError as exc:
             raise ShardError(f"shard {path} is truncated or not a tar file ({exc})") from None
+        members = _members(outer, path)
         inner = [m for m in members if m.isfile() and m.name.lower().endswith(".tar")]
         if not inner:
-            handle.seek(0)
-            entry = _index_members(tarfile.open(fileobj=handle, mode="r:"), handle, path, stat.st_size)
+            entry = _index_members(outer, members, handle, path, stat.st_size)
         else:
             classes = sorted(Path(m.name).stem for m in inner)
             position = {c: i for i, c in enumerate(classes)}
@@ -189,7 +192,8 @@ def index_shard(path: Path) -> ShardEntry:
                     sub = tarfile.open(fileobj=handle, mode="r:")
                 except tarfile.ReadError as exc:
                     raise ShardError(f"shard {path}: inner archive {info.name} is not a tar file ({exc})") from None
-                part = _index_members(sub, handle, path, min(stat.st_size, info.offset_data + info.size),
+                part = _index_members(sub, _members(sub, path), handle, path,
+                                      min(stat.st_size, info.offset_data + info.size),
                                       label=position[Path(info.name).stem])
                 entry.names += [f"{info.name}/{n}" for n in part.names]
                 entry.offsets += part.offsets
