@@ -33,8 +33,8 @@ from mixmim.data.seeding import torch_seeded
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # PIL's "L" is 0.299 R + 0.587 G + 0.114 B (ITU-R 601-2). The grey mean follows exactly; the grey std is
-# the same weighting of the channel stds, exact if the channels were perfectly correlated (they nearly
-# are in photos: ImageNet's grey std measured over a sample is within a few percent of it).
+# the same weighting of the channel stds: an upper bound (Minkowski), reached when the channels are
+# perfectly correlated; photos' channels are strongly correlated. `mixmim stats` measures a data set's own.
 LUMA = (0.299, 0.587, 0.114)
 IMAGENET_GREY_MEAN = (sum(w * m for w, m in zip(LUMA, IMAGENET_MEAN)),)
 IMAGENET_GREY_STD = (sum(w * s for w, s in zip(LUMA, IMAGENET_STD)),)
