@@ -26,6 +26,12 @@ path. MFU = FLOPs/image x images/s / peak, given for CUDA (H100 bf16 dense peak 
 the invocation is printed and kept in the JSON: on a shared machine it says how far to trust the
 speeds (memory does not depend on the load).
 
+Compiled variants (``+compile``, ``--compile``) warm up until a whole step compiles nothing new
+(torch.compile compiles every block on first use and again for every stage's shapes, and the backward
+on its first call; counted with ``torch._dynamo.utils.counters``), at most ``--max-warmup`` steps; the
+timed steps are the steady state, and ``compile_s`` (the warm-up less its steps at the steady-state
+speed) is reported apart.
+
     python benchmarks/pretrain_throughput.py --models mixmim_tiny --batch-sizes 16 --img-size 224 \\
         --steps 3 --warmup 1 --amp fp32 --device cpu --threads 2 --json benchmarks/results/cpu.json
     python benchmarks/pretrain_throughput.py --models vit_tiny swin_tiny pvt_v2_b2 resnetv2_50 \\
@@ -74,16 +80,17 @@ def _unavailable(variant: str, model: str) -> str | None:
     return None
 
 
-def _build(variant: str, model: str, img_size: int):
+def _build(variant: str, model: str, img_size: int, window_size: list[int] | None = None):
     from mixmim.methods.factory import create_pretrainer, method_names
 
+    size = {"img_size": img_size, **({"window_size": window_size} if window_size else {})}
     if variant == "simmim":
         if "simmim" not in method_names():
             return None
-        return create_pretrainer("simmim", model, img_size=img_size)
+        return create_pretrainer("simmim", model, **size)
     if variant in ("mixmim", "mae", "mixedae"):
-        return create_pretrainer(variant, model, img_size=img_size)
-    return create_pretrainer("mixmim", model, img_size=img_size, attention_impl=variant.split("+")[0])
+        return create_pretrainer(variant, model, **size)
+    return create_pretrainer("mixmim", model, attention_impl=variant.split("+")[0], **size)
 
 
 def _rss_bytes() -> int:
@@ -138,7 +145,7 @@ def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = _build(args.variant, args.model, args.img_size)
+    model = _build(args.variant, args.model, args.img_size, args.window_size)
     if model is None:
         return {"skipped": "method 'simmim' is not registered in mixmim.methods.factory"}
     model = model.to(device).train()
@@ -163,12 +170,31 @@ def worker(args) -> dict:
             torch.cuda.synchronize()
 
     base_rss = _rss_bytes()
+    compiled = args.compile or args.variant.endswith("+compile")
+    warm_start = time.perf_counter()
     for _ in range(args.warmup):
         step()
     sync()
+    warmup_steps, recompiling = args.warmup, []
+    if compiled:
+        # torch.compile compiles each block's graph on first use and recompiles when a block sees new shapes
+        # (every stage has its own): keep stepping until a whole step compiles nothing, so that no compilation
+        # falls inside the timed steps. What the warm-up cost is reported apart (compile_s).
+        while warmup_steps < args.max_warmup:
+            before = _compile_events()
+            step()
+            sync()
+            warmup_steps += 1
+            recompiling.append(_compile_events() - before)
+            if recompiling[-1] == 0:
+                break
+        else:
+            print(f"warning: still compiling after {warmup_steps} warm-up steps (--max-warmup)", file=sys.stderr)
+    warm_s = time.perf_counter() - warm_start
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
+    events_before = _compile_events() if compiled else 0
     for _ in range(args.steps):
         t0 = time.perf_counter()
         step()
@@ -179,7 +205,14 @@ def worker(args) -> dict:
         "images_per_s": args.batch * len(times) / sum(times),
         "images_per_s_best_step": args.batch / min(times),
         "step_s": times,
+        "warmup_steps": warmup_steps,
+        "warmup_s": warm_s,
     }
+    if compiled:
+        # The warm-up less what its steps would have cost at the steady-state speed.
+        result["compile_s"] = max(0.0, warm_s - warmup_steps * sum(times) / len(times))
+        result["compile_events_per_warmup_step"] = recompiling
+        result["compile_events_in_timed_steps"] = _compile_events() - events_before  # 0: nothing compiled there
     if device.type == "cuda":
         result["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
     else:
@@ -188,6 +221,15 @@ def worker(args) -> dict:
     if not args.no_flops:
         result["flops_per_image"] = _count_flops(args.variant, args, device)
     return result
+
+
+def _compile_events() -> int:
+    """Graphs compiled so far by torch.compile (Dynamo frames, AOT autograd graphs, Inductor compilations:
+    the backward is compiled on its first call)."""
+    from torch._dynamo.utils import counters
+
+    return (counters["frames"]["total"] + counters["aot_autograd"]["total"]
+            + counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"])
 
 
 def _device_name(device: str) -> str:
@@ -212,8 +254,12 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=["mixmim_tiny"])
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[16])
     p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--window-size", type=lambda t: [int(v) for v in t.split(",")], default=None,
+                   help="windows per stage, e.g. 16,16,8,4 for mixmim_* at 128 px (default: the model's)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--max-warmup", type=int, default=30,
+                   help="compiled variants: warm-up steps allowed until a step compiles nothing new")
     p.add_argument("--amp", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every variant")
@@ -252,9 +298,12 @@ def main(argv=None) -> int:
                     continue
                 cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--model", model, "--batch", str(batch),
                        "--variant", variant, "--img-size", str(args.img_size), "--steps", str(args.steps),
-                       "--warmup", str(args.warmup), "--amp", args.amp, "--device", args.device,
+                       "--warmup", str(args.warmup), "--max-warmup", str(args.max_warmup), "--amp", args.amp,
+                       "--device", args.device,
                        "--threads", str(args.threads)]
                 cmd += ["--compile"] * args.compile + ["--grad-checkpointing"] * args.grad_checkpointing
+                if args.window_size:
+                    cmd += ["--window-size", ",".join(map(str, args.window_size))]
                 cmd += ["--no-flops"] * args.no_flops
                 env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -297,6 +346,11 @@ def main(argv=None) -> int:
               f"{r.get('memory_vs_baseline', float('nan')):>7.2f}"
               f"{(flops / 1e9 if flops else float('nan')):>11.1f}"
               + (f"{100 * r['mfu']:>6.1f}%" if "mfu" in r else f"{'-':>7}"))  # MFU on CUDA only
+    for r in rows:
+        if "compile_s" in r:
+            print(f"{r['model']} b{r['batch']} {r['variant']}: compiled in {r['compile_s']:.1f} s over "
+                  f"{r['warmup_steps']} warm-up steps (compilations per step {r['compile_events_per_warmup_step']}); "
+                  "img/s above is the steady state after it")
     print("x base: ratio to the 'reference' variant for mixmim_* models, to 'mixmim' for the others")
     print(f"load average at start: {loadavg_start}; at end: {loadavg_end}")
     if args.json:

@@ -21,6 +21,8 @@ VERBS: dict[str, str] = {
     "export": "export a checkpoint's encoder as safetensors + JSON (loadable by timm.create_model)",
     "info": "list the named models with parameters and FLOPs at 224",
     "study": "pretrain every arm of a study (random init, MixMIM, SimMIM, ablations...) and report what each buys",
+    "shards": "pack an image folder into WebDataset tar shards (read map-style through an index)",
+    "stats": "per-channel mean and std of a data set's pixels, for data.mean / data.std",
 }
 
 

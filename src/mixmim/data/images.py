@@ -1,23 +1,43 @@
-"""Reading one image file into an RGB PIL image, whatever the camera or the converter wrote.
+"""Reading one image (a file or the bytes of a shard member) into an 8-bit RGB or grey PIL image,
+whatever the camera or the converter wrote.
 
 Handles EXIF rotation, grayscale, palette, RGBA/LA (alpha dropped), CMYK, 16-bit and 32-bit integer
 or float images. Anything PIL cannot decode raises :class:`BadImage` with the reason, so a data set
 can skip and count it instead of crashing hours into a run (issue 7).
+
+Decoding is split in two so that a transform can look at the size before paying for the pixels:
+:func:`open_image` reads the header only, :func:`finish` decodes (possibly at reduced scale, after
+``Image.draft``) and converts.
 """
 
 from __future__ import annotations
 
+import io
+import struct
 import warnings
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+MODES = {1: "L", 3: "RGB"}  # channels -> PIL mode
+ORIENTATION = 0x0112  # EXIF tag; values 5-8 rotate by 90 degrees (width and height swap)
+
+Source = Union[str, Path, bytes, bytearray, memoryview]
+# What PIL raises on a corrupt or truncated file (as well as its own errors).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error, Image.DecompressionBombError)
 
 
 class BadImage(Exception):
-    """The file could not be turned into an RGB image; ``str(exc)`` says why."""
+    """The file could not be turned into an image; ``str(exc)`` says why."""
+
+
+def mode_of(channels: int) -> str:
+    if channels not in MODES:
+        raise ValueError(f"data.channels={channels}: expected 1 (grey) or 3 (RGB)")
+    return MODES[channels]
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
@@ -39,35 +59,83 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.nan_to_num(array), 0, 255).astype(np.uint8), mode="L")
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL image -> 8-bit RGB, upright by its EXIF orientation."""
-    image = ImageOps.exif_transpose(image)
+def to_mode(image: Image.Image, mode: str = "RGB") -> Image.Image:
+    """A decoded PIL image of any kind -> 8-bit ``mode`` ("RGB" or "L"), upright by its EXIF orientation."""
+    if image.getexif().get(ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
         image = _to_8bit(image)
     if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")  # palette transparency is lost by a direct RGB conversion warning
-    if image.mode != "RGB":
-        image = image.convert("RGB")
+        image = image.convert("RGBA")  # palette transparency is lost by a direct conversion (warning)
+    if image.mode in ("RGBA", "LA", "PA") and mode == "L":
+        image = image.convert("RGB")  # drop alpha first: PIL's RGBA -> L would keep nothing else anyway
+    if image.mode != mode:
+        image = image.convert(mode)
     return image
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Decode ``path`` fully (truncated files fail here, not later) and return it as RGB."""
-    path = Path(path)
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image -> 8-bit RGB, upright by its EXIF orientation."""
+    return to_mode(image, "RGB")
+
+
+def open_image(source: Source) -> Image.Image:
+    """Parse the header of a file or of in-memory bytes (no pixels decoded yet): the size, the format
+    and the EXIF orientation are known, and ``Image.draft`` may still choose a reduced scale."""
     try:
-        if path.stat().st_size == 0:
-            raise BadImage("empty file (0 bytes)")
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            if len(source) == 0:
+                raise BadImage("empty file (0 bytes)")
+            handle = io.BytesIO(source)
+        else:
+            if Path(source).stat().st_size == 0:
+                raise BadImage("empty file (0 bytes)")
+            handle = source
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # EXIF and palette warnings are noise for a million-file folder
-            with Image.open(path) as handle:
-                handle.load()
-                image = to_rgb(handle)
+            warnings.simplefilter("ignore")
+            return Image.open(handle)
     except BadImage:
         raise
     except UnidentifiedImageError:
         raise BadImage("not an image PIL can identify") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except DECODE_ERRORS as exc:
         raise BadImage(f"{exc.__class__.__name__}: {exc}") from None
-    if image.width < 1 or image.height < 1:
-        raise BadImage(f"image has no pixels ({image.width}x{image.height})")
-    return image
+
+
+def orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1: upright) read from the header; 1 when the EXIF block cannot be parsed (a
+    broken EXIF block is not a broken image: :func:`finish` decides)."""
+    try:
+        return int(image.getexif().get(ORIENTATION, 1))
+    except Exception:
+        return 1
+
+
+def oriented_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) the image will have once turned upright by its EXIF orientation."""
+    width, height = image.size
+    return (height, width) if orientation(image) in (5, 6, 7, 8) else (width, height)
+
+
+def finish(image: Image.Image, mode: str = "RGB") -> Image.Image:
+    """Decode an opened image fully (truncated files fail here, not later) and convert it to ``mode``."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # EXIF and palette warnings are noise for a million-file folder
+            image.load()
+            out = to_mode(image, mode)
+    except DECODE_ERRORS as exc:
+        raise BadImage(f"{exc.__class__.__name__}: {exc}") from None
+    if out.width < 1 or out.height < 1:
+        raise BadImage(f"image has no pixels ({out.width}x{out.height})")
+    return out
+
+
+def decode(source: Source, mode: str = "RGB") -> Image.Image:
+    """A file or in-memory bytes -> a fully decoded 8-bit ``mode`` image, or :class:`BadImage`."""
+    return finish(open_image(source), mode)
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decode ``path`` fully (truncated files fail here, not later) and return it as RGB."""
+    return decode(Path(path), "RGB")

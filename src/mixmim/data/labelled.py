@@ -1,9 +1,18 @@
-"""Labelled data for fine-tuning, probing and k-NN: an image folder with one sub-folder per class, or
-Fashion-MNIST; timm's transforms and Mixup/CutMix (MixMIM section 8, Table 12).
+"""Labelled data for fine-tuning, probing, k-NN and the pretraining monitor: an image folder with one
+sub-folder per class, WebDataset shards with ``.cls`` members (or ImageNet's tar of per-class tars),
+a local Hugging Face dataset, or Fashion-MNIST; timm's transforms and Mixup/CutMix (MixMIM section 8,
+Table 12).
 
-Folder layout: ``DATA/<class>/*.jpg`` (a fraction held out per class for evaluation, seeded), or
-``DATA/train/<class>/...`` with ``DATA/val/<class>/...`` (or ``test``). Unreadable files are replaced
-by the next readable one and counted (never a crash hours into a run).
+Layouts: ``DATA/<class>/*.jpg`` (a fraction held out per class for evaluation, seeded), or
+``DATA/train/<class>/...`` with ``DATA/val/<class>/...`` (or ``test``); shards alike (one shard set, or
+``train/`` and ``val/`` shard sets); a Hugging Face dataset's own splits, else a held-out fraction.
+
+Items are seeded like pretraining's: ``ds[(index, seed)]`` is ``{"image", "label", "index", "skipped"}``
+with the augmentation a pure function of (index, seed) -- timm's transforms draw from Python's
+``random``, NumPy's and torch's global generators, so all three are seeded per sample and restored.
+``ds[index]`` (a plain int, what torchvision-style loaders pass) is the pair ``(image, label)`` with
+seed = index. An unreadable image is replaced by the next readable one, listed in the item's
+``skipped`` and in ``ds.skipped`` (warned once per file).
 """
 
 from __future__ import annotations
@@ -18,10 +27,12 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data import Mixup, create_transform
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from mixmim.data.images import BadImage, load_rgb
-from mixmim.data.scan import scan_images
+from mixmim.data.images import BadImage, mode_of
+from mixmim.data.sampler import sample_seed
+from mixmim.data.seeding import augment
+from mixmim.data.sources import ArraySource, FolderSource, ImageSource, SubsetSource
 from mixmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger("mixmim")
@@ -31,12 +42,12 @@ RAND_AUGMENT = "rand-m9-mstd0.5-inc1"  # RandAug(9, 0.5) of Table 12, as MAE/BEi
 
 
 def train_transform(img_size: int, auto_augment: str | None = RAND_AUGMENT, re_prob: float = 0.25,
-                    scale: tuple[float, float] = (0.08, 1.0)) -> Callable:
+                    scale: tuple[float, float] = (0.08, 1.0), mean: Sequence[float] = IMAGENET_MEAN,
+                    std: Sequence[float] = IMAGENET_STD) -> Callable:
     """RandomResizedCrop + flip + RandAugment + random erasing (bicubic), timm's training pipeline."""
     transform = create_transform(img_size, is_training=True, auto_augment=auto_augment or None, re_prob=re_prob,
                                  scale=tuple(scale), re_mode="pixel", re_count=1, interpolation="bicubic",
-                                 mean=IMAGENET_MEAN,
-                                 std=IMAGENET_STD)
+                                 mean=tuple(mean), std=tuple(std))
     for step in getattr(transform, "transforms", []):
         for op in getattr(step, "ops", []):
             if "Posterize" in op.name:
@@ -50,78 +61,61 @@ def _posterize_at_least_one_bit(posterize: Callable, img: Image.Image, bits: int
     return posterize(img, max(1, int(bits)), **kwargs)
 
 
-def eval_transform(img_size: int, crop_pct: float = 0.875) -> Callable:
+def eval_transform(img_size: int, crop_pct: float = 0.875, mean: Sequence[float] = IMAGENET_MEAN,
+                   std: Sequence[float] = IMAGENET_STD) -> Callable:
     """Resize to ``img_size / crop_pct`` then centre crop (bicubic)."""
     return create_transform(img_size, is_training=False, interpolation="bicubic", crop_pct=crop_pct,
-                            mean=IMAGENET_MEAN, std=IMAGENET_STD)
+                            mean=tuple(mean), std=tuple(std))
 
 
-class LabelledImages(Dataset):
-    """(path, label) pairs read as RGB; an unreadable file is replaced by the next readable one."""
+class LabelledDataset(Dataset):
+    """The labelled images of a source, seeded per sample (see the module docstring)."""
 
-    def __init__(self, samples: Sequence[tuple[Path, int]], classes: Sequence[str], transform: Callable | None,
-                 max_tries: int = 32):
-        if not samples:
-            raise ValueError("no labelled images to load")
-        self.samples, self.classes = list(samples), list(classes)
-        self.transform = transform
+    def __init__(self, source: ImageSource, transform: Callable | None, channels: int = 3, max_tries: int = 32):
+        if len(source) == 0:
+            raise ValueError(f"no labelled images to load in {source.describe()}")
+        if source.labels is None or source.classes is None:
+            raise ValueError(f"{source.describe()} has no labels")
+        self.source, self.transform = source, transform
+        self.classes = list(source.classes)
+        self.channels, self.mode = channels, mode_of(channels)
         self.max_tries = max_tries
         self.skipped: set[str] = set()
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.source)
 
     @property
     def targets(self) -> list[int]:
-        return [label for _, label in self.samples]
+        return self.source.labels.tolist()
 
-    def __getitem__(self, index: int):
+    def item(self, index: int, seed: int, transform: Callable | None = ...) -> dict:
+        """``{"image", "label", "index", "skipped"}`` of sample ``index`` under augmentation seed ``seed``
+        (with ``transform`` instead of the data set's when given)."""
+        transform = self.transform if transform is ... else transform
+        skipped = []
         for attempt in range(self.max_tries):
-            path, label = self.samples[(index + attempt) % len(self.samples)]
+            candidate = (index + attempt) % len(self.source)
             try:
-                image = load_rgb(path)
+                image = self.source.load(candidate, self.mode)
             except BadImage as exc:
-                if str(path) not in self.skipped:
-                    self.skipped.add(str(path))
-                    log.warning("skipping unreadable image %s: %s", path, exc)
+                name = self.source.name(candidate)
+                skipped.append((name, str(exc)))
+                if name not in self.skipped:
+                    self.skipped.add(name)
+                    log.warning("skipping unreadable image %s: %s", name, exc)
                 continue
-            return (self.transform(image) if self.transform else image), label
-        raise ValueError(f"{self.max_tries} consecutive unreadable images from {self.samples[index][0]}")
+            if transform is not None:
+                image = augment(transform, image, seed)
+            return {"image": image, "label": self.source.label(candidate), "index": candidate, "skipped": skipped}
+        raise ValueError(f"{self.max_tries} consecutive unreadable images in {self.source.describe()} from "
+                         f"{self.source.name(index)}")
 
-
-class FashionMNISTLabelled(Dataset):
-    """Fashion-MNIST: grey 28x28 turned RGB (the transform resizes to the model's input)."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable | None):
-        from mixmim.data.fashion_mnist import CLASSES
-
-        self.images, self.labels = images, labels
-        self.classes = list(CLASSES)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    @property
-    def targets(self) -> list[int]:
-        return self.labels.tolist()
-
-    def __getitem__(self, index: int):
-        image = Image.fromarray(self.images[index], mode="L").convert("RGB")
-        return (self.transform(image) if self.transform else image), int(self.labels[index])
-
-
-def _class_samples(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise ValueError(f"image folder {root} has no class sub-folders")
-    index = {name: i for i, name in enumerate(classes)}
-    samples = []
-    for path in scan_images(root).files:
-        top = path.relative_to(root).parts[0]
-        if top in index and len(path.relative_to(root).parts) > 1:
-            samples.append((path, index[top]))
-    return samples, classes
+    def __getitem__(self, key: tuple[int, int] | int):
+        if isinstance(key, tuple):
+            return self.item(int(key[0]), int(key[1]))
+        out = self.item(int(key), int(key))
+        return out["image"], out["label"]
 
 
 def _subset(n: int, limit: int | None, seed: int) -> np.ndarray:
@@ -152,58 +146,164 @@ class Splits:
     classes: list[str]
 
 
-def load_splits(data: str | Path, train_tf: Callable | None, test_tf: Callable | None,
-                limit_train: int | None = None, limit_test: int | None = None, val_fraction: float = 0.2,
-                seed: int = 0, balanced: bool = False) -> Splits:
-    """Train and evaluation sets of ``data`` (``"fashion_mnist"`` or a folder), with optional seeded
-    subsets of ``limit_*`` samples for quick runs (``balanced``: the same count per class)."""
+def _held_out(source: ImageSource, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per class, a seeded ``val_fraction`` of the images for evaluation (at least one when the class has two)."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for label in range(len(source.classes)):
+        mine = np.flatnonzero(source.labels == label)
+        order = rng.permutation(len(mine))
+        n_test = max(1, round(len(mine) * val_fraction)) if len(mine) > 1 else 0
+        test += mine[order[:n_test]].tolist()
+        train += mine[order[n_test:]].tolist()
+    # The order of the source (class by class, as the folder lists them), as the previous code kept it.
+    return np.array(sorted(train), dtype=np.int64), np.array(sorted(test), dtype=np.int64)
 
-    def pick(labels, limit, s):
-        if balanced and limit is not None and limit < len(labels):
-            return balanced_subset(labels, limit, s)
-        return _subset(len(labels), limit, s)
+
+def check_classes(source: ImageSource, mode: str, where: str) -> None:
+    """A one-line ValueError for a class that has no image, or none that decodes (tries each in turn:
+    usually one decode per class)."""
+    for label, name in enumerate(source.classes):
+        members = np.flatnonzero(source.labels == label)
+        if len(members) == 0:
+            raise ValueError(f"class folder {Path(where) / name} holds no images")
+        reasons = []
+        for i in members:
+            try:
+                source.load(int(i), mode)
+                break
+            except BadImage as exc:
+                reasons.append(str(exc))
+        else:
+            raise ValueError(f"class {name!r} of {where} has no readable image ({len(members)} file(s), first "
+                             f"problem: {reasons[0]})")
+
+
+def labelled_sources(data: str | Path, val_fraction: float = 0.2, seed: int = 0, hf_image_column: str = "image",
+                     hf_label_column: str = "label") -> tuple[ImageSource, ImageSource]:
+    """(train, test) sources of a labelled folder, shard set(s), Hugging Face dataset or ``fashion_mnist``."""
+    from mixmim.data.fashion_mnist import CLASSES, read_fashion_mnist
+    from mixmim.data.hf import HFSource, is_hf_dataset, load_hf_splits
+    from mixmim.data.shards import ShardSource, shard_files, shard_splits
 
     if str(data) == FASHION_MNIST:
-        from mixmim.data.fashion_mnist import read_fashion_mnist
-
         (xtr, ytr), (xte, yte) = read_fashion_mnist("train"), read_fashion_mnist("test")
-        tr, te = pick(ytr, limit_train, seed), pick(yte, limit_test, seed + 1)
-        train = FashionMNISTLabelled(xtr[tr], ytr[tr], train_tf)
-        return Splits(train, FashionMNISTLabelled(xte[te], yte[te], test_tf), train.classes)
+        return (ArraySource(xtr, ytr, CLASSES, "fashion_mnist train"), ArraySource(xte, yte, CLASSES,
+                                                                                  "fashion_mnist test"))
     root = Path(data).expanduser()
-    if not root.is_dir():
+    if not root.exists():
         raise FileNotFoundError(f"data folder {root} does not exist (or pass 'fashion_mnist')")
-    held_out = next((root / n for n in ("val", "test") if (root / n).is_dir()), None)
-    if (root / "train").is_dir() and held_out is not None:
-        train_samples, classes = _class_samples(root / "train")
-        test_samples, test_classes = _class_samples(held_out)
-        if test_classes != classes:
-            raise ValueError(f"{held_out} has classes {test_classes}, {root / 'train'} has {classes}")
+    pair: tuple[ImageSource, ImageSource] | None = None
+    if shard_splits(root):
+        train_shards, held_shards = shard_splits(root)
+        pair = ShardSource(train_shards), ShardSource(held_shards)
+    elif shard_files(root):
+        whole = ShardSource(shard_files(root))
+    elif is_hf_dataset(root):
+        splits = load_hf_splits(root)
+        sources = {k: HFSource(v, hf_image_column, hf_label_column, f"{root}:{k}") for k, v in splits.items()}
+        if "train" in sources and "test" in sources:
+            pair = sources["train"], sources["test"]
+        else:
+            whole = next(iter(sources.values()))
     else:
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
-        samples, classes = _class_samples(root)
-        rng = np.random.default_rng(seed)
-        train_samples, test_samples = [], []
-        for label in range(len(classes)):
-            mine = [s for s in samples if s[1] == label]
-            order = rng.permutation(len(mine))
-            n_test = max(1, round(len(mine) * val_fraction)) if len(mine) > 1 else 0
-            test_samples += [mine[i] for i in order[:n_test]]
-            train_samples += [mine[i] for i in order[n_test:]]
-    train_samples = [train_samples[i] for i in pick([y for _, y in train_samples], limit_train, seed)]
-    test_samples = [test_samples[i] for i in pick([y for _, y in test_samples], limit_test, seed + 1)]
-    return Splits(LabelledImages(train_samples, classes, train_tf), LabelledImages(test_samples, classes, test_tf),
-                  classes)
+        held = next((root / n for n in ("val", "test") if (root / n).is_dir()), None)
+        if (root / "train").is_dir() and held is not None:
+            pair = FolderSource(root / "train", labelled=True), FolderSource(held, labelled=True)
+        else:
+            whole = FolderSource(root, labelled=True)
+    if pair is not None:
+        train, test = pair
+        for part in pair:
+            if part.classes is None:
+                raise ValueError(f"{part.describe()} has no labels (no .cls members, label column or class folders)")
+        if test.classes != train.classes:
+            raise ValueError(f"{test.describe()} has classes {test.classes}, {train.describe()} has {train.classes}")
+        return train, test
+    if whole.classes is None:
+        raise ValueError(f"{whole.describe()} has no labels (no .cls members, label column or class folders)")
+    train_idx, test_idx = _held_out(whole, val_fraction, seed)
+    return SubsetSource(whole, train_idx), SubsetSource(whole, test_idx)
 
 
-def make_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int = 0, seed: int = 0) -> DataLoader:
-    """Shuffled, last partial batch dropped (Mixup pairs within a batch) for training; in order for eval."""
+def load_splits(data: str | Path, train_tf: Callable | None, test_tf: Callable | None,
+                limit_train: int | None = None, limit_test: int | None = None, val_fraction: float = 0.2,
+                seed: int = 0, balanced: bool = False, channels: int = 3, hf_image_column: str = "image",
+                hf_label_column: str = "label") -> Splits:
+    """Train and evaluation sets of ``data`` (see :func:`labelled_sources`), with optional seeded subsets
+    of ``limit_*`` samples for quick runs (``balanced``: the same count per class)."""
+
+    def pick(source: ImageSource, limit, s) -> ImageSource:
+        labels = source.labels
+        if balanced and limit is not None and limit < len(labels):
+            return SubsetSource(source, balanced_subset(labels, limit, s))
+        if limit is not None and limit < len(labels):
+            return SubsetSource(source, _subset(len(labels), limit, s))
+        return source
+
+    mode = mode_of(channels)
+    train, test = labelled_sources(data, val_fraction, seed, hf_image_column, hf_label_column)
+    if str(data) != FASHION_MNIST:
+        check_classes(train, mode, str(data))
+    train, test = pick(train, limit_train, seed), pick(test, limit_test, seed + 1)
+    return Splits(LabelledDataset(train, train_tf, channels), LabelledDataset(test, test_tf, channels),
+                  list(train.classes))
+
+
+# ---------------------------------------------------------------------------------------------- loading
+class SeededOrder(Sampler):
+    """``(index, seed)`` keys: a seeded permutation per pass for training (a new one, and new augmentation
+    seeds, every time the loader is iterated: each epoch), the data set's order with seed = index for
+    evaluation."""
+
+    def __init__(self, size: int, shuffle: bool, seed: int = 0):
+        self.size, self.shuffle, self.seed, self.epoch = size, shuffle, seed, 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        if not self.shuffle:
+            yield from ((i, i) for i in range(self.size))
+            return
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        for position, index in enumerate(order.tolist()):
+            yield index, sample_seed(self.seed, epoch, position)
+
+
+def collate_labelled(items: list[dict]) -> dict:
+    """Dict items -> ``{"image": (B, C, H, W), "label": (B,), "index": (B,), "skipped": [...]}``."""
+    return {"image": torch.stack([it["image"] for it in items]),
+            "label": torch.tensor([it["label"] for it in items], dtype=torch.long),
+            "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
+            "skipped": [s for it in items for s in it["skipped"]]}
+
+
+def collate_pairs(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dict items -> ``(images, labels)``, the batches the current transfer tasks unpack."""
+    batch = collate_labelled(items)
+    return batch["image"], batch["label"]
+
+
+def make_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int = 0, seed: int = 0,
+                pairs: bool = True) -> DataLoader:
+    """Shuffled, last partial batch dropped (Mixup pairs within a batch) for training; in order for eval.
+    Keys are ``(index, seed)`` (:class:`SeededOrder`), so an epoch's augmentation is a function of
+    ``seed`` and the epoch, whatever the number of workers. ``pairs``: batches ``(images, labels)``;
+    else the dicts of :func:`collate_labelled`."""
     if train:
         batch_size = min(batch_size, len(dataset))
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=num_workers,
-                      generator=generator, persistent_workers=False, pin_memory=torch.cuda.is_available())
+    keyed = isinstance(dataset, (LabelledDataset, CachedLabelled))
+    if not keyed:  # any other map-style data set: torchvision's way
+        generator = torch.Generator().manual_seed(seed)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=num_workers,
+                          generator=generator, persistent_workers=False, pin_memory=torch.cuda.is_available())
+    return DataLoader(dataset, batch_size=batch_size, sampler=SeededOrder(len(dataset), train, seed), drop_last=train,
+                      num_workers=num_workers, collate_fn=collate_pairs if pairs else collate_labelled,
+                      persistent_workers=False, pin_memory=torch.cuda.is_available())
 
 
 def make_mixup(num_classes: int, mixup: float = 0.8, cutmix: float = 1.0,
@@ -214,3 +314,91 @@ def make_mixup(num_classes: int, mixup: float = 0.8, cutmix: float = 1.0,
         return None
     return Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=1.0, switch_prob=0.5, mode="batch",
                  label_smoothing=label_smoothing, num_classes=num_classes)
+
+
+# ---------------------------------------------------------------------------------------------- caching
+class CachedLabelled(Dataset):
+    """A labelled data set decoded and transformed once, its tensors kept: for evaluation sets read many
+    times with a deterministic transform (the monitor's k-NN bank and test set, every N steps).
+
+    Items as :class:`LabelledDataset`'s, for any seed (the transform was applied with seed = index).
+    When the transform ends in ToTensor + Normalize (timm's evaluation transform does), the pixels are
+    kept as uint8 (4x less memory) and normalised on access with the same operations, so the items are
+    bit-identical to the uncached ones.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str], skipped: list,
+                 mean: torch.Tensor | None, std: torch.Tensor | None):
+        self.images, self.labels, self.classes = images, labels, classes
+        self.skipped = skipped
+        self.mean, self.std = mean, std
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def targets(self) -> list[int]:
+        return self.labels.tolist()
+
+    def tensor(self, index: int) -> torch.Tensor:
+        image = self.images[index]
+        if self.mean is None:
+            return image
+        return image.float().div(255).sub_(self.mean).div_(self.std)  # ToTensor's then Normalize's arithmetic
+
+    def __getitem__(self, key: tuple[int, int] | int):
+        index = int(key[0] if isinstance(key, tuple) else key)
+        if isinstance(key, tuple):
+            return {"image": self.tensor(index), "label": int(self.labels[index]), "index": index, "skipped": []}
+        return self.tensor(index), int(self.labels[index])
+
+
+def _split_normalize(transform: Callable) -> tuple[Callable, torch.Tensor, torch.Tensor] | None:
+    """(the transform without its final Normalize, mean, std) when it ends in ToTensor + Normalize."""
+    steps = list(getattr(transform, "transforms", []))
+    if len(steps) < 2 or type(steps[-1]).__name__ != "Normalize" or "ToTensor" not in type(steps[-2]).__name__:
+        return None
+    from torchvision.transforms import Compose
+
+    last = steps[-1]
+    return (Compose(steps[:-1]), torch.as_tensor(last.mean, dtype=torch.float32).view(-1, 1, 1),
+            torch.as_tensor(last.std, dtype=torch.float32).view(-1, 1, 1))
+
+
+class _Decoded(Dataset):
+    """What the cache is filled from: (image tensor, label, skipped) of each item of ``dataset``."""
+
+    def __init__(self, dataset: LabelledDataset, transform: Callable | None, as_uint8: bool):
+        self.dataset, self.transform, self.as_uint8 = dataset, transform, as_uint8
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        item = self.dataset.item(index, index, self.transform)
+        image = item["image"]
+        if self.as_uint8:
+            image = image.mul(255).round_().to(torch.uint8)  # exact: ToTensor made k / 255
+        return image, item["label"], item["skipped"]
+
+
+def _as_list(items: list) -> list:
+    return items
+
+
+def cached(dataset: LabelledDataset, num_workers: int = 0, batch_size: int = 64) -> CachedLabelled:
+    """Decode and transform every item of ``dataset`` once (seed = index; on ``num_workers`` DataLoader
+    workers) and keep the tensors (:class:`CachedLabelled`). The transform must be deterministic (an
+    evaluation transform): the cache serves the same tensor whatever seed is asked for."""
+    split = _split_normalize(dataset.transform) if dataset.transform is not None else None
+    transform, mean, std = split if split is not None else (dataset.transform, None, None)
+    source = _Decoded(dataset, transform, split is not None)
+    loader = DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_as_list)
+    images, labels, skipped = [], [], []
+    for batch in loader:
+        for image, label, bad in batch:
+            images.append(image)
+            labels.append(label)
+            skipped += bad
+    return CachedLabelled(torch.stack(images), torch.tensor(labels, dtype=torch.long), list(dataset.classes),
+                          skipped, mean, std)
