@@ -124,3 +124,41 @@ def test_exif_orientations_on_tensors_match_pil():
         tagged = image.copy()
         tagged.info["exif"] = exif.tobytes()
         assert torch.equal(_orient(pil_to_tensor(image), value), pil_to_tensor(ImageOps.exif_transpose(tagged))), value
+
+
+def test_pretraining_on_a_stream_resumes_where_a_crash_stopped_it(shards, tmp_path, monkeypatch):
+    """data.source=stream through the training loop: an epoch is this rank's share of the shards, and a
+    run resumed after a crash replays the straight run's losses (same world size and workers)."""
+    import csv
+
+    from conftest import tiny_run
+    from mixmim.config import load_config
+    from mixmim.training import loop
+    from mixmim.training.pretrain import run_pretraining
+
+    def run(name):
+        return load_config(None, tiny_run(tmp_path, "data.source=stream", f"data.path={shards[0].parent}",
+                                          "model.img_size=128", name=name))
+
+    def losses(name):
+        with open(tmp_path / name / "metrics.csv", newline="") as handle:
+            return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(handle) if r["loss"]}
+
+    summary = run_pretraining(run("straight"))
+    assert summary["step"] == 6  # 24 images, batch 4: one epoch is 6 steps
+    real_step, calls = loop.Trainer.train_step, {"n": 0}
+
+    def crash_on_fifth(self, micro):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("simulated crash")
+        return real_step(self, micro)
+
+    monkeypatch.setattr(loop.Trainer, "train_step", crash_on_fifth)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_pretraining(run("crashed"))
+    monkeypatch.setattr(loop.Trainer, "train_step", real_step)
+    assert run_pretraining(run("crashed"), resume=True)["step"] == 6
+    straight, resumed = losses("straight"), losses("crashed")
+    assert sorted(resumed) == sorted(straight) == list(range(1, 7))
+    assert resumed == pytest.approx(straight, rel=1e-5, abs=1e-6)

@@ -77,13 +77,28 @@ class DataConfig:
     """Where images come from and how they are augmented (MixMIM section 8: RandomResizedCrop, flip).
 
     ``source``: ``bundled`` (the photos inside scikit-image), ``folder`` (``path``, recursively; class
-    sub-folders for the labelled verbs), ``fashion_mnist``. Labelled verbs (finetune, linprobe, knn,
+    sub-folders for the labelled verbs; a folder of WebDataset ``.tar`` shards or a Hugging Face
+    dataset at ``path`` is detected), ``shards``, ``hf`` (say which), ``stream`` (sequential shard
+    streaming, pretraining only), ``fashion_mnist`` (docs/data.md says which to pick for which
+    storage). ``channels``: 1 (grey) or 3; ``normalize``: ``imagenet`` (its grey values for one
+    channel), ``dataset`` (measured over ``stats_samples`` images) or ``none``, unless ``mean``/``std``
+    are set; ``draft``: decode JPEGs at reduced scale when the crop keeps ``draft_margin`` source
+    pixels per output pixel; ``decode``: ``gpu`` decodes JPEGs on the GPU (opt-in, falls back to the
+    CPU with one warning). Labelled verbs (finetune, linprobe, knn,
     segment, the pretraining monitor) evaluate on ``val_path``, else ``path/val`` or ``path/test``,
     else a seeded, per-class ``val_fraction`` of ``path``; ``limit_train``/``limit_test`` take seeded
     subsets (``balanced``: the same count per class); ``crop_pct``: evaluation resize = size / crop_pct."""
 
-    source: Literal["bundled", "folder", "fashion_mnist"] = "bundled"
+    source: Literal["bundled", "folder", "shards", "hf", "stream", "fashion_mnist"] = "bundled"
     path: str | None = None
+    channels: Literal[1, 3] = 3
+    normalize: Literal["imagenet", "dataset", "none"] = "imagenet"
+    stats_samples: int = 10000
+    draft: bool = True
+    draft_margin: float = 2.0
+    decode: Literal["cpu", "gpu"] = "cpu"
+    hf_image_column: str = "image"
+    hf_label_column: str = "label"
     crop_scale: tuple[float, float] = (0.2, 1.0)
     hflip: bool = True
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)

@@ -182,8 +182,18 @@ def check_classes(source: ImageSource, mode: str, where: str) -> None:
 
 
 def labelled_sources(data: str | Path, val_fraction: float = 0.2, seed: int = 0, hf_image_column: str = "image",
-                     hf_label_column: str = "label") -> tuple[ImageSource, ImageSource]:
-    """(train, test) sources of a labelled folder, shard set(s), Hugging Face dataset or ``fashion_mnist``."""
+                     hf_label_column: str = "label", val_data: str | Path | None = None) -> tuple[ImageSource, ImageSource]:
+    """(train, test) sources of a labelled folder, shard set(s), Hugging Face dataset or ``fashion_mnist``;
+    with ``val_data``, all of ``data`` trains and all of ``val_data`` (of any of those kinds) evaluates."""
+    if val_data is not None:
+        train, test = (_whole(p, hf_image_column, hf_label_column) for p in (data, val_data))
+        for part in (train, test):
+            if part.classes is None:
+                raise ValueError(f"{part.describe()} has no labels (no .cls members, label column or class folders)")
+        if test.classes != train.classes:
+            raise ValueError(f"the evaluation data {val_data} has classes {test.classes}, the training data {data} has "
+                             f"{train.classes}: they must be the same classes")
+        return train, test
     from mixmim.data.fashion_mnist import CLASSES, read_fashion_mnist
     from mixmim.data.hf import HFSource, is_hf_dataset, load_hf_splits
     from mixmim.data.shards import ShardSource, shard_files, shard_splits
@@ -228,10 +238,28 @@ def labelled_sources(data: str | Path, val_fraction: float = 0.2, seed: int = 0,
     return SubsetSource(whole, train_idx), SubsetSource(whole, test_idx)
 
 
+def _whole(data: str | Path, hf_image_column: str, hf_label_column: str) -> ImageSource:
+    """Every labelled image at ``data`` (shards, a Hugging Face dataset's training split, a class folder)."""
+    from mixmim.data import open_source
+
+    root = Path(data).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"data folder {root} does not exist")
+    from mixmim.data.shards import shard_files
+
+    if shard_files(root) or not root.is_dir():
+        return open_source(root, "auto", hf_image_column, hf_label_column)
+    from mixmim.data.hf import is_hf_dataset
+
+    if is_hf_dataset(root):
+        return open_source(root, "hf", hf_image_column, hf_label_column)
+    return FolderSource(root, labelled=True)
+
+
 def load_splits(data: str | Path, train_tf: Callable | None, test_tf: Callable | None,
                 limit_train: int | None = None, limit_test: int | None = None, val_fraction: float = 0.2,
                 seed: int = 0, balanced: bool = False, channels: int = 3, hf_image_column: str = "image",
-                hf_label_column: str = "label") -> Splits:
+                hf_label_column: str = "label", val_data: str | Path | None = None) -> Splits:
     """Train and evaluation sets of ``data`` (see :func:`labelled_sources`), with optional seeded subsets
     of ``limit_*`` samples for quick runs (``balanced``: the same count per class)."""
 
@@ -244,7 +272,7 @@ def load_splits(data: str | Path, train_tf: Callable | None, test_tf: Callable |
         return source
 
     mode = mode_of(channels)
-    train, test = labelled_sources(data, val_fraction, seed, hf_image_column, hf_label_column)
+    train, test = labelled_sources(data, val_fraction, seed, hf_image_column, hf_label_column, val_data)
     if str(data) != FASHION_MNIST:
         check_classes(train, mode, str(data))
     train, test = pick(train, limit_train, seed), pick(test, limit_test, seed + 1)

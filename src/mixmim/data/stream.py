@@ -156,6 +156,17 @@ class ShardStream(IterableDataset):
     def __len__(self) -> int:
         return self.batches_per_epoch * self.batch_size
 
+    @staticmethod
+    def collate_fn(items: list[dict]) -> dict:
+        """The DataLoader's ``collate_fn`` (as a map-style pretraining data set's)."""
+        from mixmim.data.datasets import collate
+
+        return collate(items)
+
+    def finish_batch(self, batch: dict, device=None) -> dict:
+        """Nothing to do on the device (the workers decode)."""
+        return batch
+
 
 def epoch_batches(counts: list[int], global_batch: int) -> int:
     """Steps per epoch of a stream: every image once, in whole global batches."""

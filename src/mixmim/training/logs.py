@@ -109,7 +109,8 @@ def _fmt(value) -> str:
 
 class SkippedFiles:
     """Unreadable files seen so far, each listed once in ``skipped.txt`` with its reason. Stops the run
-    when more than ``max_fraction`` of the data set has proved unreadable."""
+    when more than ``max_fraction`` of the data set has proved unreadable (a single bad file never
+    does: on a small set one file is already more than 1%)."""
 
     def __init__(self, path: Path | None, total: int, max_fraction: float):
         self.path, self.total, self.max_fraction = path, total, max_fraction
@@ -124,7 +125,7 @@ class SkippedFiles:
         if fresh and self.path is not None:
             with open(self.path, "a") as handle:
                 handle.writelines(f"{p}\t{r}\n" for p, r in fresh)
-        if len(self.seen) > self.max_fraction * self.total:
+        if len(self.seen) > max(1.0, self.max_fraction * self.total):
             raise DataQualityError(
                 f"{len(self.seen)} of {self.total} images are unreadable, more than data.max_bad_fraction="
                 f"{self.max_fraction:g}; see {self.path} (raise data.max_bad_fraction to go on anyway)")

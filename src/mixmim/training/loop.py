@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from mixmim.config import ConfigError, dump_config
 from mixmim.data.sampler import ResumableSampler, sample_seed, steps_per_epoch
@@ -75,7 +75,11 @@ class Trainer:
         self.model = task.build_model().to(device)
         self._check_multiple(task.batch_multiple())
         self.dataset = task.dataset()
-        self.steps_per_epoch = steps_per_epoch(len(self.dataset), self.global_batch)
+        # A stream (data.source=stream) is an iterable this rank reads its own shards from; its length
+        # is this rank's share of an epoch.
+        self.streaming = isinstance(self.dataset, IterableDataset)
+        images = len(self.dataset) * (info.world_size if self.streaming else 1)
+        self.steps_per_epoch = steps_per_epoch(images, self.global_batch)
         if self.steps_per_epoch < 1:
             raise ConfigError(f"config key 'train.batch_size': {self.global_batch} is larger than the data set "
                               f"({len(self.dataset)} images)")
@@ -88,7 +92,8 @@ class Trainer:
         self.optimizer = build_optimizer(task.param_groups(D.unwrap(self.wrapped)), self.config.optim,
                                          self.schedule.peak, device)
         self.scaler = torch.amp.GradScaler(device.type) if self.amp == "fp16" else None
-        self.sampler = ResumableSampler(len(self.dataset), self.global_batch, t.seed, info.rank, info.world_size)
+        self.sampler = None if self.streaming else ResumableSampler(len(self.dataset), self.global_batch, t.seed,
+                                                                    info.rank, info.world_size)
         self.loader = self._loader(t)
         self.skipped = SkippedFiles(self.run_dir / "skipped.txt" if info.is_main else None, len(self.dataset),
                                     self.config.data.max_bad_fraction)
@@ -138,11 +143,19 @@ class Trainer:
 
     def _loader(self, t) -> DataLoader:
         workers = t.num_workers
+        # Persistent workers keep the sampler's order in the main process; a stream's workers hold its
+        # epoch themselves, so they start again each epoch.
         return DataLoader(self.dataset, batch_size=self.micro_batch, sampler=self.sampler,
                           collate_fn=self.task.collate, num_workers=workers,
                           pin_memory=t.pin_memory and self.device.type == "cuda",
                           worker_init_fn=_worker_init if workers else None, prefetch_factor=4 if workers else None,
-                          persistent_workers=workers > 0)
+                          persistent_workers=workers > 0 and not self.streaming)
+
+    def _set_epoch(self, epoch: int, step_in_epoch: int) -> None:
+        if self.streaming:  # the stream counts this rank's micro-batches
+            self.dataset.set_epoch(epoch, step_in_epoch * self.config.train.accum_steps)
+        else:
+            self.sampler.set_epoch(epoch, step_in_epoch)
 
     @property
     def fsdp(self) -> bool:
@@ -209,7 +222,7 @@ class Trainer:
         losses = []
         for a, batch in enumerate(micro_batches):
             self.skipped.add(batch.get("skipped", []))
-            batch = _to_device(batch, self.device)
+            batch = self.task.to_device(batch, self.device)
             seed_all(sample_seed(t.seed + 1, self.step, self.info.rank * t.accum_steps + a))
             last = a == len(micro_batches) - 1
             if self.fsdp:
@@ -278,7 +291,7 @@ class Trainer:
         with StopRequest() as stop:
             while self.step < self.total_steps and self.stopped is None:
                 epoch = self.step // self.steps_per_epoch
-                self.sampler.set_epoch(epoch, self.step % self.steps_per_epoch)
+                self._set_epoch(epoch, self.step % self.steps_per_epoch)
                 if self._run_epoch(stop):
                     self.skipped.end_epoch(epoch)
         if self.progress is not None:
@@ -394,10 +407,6 @@ class Trainer:
         else:
             log.info("done: %d steps; files in %s", self.step, self.run_dir)
         return summary
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _check_architecture(path: Path, saved: dict, mine: dict) -> None:

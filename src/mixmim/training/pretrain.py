@@ -6,11 +6,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import itertools
+
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from mixmim.config import RunConfig
-from mixmim.data import build_pretrain_dataset
+from mixmim.data import build_pretrain_dataset, build_stream
 from mixmim.data.sampler import sample_seed
 from mixmim.interop.export import save_encoder
 from mixmim.methods.factory import create_pretrainer
@@ -51,8 +54,21 @@ class PretrainTask(Task):
         return method
 
     def dataset(self):
-        self.data = build_pretrain_dataset(self.config.data, self.config.model.img_size)
+        c = self.config
+        if c.data.source == "stream":
+            rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+            micro = c.train.batch_size // world // c.train.accum_steps
+            self.data = build_stream(c.data, c.model.img_size, micro, c.train.batch_size, c.train.seed, rank, world)
+        else:
+            self.data = build_pretrain_dataset(c.data, c.model.img_size)
         return self.data
+
+    def collate(self, items: list[dict]) -> dict:
+        return self.data.collate_fn(items)
+
+    def to_device(self, batch: dict, device: torch.device) -> dict:
+        # data.decode=gpu: the workers only read and crop-plan; decoding happens here, on the device.
+        return super().to_device(self.data.finish_batch(batch, device), device)
 
     def batch_multiple(self) -> int:
         return self.method.batch_multiple
@@ -144,11 +160,19 @@ class PretrainTask(Task):
 
             save_loss_curves(trainer.run_dir / "metrics.csv", trainer.run_dir / "loss.png", self.config.name)
 
-    def _picture_batch(self) -> torch.Tensor:
+    def _picture_batch(self, device: torch.device) -> torch.Tensor:
+        """The same images at every picture: the first of the data set (of a stream: of its first
+        shards), under a fixed augmentation seed."""
         groups = self.method.num_groups
         n = min(len(self.data), max(8, groups) // groups * groups)
-        items = [self.data[(i, sample_seed(self.config.train.seed, -1, i))]["image"] for i in range(n)]
-        return torch.stack(items)
+        if isinstance(self.data, torch.utils.data.IterableDataset):
+            where = self.data.epoch, self.data.start_batch  # a loader without workers reads them as it goes
+            self.data.set_epoch(0)
+            items = list(itertools.islice(iter(self.data), n))
+            self.data.set_epoch(*where)
+        else:
+            items = [self.data[(i, sample_seed(self.config.train.seed, -1, i))] for i in range(n)]
+        return self.to_device(self.collate(items), device)["image"]
 
     @torch.no_grad()
     def save_pictures(self, trainer: Trainer) -> None:
@@ -157,7 +181,7 @@ class PretrainTask(Task):
         model = trainer.wrapped if trainer.fsdp else trainer.module()
         was_training = model.training
         model.eval()
-        images = self._picture_batch().to(trainer.device)
+        images = self._picture_batch(trainer.device)
         with torch.random.fork_rng(devices=[trainer.device] if trainer.device.type == "cuda" else []):
             torch.manual_seed(self.config.train.seed)
             with trainer.autocast():
@@ -173,7 +197,7 @@ class PretrainTask(Task):
         for raw, name in ((False, "reconstruction.png"), (True, "reconstruction_raw.png")):
             if raw and not norm_pix:
                 continue
-            rows = reconstruction_rows(out, images, c.data.mean, c.data.std, raw)
+            rows = reconstruction_rows(out, images, self.data.mean, self.data.std, raw)
             save_reconstruction_grid(rows, trainer.run_dir / name, cell=cell, title=title,
                                      note=picture_note(norm_pix, raw))
         self._curves(trainer)

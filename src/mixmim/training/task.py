@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
@@ -53,6 +54,10 @@ class Task:
         from mixmim.data import collate
 
         return collate(items)
+
+    def to_device(self, batch: dict, device: torch.device) -> dict:
+        """A collated micro-batch on ``device`` (a data set that decodes on the GPU does it here)."""
+        return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def batch_multiple(self) -> int:
         """Every micro-batch must be a multiple of this (MixedAE's groups, Mixup's pairs)."""

@@ -31,7 +31,7 @@ from mixmim.training.loop import Trainer
 from mixmim.training.task import StepOutput, Task
 from mixmim.transfer.classifier import (Classifier, build_classifier, classifier_groups, classifier_payload,
                                         resolve_model)
-from mixmim.transfer.data import collate_labelled, load_labelled
+from mixmim.transfer.data import collate_labelled, data_stats, load_labelled
 from mixmim.utils.files import atomic_write
 
 log = logging.getLogger("mixmim")
@@ -178,9 +178,10 @@ class FinetuneTask(ClassificationTask):
         self.auto_augment = check_auto_augment(f.auto_augment)
         self.pretrained = resolve_model(config)
         side = config.model.img_size
+        stats = data_stats(config.data)
         self.data = load_labelled(config.data, train_transform(side, self.auto_augment, f.re_prob,
-                                                               config.data.crop_scale),
-                                  eval_transform(side, config.data.crop_pct), config.train.seed)
+                                                               config.data.crop_scale, *stats),
+                                  eval_transform(side, config.data.crop_pct, *stats), config.train.seed)
         self.classes = self.data.classes
         self.weights = self.pretrained.source
         self.mixup = make_mixup(len(self.classes), f.mixup, f.cutmix, f.smoothing)

@@ -35,9 +35,12 @@ def fold_probe(probe: nn.Sequential, head: nn.Module) -> None:
 
 def probe_head_init(encoder: nn.Module, data: Any, config: Any) -> dict[str, float]:
     """Fit the probe on the training split's features and fold it into ``encoder``'s head."""
-    train = data.train.dataset if hasattr(data.train, "dataset") else data.train
+    from mixmim.transfer.data import data_stats
+
+    train = data.train
     transform = train.transform
-    train.transform = eval_transform(config.model.img_size, config.data.crop_pct)  # no augmentation for the probe
+    # No augmentation for the probe.
+    train.transform = eval_transform(config.model.img_size, config.data.crop_pct, *data_stats(config.data))
     device = next(encoder.parameters()).device
     try:
         x, y = extract_features(encoder, data.train, device, batch_size=256, num_workers=config.train.num_workers)

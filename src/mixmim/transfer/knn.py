@@ -17,7 +17,7 @@ from mixmim.training import distributed as D
 from mixmim.training.logs import setup_logging
 from mixmim.training.loop import resolve_amp
 from mixmim.transfer.classifier import resolve_model
-from mixmim.transfer.data import load_labelled
+from mixmim.transfer.data import data_stats, load_labelled
 from mixmim.utils.files import atomic_write_text
 
 log = logging.getLogger("mixmim")
@@ -43,7 +43,7 @@ def _knn(config: KNNRunConfig, info: D.DistInfo, device) -> dict[str, Any]:
     setup_logging(run_dir if info.is_main else None, info.is_main)
     pretrained = resolve_model(config)
     side = config.model.img_size
-    tf = eval_transform(side, config.data.crop_pct)
+    tf = eval_transform(side, config.data.crop_pct, *data_stats(config.data))
     data = load_labelled(config.data, tf, tf, config.train.seed)
     m = config.model
     encoder = build_encoder(pretrained, img_size=m.img_size, window_size=m.window_size, num_classes=0,

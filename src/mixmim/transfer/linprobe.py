@@ -26,7 +26,7 @@ from mixmim.training.loop import Trainer
 from mixmim.training.optim import decay_groups
 from mixmim.training.task import StepOutput
 from mixmim.transfer.classifier import resolve_model
-from mixmim.transfer.data import load_labelled
+from mixmim.transfer.data import data_stats, load_labelled
 from mixmim.transfer.finetune import ClassificationTask
 
 PROBE_FORMAT = "mixmim-linprobe/2"
@@ -80,8 +80,9 @@ class ProbeTask(ClassificationTask):
         self.pretrained = resolve_model(config)
         config.model.drop_path_rate = 0.0  # a frozen encoder runs in eval mode
         side = config.model.img_size
-        evaluation = eval_transform(side, config.data.crop_pct)
-        training = evaluation if self.cached else train_transform(side, None, 0.0, config.data.crop_scale)
+        stats = data_stats(config.data)
+        evaluation = eval_transform(side, config.data.crop_pct, *stats)
+        training = evaluation if self.cached else train_transform(side, None, 0.0, config.data.crop_scale, *stats)
         self.data = load_labelled(config.data, training, evaluation, config.train.seed)
         self.classes = self.data.classes
         self.weights = self.pretrained.source
