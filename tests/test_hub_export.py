@@ -5,6 +5,7 @@ folder back, a folder timm itself wrote reads too, and the model card reports th
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -139,6 +140,9 @@ def test_reexport_resizes_keeps_the_card_and_replaces_the_folder(tmp_path):
     # Writing over an export replaces it whole and leaves nothing beside it.
     save_hub_folder(create_encoder("mixmim_tiny", **SMALL), first, card={"model": "mixmim_tiny"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert first.stat().st_mode & 0o777 == 0o777 & ~umask  # as readable as any folder the user makes
     assert "mae" not in json.dumps(json.loads((first / "config.json").read_text())["mixmim"]["card"])
 
 

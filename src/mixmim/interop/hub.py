@@ -123,8 +123,9 @@ def save_hub_folder(encoder: nn.Module, folder: str | Path, card: Mapping[str, A
     card.setdefault("architecture", architecture)
     info = {"format": HUB_FORMAT, "family": getattr(encoder, "family", "mixmim"), "config": config,
             "model": card.get("model"), "card": card}
-    data_config = {"input_size": (3, height, width), "mean": tuple(mean or _IMAGENET_MEAN),
-                   "std": tuple(std or _IMAGENET_STD), "crop_pct": _EVAL_CROP_PCT, "interpolation": _INTERPOLATION}
+    data_config = {"input_size": (int(config.get("in_chans", 3)), height, width),
+                   "mean": tuple(mean or _IMAGENET_MEAN), "std": tuple(std or _IMAGENET_STD),
+                   "crop_pct": _EVAL_CROP_PCT, "interpolation": _INTERPOLATION}
     # The defaults of a named timm model describe its released weights (tag, hub id, licence): not these.
     reference.pretrained_cfg = {k: v for k, v in reference.pretrained_cfg.items()
                                 if k not in ("tag", "hf_hub_id", "url", "file", "license", "notes", "paper_ids",
@@ -133,6 +134,9 @@ def save_hub_folder(encoder: nn.Module, folder: str | Path, card: Mapping[str, A
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would make the export private once renamed
     try:
         save_file(state, str(staging / WEIGHTS), metadata={"format": "pt", "mixmim": HUB_FORMAT})
         save_config_for_hf(reference, str(staging / CONFIG), model_args=model_args, data_config=data_config,
