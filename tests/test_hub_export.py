@@ -143,6 +143,7 @@ def test_reexport_resizes_keeps_the_card_and_replaces_the_folder(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert first.stat().st_mode & 0o777 == 0o777 & ~umask  # as readable as any folder the user makes
+    assert {p.stat().st_mode & 0o777 for p in first.iterdir()} == {0o666 & ~umask}
     assert "mae" not in json.dumps(json.loads((first / "config.json").read_text())["mixmim"]["card"])
 
 

@@ -143,6 +143,7 @@ def save_hub_folder(encoder: nn.Module, folder: str | Path, card: Mapping[str, A
                            model_config={"mixmim": info})
         (staging / CARD).write_text(render_card(folder.name, architecture, card))
         for name in (WEIGHTS, CONFIG, CARD):
+            os.chmod(staging / name, 0o666 & ~umask)  # safetensors writes its file 0600
             with open(staging / name, "rb") as handle:
                 os.fsync(handle.fileno())
         _replace_folder(staging, folder)
