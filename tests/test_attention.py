@@ -74,7 +74,7 @@ def test_fast_path_matches_reference_outputs_and_gradients(per_sample, num_group
     for name, enc in [("ref", ref), ("fast", fast)]:
         xi = x.clone().requires_grad_(True)
         y = enc.forward_tokens(xi, groups, num_groups=num_groups)
-        w = torch.randn_like(y, generator=torch.Generator().manual_seed(1))
+        w = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype)
         (y * w).sum().backward()
         grads = {n: p.grad.clone() for n, p in enc.named_parameters() if p.grad is not None}
         outs[name] = (y.detach(), xi.grad, grads)
@@ -102,7 +102,7 @@ def _compare_fast_to_reference(num_groups, per_sample, ratio=0.5, b=3):
     for name, enc in [("ref", ref), ("fast", fast)]:
         xi = x.clone().requires_grad_(True)
         y = enc.forward_tokens(xi, groups, num_groups=num_groups)
-        (y * torch.randn_like(y, generator=torch.Generator().manual_seed(1))).sum().backward()
+        (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype)).sum().backward()
         outs[name] = (y.detach(), xi.grad, {n: p.grad.clone() for n, p in enc.named_parameters() if p.grad is not None})
     assert_close_scaled(outs["fast"][0], outs["ref"][0], 1e-5, "output")
     assert_close_scaled(outs["fast"][1], outs["ref"][1], 1e-5, "input gradient")

@@ -1,4 +1,4 @@
-"""Export as safetensors + JSON, `mixmim export`, and loading through timm.create_model."""
+"""Export as safetensors + JSON (`mixmim export --format pair`), and loading through timm.create_model."""
 
 import json
 
@@ -59,7 +59,8 @@ def test_export_cli_from_training_checkpoint(tmp_path, capsys):
                   "config": {"model": {"name": "mixmim_tiny", "img_size": 64, "window_size": [8, 8, 4, 2],
                                        "drop_path_rate": 0.0, "attention_impl": "fast"}}}
     torch.save(checkpoint, tmp_path / "step.pt")
-    assert main(["export", "--checkpoint", str(tmp_path / "step.pt"), "--output", str(tmp_path / "out")]) == 0
+    assert main(["export", "--checkpoint", str(tmp_path / "step.pt"), "--output", str(tmp_path / "out"),
+                 "--format", "pair"]) == 0
     assert "exported checkpoint encoder" in capsys.readouterr().out
     again = load_encoder(tmp_path / "out.safetensors").eval()
     x = torch.randn(1, 3, 64, 64)
@@ -85,7 +86,7 @@ def test_export_cli_from_release_checkpoint_resized(tmp_path):
     torch.save({"model": release}, tmp_path / "release.pth")
     assert main(["export", "--checkpoint", str(tmp_path / "release.pth"), "--output", str(tmp_path / "o")]) == 2
     assert main(["export", "--checkpoint", str(tmp_path / "release.pth"), "--model", "mixmim_tiny",
-                 "--img-size", "64", "--window-size", "8,8,4,2", "--output", str(tmp_path / "o")]) == 0
+                 "--img-size", "64", "--window-size", "8,8,4,2", "--output", str(tmp_path / "o"), "--format", "pair"]) == 0
     small = load_encoder(tmp_path / "o.safetensors")
     assert small.img_size == (64, 64) and small.window_sizes == [[8, 8], [8, 8], [4] * 6, [2, 2]]
     table = small.layers[0].blocks[0].attn.relative_position_bias_table

@@ -1,9 +1,10 @@
 """Encoder weights in and out of this project: safetensors plus a JSON file that rebuilds the model.
 
-``save_encoder`` writes ``<stem>.safetensors`` (the encoder's state dict, no decoder, no head unless
-asked) and ``<stem>.json`` (constructor arguments and where the weights came from).
-``load_encoder_state`` reads any of the weight files a user holds — our export, our training
-checkpoint, a release checkpoint — and returns the encoder's state dict in this project's names.
+``save_encoder`` writes the "pair" export, ``<stem>.safetensors`` (the encoder's state dict, no decoder,
+no head unless asked) and ``<stem>.json`` (constructor arguments and where the weights came from); the
+Hub/timm folder layout is :mod:`mixmim.interop.hub`. ``load_encoder_state`` reads any of the weight
+files a user holds — either export, our training checkpoint, a release checkpoint — and returns the
+encoder's state dict in this project's names.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from torch import nn
 
+from mixmim.interop.hub import is_hub_folder, load_hub_state, read_hub_meta
 from mixmim.interop.official import convert_official
 from mixmim.utils.files import atomic_write, atomic_write_text
 
@@ -60,7 +62,10 @@ def _timm_model_for(family: str, config: Mapping[str, Any]) -> str | None:
 
 
 def read_encoder_meta(path: str | Path) -> tuple[str, dict[str, Any]] | None:
-    """(family, constructor arguments) saved next to exported weights, or None when there is no JSON."""
+    """(family, constructor arguments) of an export (a Hub folder, or the JSON next to a pair's weights),
+    or None when there is no JSON."""
+    if is_hub_folder(path):
+        return read_hub_meta(path)[:2]
     meta = Path(path).with_suffix(".json")
     if not meta.is_file():
         return None
@@ -75,9 +80,11 @@ def read_encoder_config(path: str | Path) -> dict[str, Any] | None:
 
 
 def load_encoder_state(path: str | Path) -> dict[str, Tensor]:
-    """Encoder weights (this project's names, no decoder) from an export, a training checkpoint of
-    this project, or a release checkpoint (pretraining or fine-tuning)."""
+    """Encoder weights (this project's names, no decoder) from an export (Hub folder or pair), a
+    training checkpoint of this project, or a release checkpoint (pretraining or fine-tuning)."""
     path = Path(path)
+    if is_hub_folder(path):
+        return load_hub_state(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
@@ -95,7 +102,7 @@ def load_encoder_state(path: str | Path) -> dict[str, Tensor]:
 
 
 def load_encoder(path: str | Path, **overrides: Any) -> nn.Module:
-    """Rebuild an exported encoder from ``<stem>.safetensors`` + ``<stem>.json``."""
+    """Rebuild an exported encoder from a Hub folder or from ``<stem>.safetensors`` + ``<stem>.json``."""
     from mixmim.models.registry import family_class
 
     meta = read_encoder_meta(path)

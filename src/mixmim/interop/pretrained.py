@@ -1,7 +1,8 @@
 """Building an encoder from whatever weights a user holds, at the size the task needs.
 
 Accepted files: this project's training checkpoint (``.pt``, format ``mixmim-checkpoint/1``, whose
-``config["model"]`` names the model), an export (``.safetensors`` + ``.json``), or a release
+``config["model"]`` names the model), an export (a Hub folder with ``config.json`` +
+``model.safetensors``, this project's or timm's, or the pair ``.safetensors`` + ``.json``), or a release
 checkpoint (through :func:`mixmim.interop.convert_official`; its model is named by the caller).
 Weights go through :func:`mixmim.models.resize.resize_state_dict`, so the image size and the window
 sizes may differ from pretraining (MixMIM section 3).
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from mixmim.interop.export import load_encoder_state, read_encoder_meta
+from mixmim.interop.hub import is_hub_folder, read_hub_meta
 from mixmim.models.registry import encoder_args, family_class, family_of, name_for_config, split_overrides
 from mixmim.models.resize import load_resized
 from mixmim.interop.checkpoint import resolve_checkpoint
@@ -66,6 +68,9 @@ def read_pretrained(path: str | Path | None, model: str | None = None) -> Pretra
         if model is None:
             raise ValueError("no checkpoint given: name a --model for a randomly initialised encoder")
         return Pretrained({}, _full_config(model, {}), model, "random", family_of(model))
+    if is_hub_folder(path):
+        family, config, name = read_hub_meta(path)
+        return Pretrained(load_encoder_state(path), dict(config), name, "export", family)
     path = resolve_checkpoint(path)  # a run folder means its newest good checkpoint
     state = load_encoder_state(path)
     if path.suffix == ".safetensors":

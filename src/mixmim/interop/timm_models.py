@@ -94,3 +94,20 @@ def _entrypoint(name: str):
 # One timm entry point per named configuration (mixmim_tiny ... mixmim_huge), as module attributes.
 for _name in MIXMIM_MODELS:
     globals()[_name] = register_model(_entrypoint(_name))
+
+
+# timm names its ResNet-v2 BiT models by depth and width (resnetv2_50x1_bit ... resnetv2_152x4_bit) and fixes
+# both in the entry point; a Hub export of any other depth or width (a test's tiny one) names this one,
+# which takes them as arguments. Same class, stem and weight-standardised convolutions as timm's BiT.
+default_cfgs.update(generate_default_cfgs({"mixmim_resnetv2_bit": {**_cfg(), "first_conv": "stem.conv",
+                                                                   "classifier": "head.fc"}}))
+
+
+@register_model
+def mixmim_resnetv2_bit(pretrained: bool = False, **kwargs: Any):
+    from timm.layers import StdConv2d
+    from timm.models.resnetv2 import ResNetV2
+
+    kwargs.setdefault("layers", (3, 4, 6, 3))
+    return build_model_with_cfg(ResNetV2, "mixmim_resnetv2_bit", pretrained, feature_cfg=dict(flatten_sequential=True),
+                                stem_type="fixed", conv_layer=partial(StdConv2d, eps=1e-8), **kwargs)

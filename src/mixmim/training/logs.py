@@ -1,4 +1,5 @@
-"""Where a run reports: ``metrics.csv``, TensorBoard events, ``log.txt`` and ``skipped.txt``."""
+"""Where a run reports: ``metrics.csv``, the experiment trackers (TensorBoard by default), ``log.txt`` and
+``skipped.txt``."""
 
 from __future__ import annotations
 
@@ -39,25 +40,68 @@ def setup_logging(run_dir: Path | None, is_main: bool) -> None:
 
 
 class MetricsLog:
-    """Appends one CSV row per logged step and mirrors it to TensorBoard."""
+    """Appends one CSV row per logged step to ``metrics.csv`` (always: the loop reads it back) and
+    mirrors it to the experiment trackers named in ``trackers`` (:mod:`mixmim.training.trackers`:
+    ``tensorboard``, ``wandb``, ``mlflow``; ``csv`` names the CSV itself). Trackers open on first use,
+    so a resumed run can hand over the checkpoint's :meth:`tracker_state` (``resume_state=`` or
+    :meth:`resume`) after the log was built; nothing opens where ``enabled`` is False (other ranks)."""
 
-    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True, columns: list[str] | None = None):
-        self.path = run_dir / "metrics.csv"
+    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True, columns: list[str] | None = None,
+                 trackers: tuple[str, ...] | list[str] = ("tensorboard",), config: dict | None = None,
+                 run_name: str | None = None, resume_state: dict | None = None):
+        from mixmim.training.trackers import check_trackers
+
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "metrics.csv"
         self.enabled = enabled
         self.declared = columns  # header of a new file; None: the first row's keys
         self.columns: list[str] | None = None
-        self.writer = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        names = [t for t in trackers if tensorboard or t != "tensorboard"]
+        self.tracker_names = check_trackers(names) if enabled else ()
+        self.config = dict(config or {})
+        self.run_name = run_name or self.run_dir.name
+        self.resume_state = dict(resume_state or {})
+        self.start_step = 0
+        self.trackers: list | None = None  # None: not opened yet
+        self._failed: set[str] = set()
 
-                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:  # tensorboard is optional at run time
-                log.warning("tensorboard is not installed; writing metrics.csv only")
+    def resume(self, state: dict | None) -> None:
+        """Continue the tracker runs of a checkpoint's :meth:`tracker_state` (call before the first write)."""
+        self.resume_state = dict(state or {})
+
+    def _open(self) -> list:
+        if self.trackers is None:
+            from mixmim.training.trackers import tracker_class
+
+            self.trackers = []
+            for name in self.tracker_names:
+                cls = tracker_class(name)
+                if cls is None:
+                    continue
+                run_id = (self.resume_state.get(name) or {}).get("run_id")
+                try:
+                    self.trackers.append(cls.open(self.run_dir, self.config, self.run_name, run_id, self.start_step))
+                except ImportError:  # tensorboard is optional at run time
+                    log.warning("%s is not installed; not logging to it", name)
+        return self.trackers
+
+    def tracker_state(self) -> dict[str, dict[str, str]]:
+        """``{tracker: {"run_id": ...}}`` for the checkpoint, so that ``--resume`` continues the same runs."""
+        if not self.enabled:
+            return {}
+        return {t.name: {"run_id": t.run_id} for t in self._open() if t.run_id}
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop rows the interrupted run logged after its last checkpoint."""
-        if not self.enabled or not self.path.is_file():
+        """On resume, drop rows the interrupted run logged after its last checkpoint; trackers already
+        open are reopened on the same runs, so TensorBoard purges its events after ``step`` too."""
+        if not self.enabled:
+            return
+        self.start_step = step + 1
+        if self.trackers:
+            self.resume_state = self.tracker_state()
+            self.close()
+            self.trackers = None
+        if not self.path.is_file():
             return
         with open(self.path, newline="") as handle:
             rows = list(csv.reader(handle))
@@ -92,13 +136,22 @@ class MetricsLog:
                 writer.writerows(r + [""] * len(new) for r in old_rows)
         with open(self.path, "a", newline="") as handle:
             csv.writer(handle).writerow([_fmt(row.get(c, "")) for c in self.columns])
-        if self.writer is not None:
-            for key, value in values.items():
-                self.writer.add_scalar(f"train/{key}", value, step)
+        for tracker in self._open():
+            try:
+                tracker.log(step, values)
+            except Exception as exc:  # a tracker's server being away must not stop training
+                if tracker.name not in self._failed:
+                    self._failed.add(tracker.name)
+                    log.warning("%s: could not log step %d (%s: %s); metrics.csv has every row", tracker.name,
+                                step, exc.__class__.__name__, exc)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        for tracker in self.trackers or []:
+            try:
+                tracker.close()
+            except Exception as exc:  # pragma: no cover - closing must never kill a run
+                log.warning("%s: could not close (%s)", tracker.name, exc)
+        self.trackers = []
 
 
 def _fmt(value) -> str:
