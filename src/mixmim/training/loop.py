@@ -100,7 +100,8 @@ class Trainer:
         if getattr(self.dataset, "scan_problems", None):
             self.skipped.note(self.dataset.scan_problems)
         self.metrics = MetricsLog(self.run_dir, enabled=info.is_main,
-                                  columns=["step", "epoch", "loss", "lr", "img_per_s", *task.columns])
+                                  columns=["step", "epoch", "loss", "lr", "img_per_s", *task.columns],
+                                  trackers=t.trackers, config=self.config.to_dict(), run_name=self.config.name)
         self.evaluations = task.evaluation_steps(self.total_steps, self.steps_per_epoch)
         self.step, self.lr_scale, self.nan_streak, self.lowered_lr = 0, 1.0, 0, False
         self.current_lr = self.schedule(0)
@@ -181,6 +182,7 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             "config": self.config.to_dict(), "task": self.task.state_dict(), **self.task.checkpoint_extras(),
+            "trackers": self.metrics.tracker_state(),  # a resumed run continues the same W&B / MLflow run
         }
 
     def save_checkpoint(self) -> Path | None:
@@ -204,6 +206,7 @@ class Trainer:
         self.step = int(state["step"])
         self.lr_scale = float(state.get("lr_scale", 1.0))
         self.lowered_lr = bool(state.get("lowered_lr", False))
+        self.metrics.resume(state.get("trackers"))
         self.last_checkpoint = path
 
     # ------------------------------------------------------------------ one step
