@@ -67,10 +67,8 @@ def tiny_run(tmp_path, *extra: str, name: str = "t") -> list[str]:
             "optim.warmup_steps=2", *extra]
 
 
-def small_run(path: Path) -> list[str]:
-    """A recipe header's "Run it small" command (the one a user copies to try a recipe on a CPU) as config
-    overrides: ``--data X`` as data.source, ``--name`` as name; ``-c`` must name the recipe itself (by its
-    recipe name, ``ablations/table6_filling_zero``, or by a path from the repository root)."""
+def header_command(path: Path) -> list[str]:
+    """The words of a recipe header's "Run it small" command (continued lines joined)."""
     lines = path.read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if "Run it small" in line)
     words: list[str] = []
@@ -79,6 +77,14 @@ def small_run(path: Path) -> list[str]:
         words += shlex.split(text.rstrip("\\"))
         if not text.endswith("\\"):
             break
+    return words
+
+
+def small_run(path: Path) -> list[str]:
+    """A recipe header's "Run it small" command (the one a user copies to try a recipe on a CPU) as config
+    overrides: ``--data X`` as data.source, ``--name`` as name; ``-c`` must name the recipe itself (by its
+    recipe name, ``ablations/table6_filling_zero``, or by a path from the repository root)."""
+    words = header_command(path)
     assert words[:2] == ["mixmim", "pretrain"], words
     overrides, i = [], 2
     while i < len(words):
@@ -98,3 +104,19 @@ def small_run(path: Path) -> list[str]:
             overrides.append(word)
             i += 1
     return overrides
+
+
+@pytest.fixture(scope="module")
+def class_folder(tmp_path_factory):
+    """Two colour classes of eight noisy 48 px PNGs each: a labelled folder any classifier separates."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("classes")
+    rng = np.random.default_rng(0)
+    for name, colour in {"red": (200, 30, 30), "green": (30, 200, 30)}.items():
+        (root / name).mkdir()
+        for i in range(8):
+            pixels = np.clip(np.array(colour) + rng.normal(0, 25, (48, 48, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root

@@ -16,6 +16,7 @@ import mixmim
 from mixmim.cli import main
 from mixmim.config import load_config
 from mixmim.models.registry import family_of
+from mixmim.training.schedule import peak_lr
 
 RECIPES = Path(__file__).resolve().parents[1] / "configs" / "simmim"
 MAIN = sorted(RECIPES.glob("*.yaml"))
@@ -70,7 +71,7 @@ def test_recipe_resolves_and_runs_two_tiny_steps(path, capsys):
     assert paper.optim.betas == (0.9, 0.999) and paper.data.crop_scale == (0.67, 1.0)
     if path in ABLATIONS:  # the section 4.1.1 setting, one option changed
         assert (paper.model.name, paper.model.img_size, paper.model.window_size) == ("swin_base", 192, 6)
-        assert paper.optim.lr == 8e-4 and paper.optim.warmup_epochs == 10
+        assert peak_lr(paper.optim, 2048) == pytest.approx(8e-4) and paper.optim.warmup_epochs == 10
         assert paper.train.epochs == (300 if "300ep" in path.stem else 100)
     cfg = load_config(path, tiny_overrides(path))
     model = two_steps(cfg)
@@ -84,21 +85,10 @@ def test_scaling_recipes_use_the_step_schedule_of_section_4_3():
         cfg = load_config(RECIPES / f"swin_{size}_192_800ep_step.yaml")
         assert (cfg.model.name, cfg.model.window_size, cfg.train.epochs) == (f"swin_{size}", window, 800)
         o = cfg.optim
-        assert (o.schedule, o.lr, o.step_fractions, o.step_gamma, o.warmup_epochs) == ("step", 4e-4, [0.875], 0.1, 10)
+        assert (o.schedule, o.step_fractions, o.step_gamma, o.warmup_epochs) == ("step", [0.875], 0.1, 10)
+        assert peak_lr(o, cfg.train.batch_size) == pytest.approx(4e-4)
     vit = load_config(RECIPES / "vit_base_224_800ep.yaml")
     assert (vit.model.img_size, vit.optim.schedule, vit.optim.warmup_epochs) == (224, "cosine", 20)
-
-
-@pytest.fixture(scope="module")
-def class_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("classes")
-    rng = np.random.default_rng(0)
-    for name, colour in {"red": (200, 30, 30), "green": (30, 200, 30)}.items():
-        (root / name).mkdir()
-        for i in range(4):
-            pixels = np.clip(np.array(colour) + rng.normal(0, 25, (48, 48, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{i}.png")
-    return root
 
 
 def test_step_recipe_trains_and_its_swin_checkpoint_finetunes_at_another_window(tmp_path, class_folder):
@@ -110,7 +100,7 @@ def test_step_recipe_trains_and_its_swin_checkpoint_finetunes_at_another_window(
                  "model.depths=[2,2,2,2]", "model.num_heads=[1,2,2,4]", "model.window_size=2",
                  "data.source=bundled", "data.bundled_epoch_size=16", "train.batch_size=2", "train.max_steps=8",
                  "train.num_workers=0", "train.log_every=1", "train.checkpoint_every=100", "train.progress=false",
-                 "train.device=cpu", "optim.warmup_steps=2"]
+                 "train.device=cpu", "optim.warmup_steps=2", "optim.lr=4e-4", "optim.warmup_lr=0.0"]
     cfg = load_config(RECIPES / "swin_base_192_800ep_step.yaml", overrides)
     summary = run_pretraining(cfg)
     assert summary["step"] == 8 and np.isfinite(summary["last_loss"])

@@ -404,12 +404,23 @@ VERB_DEFAULTS: dict[str, dict[str, Any]] = {
 RECIPES = Path(__file__).resolve().parent / "configs"
 
 
-def list_recipes(folder: str | None = None) -> list[str]:
+# Recipes of the transfer verbs live in a folder named after their verb; every other one pretrains.
+TRANSFER_RECIPES = ("finetune", "linprobe")
+
+
+def recipe_verb(name: str) -> str:
+    """The verb a packaged recipe is for (``finetune/mae_vit_base_100ep`` -> ``finetune``)."""
+    top = name.split("/", 1)[0]
+    return top if top in TRANSFER_RECIPES and "/" in name else "pretrain"
+
+
+def list_recipes(folder: str | None = None, verb: str | None = None) -> list[str]:
     """Names of the packaged recipes (``ablations/table6_filling_zero``, ...), study files excluded
-    unless ``folder`` names them."""
+    unless ``folder`` names them; ``verb``: only the recipes of that verb."""
     root = RECIPES / folder if folder else RECIPES
     names = [p.relative_to(RECIPES).with_suffix("").as_posix() for p in sorted(root.rglob("*.yaml"))]
-    return [n for n in names if folder or not n.startswith("study/")]
+    names = [n for n in names if folder or not n.startswith("study/")]
+    return [n for n in names if verb is None or recipe_verb(n) == verb]
 
 
 def recipe_path(name_or_path: str | Path) -> Path:

@@ -1,0 +1,109 @@
+"""The transfer recipes (configs/finetune, configs/linprobe; issue 19): each resolves with --print-config,
+holds its paper's (or its authors' code's) values, and its header's "Run it small" command trains two
+tiny steps on a class folder."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import header_command
+from mixmim.cli import main
+from mixmim.config import list_recipes, recipe_path, recipe_verb
+from mixmim.training.schedule import build_schedule
+from mixmim.transfer.run import load_transfer_config
+
+TRANSFER = list_recipes(verb="finetune") + list_recipes(verb="linprobe")
+
+
+def small_command(name: str, data: Path) -> list[str]:
+    """The header's "Run it small" command as argv for ``mixmim.cli.main`` (DIR -> ``data``)."""
+    words = header_command(recipe_path(name))
+    assert words[0] == "mixmim" and words[1] == recipe_verb(name) and words[3] == name, words[:4]
+    return [str(data) if w == "DIR" else w for w in words[1:]]
+
+
+def test_there_is_a_recipe_per_row():
+    assert set(TRANSFER) >= {
+        "finetune/mixmim_base_224_100ep", "finetune/mixmim_large_224_50ep", "finetune/mixmim_huge_224_50ep",
+        "finetune/mixmim_base_384_100ep", "finetune/simmim_swin_base_224_100ep",
+        "finetune/simmim_swin_base_224_from800ep", "finetune/simmim_swin_large_224_from800ep",
+        "finetune/simmim_vit_base_224_100ep", "finetune/mae_vit_base_100ep", "finetune/mae_vit_large_50ep",
+        "finetune/mixedae_vit_base_100ep", "linprobe/mae_vit_base_90ep"}
+
+
+@pytest.mark.parametrize("name", TRANSFER)
+def test_recipe_resolves_with_print_config(name, class_folder, capsys):
+    verb = recipe_verb(name)
+    assert main([verb, "-c", name, "--data", str(class_folder), "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["name"] == Path(name).name and printed["data"]["path"] == str(class_folder)
+    header = recipe_path(name).read_text().splitlines()
+    assert header[0].startswith("# ") and len(header[0]) <= 130
+
+
+def _schedule(name: str, data: Path, steps_per_epoch: int = 100):
+    config = load_transfer_config(recipe_verb(name), recipe_path(name), [f"data.path={data}"])
+    total = config.train.epochs * steps_per_epoch
+    return config, build_schedule(config.optim, total, steps_per_epoch, config.train.batch_size)
+
+
+@pytest.mark.parametrize("name, peak, warmup_epochs, layer_decay, drop_path, epochs", [
+    ("finetune/mixmim_base_224_100ep", 5e-4 * 1024 / 256, 5, 0.7, 0.1, 100),   # MixMIM Table 12
+    ("finetune/mixmim_large_224_50ep", 5e-4 * 1024 / 256, 5, 0.7, 0.2, 50),
+    ("finetune/mixmim_huge_224_50ep", 5e-4 * 1024 / 256, 5, 0.7, 0.3, 50),
+    ("finetune/mae_vit_base_100ep", 5e-4 * 1024 / 256, 5, 0.65, 0.1, 100),     # MAE A.1
+    ("finetune/mae_vit_large_50ep", 1e-3 * 1024 / 256, 5, 0.75, 0.2, 50),
+    ("finetune/mixedae_vit_base_100ep", 5e-4 * 1024 / 256, 5, 0.65, 0.1, 100),  # MixedAE Table 5
+    ("finetune/mixedae_vit_large_50ep", 1e-3 * 512 / 256, 5, 0.75, 0.2, 50),
+    ("finetune/simmim_swin_base_224_100ep", 5e-3, 20, 0.9, 0.1, 100),          # SimMIM 4.1.1: 5e-3 at 2048
+    ("finetune/simmim_swin_base_224_from800ep", 5e-3, 20, 0.8, 0.1, 100),
+    ("finetune/simmim_swin_large_224_from800ep", 5e-3, 20, 0.75, 0.1, 100),
+    ("finetune/simmim_vit_base_224_100ep", 5e-3, 20, 0.65, 0.1, 100),
+])
+def test_finetune_recipes_hold_the_papers_values(name, peak, warmup_epochs, layer_decay, drop_path, epochs,
+                                                 class_folder):
+    config, schedule = _schedule(name, class_folder)
+    assert schedule.peak == pytest.approx(peak) and schedule.warmup_steps == warmup_epochs * 100
+    assert config.optim.layer_decay == layer_decay and config.model.drop_path_rate == drop_path
+    assert config.train.epochs == epochs and config.finetune.rule == "none" and config.eval.select == "best"
+    f = config.finetune
+    assert (f.mixup, f.cutmix, f.smoothing, f.re_prob, f.auto_augment) == (0.8, 1.0, 0.1, 0.25, "rand-m9-mstd0.5-inc1")
+    assert config.optim.betas == (0.9, 0.999) and config.optim.weight_decay == 0.05
+    if name.startswith("finetune/simmim"):
+        # SimMIM's code: WARMUP_LR and MIN_LR 2.5e-7 scaled by batch / 512 like the peak; timm's cosine over
+        # the whole run, the warm-up inside it: half-way through the run it is at the midpoint (MAE's cosine
+        # after the warm-up would still be above it).
+        assert schedule.warmup_lr == schedule.min_lr == pytest.approx(2.5e-7 * 4)
+        assert config.optim.cosine_after_warmup is False
+        assert schedule(schedule.total_steps // 2) == pytest.approx((schedule.peak + schedule.min_lr) / 2)
+        assert config.optim.layer_decay_rule == ("auto" if "vit" in name else "simmim")
+    else:
+        assert schedule.warmup_lr == 0.0 and schedule.min_lr == 1e-6 and config.optim.cosine_after_warmup
+
+
+def test_the_384_recipe_changes_the_windows_with_the_input(class_folder):
+    config, _ = _schedule("finetune/mixmim_base_384_100ep", class_folder)
+    assert config.model.img_size == 384 and config.model.window_size == [24, 24, 24, 12]
+    assert [384 // 4 // 2**i % w for i, w in enumerate(config.model.window_size)] == [0, 0, 0, 0]
+
+
+def test_maes_linear_probe_recipe(class_folder):
+    config, schedule = _schedule("linprobe/mae_vit_base_90ep", class_folder)
+    assert config.optim.name == "lars" and schedule.peak == pytest.approx(0.1 * 16384 / 256)
+    assert config.optim.weight_decay == 0.0 and schedule.warmup_steps == 10 * 100 and config.train.epochs == 90
+    assert config.probe.features == "augmented"
+
+
+@pytest.mark.parametrize("name", TRANSFER)
+def test_small_run_trains_two_steps(name, class_folder, tmp_path):
+    argv = small_command(name, class_folder) + ["--output", str(tmp_path / "run"), "--no-progress"]
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert 0.0 <= results["acc1"] <= 100.0
+    with open(tmp_path / "run" / "metrics.csv") as handle:
+        assert [row["step"] for row in csv.DictReader(handle)][-1] == "2"  # two steps, then the evaluation
