@@ -88,7 +88,7 @@ def test_finetune_recipes_hold_the_papers_values(name, peak, warmup_epochs, laye
 
 def test_the_384_recipe_changes_the_windows_with_the_input(class_folder):
     config, _ = _schedule("finetune/mixmim_base_384_100ep", class_folder)
-    assert config.model.img_size == 384 and config.model.window_size == [24, 24, 24, 12]
+    assert config.model.img_size == 384 and config.model.window_size == [16, 16, 24, 12]
     assert [384 // 4 // 2**i % w for i, w in enumerate(config.model.window_size)] == [0, 0, 0, 0]
 
 

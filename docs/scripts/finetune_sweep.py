@@ -1,0 +1,132 @@
+"""The sweep that chose the small-data fine-tuning rule (issue 19; mixmim/transfer/small_data.py).
+
+On the study's CPU setting (Fashion-MNIST, ViT d=128 x 6 at 32 px, docs/study): the MixMIM arm's
+pretrained encoder (seed 0) and the same encoder randomly initialised, fine-tuned on a class-balanced
+600-image subset (1% of the labels) with the rule and with one of its choices changed at a time, each
+evaluated once at the end on the full 10 000-image test split; beside them the linear probe and k-NN
+on the same 600 images. Then the user's case of the issue: a folder of 600 Fashion-MNIST PNGs in class
+sub-folders, `mixmim finetune`, `mixmim linprobe` and `mixmim knn` with their defaults on the same
+checkpoint, evaluated on the folder's held-out 20%.
+
+    python docs/scripts/finetune_sweep.py --output runs/finetune-sweep --report docs/study/finetune_sweep
+
+Results are cached per run (results.json in each run folder); the report is results.json + results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mixmim.data.fashion_mnist import CLASSES, read_fashion_mnist
+from mixmim.study.study import Study, load_profile
+from mixmim.transfer.run import load_transfer_config, run_transfer
+
+# One change from the rule at a time (config overrides); "rule" is the rule itself.
+VARIANTS: dict[str, list[str]] = {
+    "rule": [],
+    "lr 3e-4": ["optim.lr=3e-4"],
+    "lr 3e-3": ["optim.lr=3e-3"],
+    "head trunc_normal (no LP-FT)": ["finetune.head_init=trunc_normal"],
+    "300 steps": ["train.epochs=17", "optim.warmup_epochs=1.7"],
+    "layer decay 0.9": ["optim.layer_decay=0.9"],
+    "RandAug + Mixup/CutMix + erasing": ["finetune.auto_augment=rand-m9-mstd0.5-inc1", "finetune.mixup=0.8",
+                                         "finetune.cutmix=1.0", "finetune.re_prob=0.25"],
+    "Table 12 recipe (no rule)": ["finetune.rule=none", "train.epochs=15", "train.batch_size=32"],
+}
+
+
+def pretrained(output: Path) -> tuple[Path, Path]:
+    """(MixMIM seed-0 run folder, random encoder) of the study's CPU profile, pretrained once."""
+    study = Study(load_profile("cpu"), output / "study", arms=["random", "mixmim"])
+    arms = {a.name: a for a in study.arms}
+    config = study.run_config(arms["mixmim"], 0)
+    study._pretrain(config)
+    return config.run_dir, study._random_encoder(study.run_config(arms["random"], 0), 0)
+
+
+def run(verb: str, name: str, output: Path, weights: Path, overrides: list[str]) -> dict:
+    folder = output / "runs" / name
+    done = folder / "results.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    config = load_transfer_config(verb, None, [f"checkpoint={weights}", f"name={name}", f"output_dir={output / 'runs'}",
+                                               "train.trackers=[csv]", "train.checkpoint_every=1000000000",
+                                               *overrides])
+    start = time.perf_counter()
+    summary = run_transfer(config, overwrite=True)
+    results = {**summary["results"], "seconds": time.perf_counter() - start, "overrides": overrides}
+    done.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def png_folder(root: Path, per_class: int = 60, seed: int = 0) -> Path:
+    """600 Fashion-MNIST training images as PNGs in one folder per class (what a user brings)."""
+    from PIL import Image
+
+    if root.is_dir():
+        return root
+    images, labels = read_fashion_mnist("train")
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True)
+        for i in rng.choice(np.flatnonzero(labels == label), per_class, replace=False):
+            Image.fromarray(images[i]).save(root / name / f"{i}.png")
+    return root
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", default="runs/finetune-sweep")
+    parser.add_argument("--report", default="docs/study/finetune_sweep")
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    args = parser.parse_args()
+    output, report = Path(args.output), Path(args.report)
+    mixmim_run, random_encoder = pretrained(output)
+    # As the study evaluates: the full test split once at the end, a plain resize to 32 px (crop_pct 1).
+    data = ["data.source=fashion_mnist", "data.limit_train=600", "data.balanced=true", "data.crop_pct=1.0",
+            "eval.every_epochs=0", "train.num_workers=1", "train.progress=false"]
+    rows = []
+    for weights_name, weights in (("mixmim", mixmim_run), ("random", random_encoder)):
+        for variant in args.variants if weights_name == "mixmim" else ["rule"]:
+            slug = f"{weights_name}-ft-{variant}".replace(" ", "_").replace("/", "-").replace("(", "").replace(")", "")
+            r = run("finetune", slug, output, weights, data + VARIANTS[variant])
+            rows.append({"weights": weights_name, "evaluation": f"fine-tune: {variant}", **_row(r)})
+        for verb, extra in (("linprobe", ["train.epochs=50", "probe.features=cached"]), ("knn", [])):
+            r = run(verb, f"{weights_name}-{verb}", output, weights, data + extra)
+            rows.append({"weights": weights_name, "evaluation": verb, **_row(r)})
+    folder = png_folder(output / "fashion_png_600")
+    for verb in ("finetune", "linprobe", "knn"):  # what a user runs on their folder, defaults only
+        r = run(verb, f"folder-{verb}", output, mixmim_run, [f"data.path={folder}", "data.source=folder",
+                                                             "train.progress=false"])
+        rows.append({"weights": "mixmim", "evaluation": f"600-PNG folder: mixmim {verb} (defaults)", **_row(r)})
+    write_report(rows, report)
+    return 0
+
+
+def _row(r: dict) -> dict:
+    return {"acc1": r["acc1"], "test_images": r.get("test_samples"), "seconds": round(r["seconds"], 1),
+            "overrides": r.get("overrides", [])}
+
+
+def write_report(rows: list[dict], report: Path) -> None:
+    report.mkdir(parents=True, exist_ok=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    (report / "results.json").write_text(json.dumps({"commit": commit, "command": " ".join(sys.argv),
+                                                     "rows": rows}, indent=2) + "\n")
+    lines = [f"# Small-data fine-tuning sweep (generated by docs/scripts/finetune_sweep.py at {commit})", "",
+             f"Command: `python {' '.join(sys.argv)}`", "",
+             "| weights | evaluation | top-1 (%) | test images | seconds |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['weights']} | {r['evaluation']} | {r['acc1']:.2f} | {r['test_images']} | {r['seconds']:.0f} |"
+              for r in rows]
+    (report / "results.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""The layout is the architecture (issue 22; docs/architecture.md): no package imports one above it, no
+two modules import each other at load time, and the loop's functions stay short (``mixmim --help``
+without torch: tests/test_wheel.py)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "mixmim"
+
+# Bottom to top; a package imports only from layers below its own (docs/architecture.md draws them).
+LAYERS = [
+    {"utils"},
+    {"models", "data"},
+    {"methods", "interop"},
+    {"config", "viz", "evaluation", "_timm_hook"},
+    {"training"},
+    {"transfer", "launch"},
+    {"study"},
+    {"cli"},
+    {"__main__"},
+]
+LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
+
+
+def modules(package: Path = PACKAGE) -> dict[str, Path]:
+    found = {}
+    for path in sorted(package.rglob("*.py")):
+        parts = path.relative_to(package.parent).with_suffix("").parts
+        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+def imports(path: Path, top_level_only: bool = False) -> set[str]:
+    """The mixmim modules ``path`` imports (``top_level_only``: at load time, not inside functions)."""
+    tree = ast.parse(path.read_text())
+    out = set()
+    for node in tree.body if top_level_only else ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mixmim"):
+            out.add(node.module)
+            out.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("mixmim"))
+    return out
+
+
+def package_of(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def upward_imports(package: Path) -> list[str]:
+    found = []
+    for module, path in modules(package).items():
+        mine = package_of(module)
+        for target in imports(path) if mine != "__init__" else ():
+            theirs = package_of(target)
+            if theirs not in (mine, "__init__") and theirs in LAYER and LAYER[theirs] >= LAYER[mine]:
+                found.append(f"{module} -> {target}")
+    return found
+
+
+def load_time_cycles(package: Path) -> list[list[str]]:
+    known = modules(package)
+    # A package's __init__ importing its own modules is how packages work: those edges are left out.
+    graph = {m: {t for t in imports(p, top_level_only=True) if t in known and t != m and not t.startswith(m + ".")}
+             for m, p in known.items()}
+    seen: set[str] = set()
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        if node in stack:
+            cycles.append(stack[stack.index(node):] + [node])
+        elif node not in seen:
+            seen.add(node)
+            stack.append(node)
+            for nxt in sorted(graph[node]):
+                visit(nxt)
+            stack.pop()
+
+    for node in sorted(graph):
+        visit(node)
+    return cycles
+
+
+def test_every_package_has_a_layer():
+    assert {package_of(m) for m in modules()} - {"__init__"} == set(LAYER)
+
+
+def test_no_package_imports_one_above_it():
+    assert not upward_imports(PACKAGE)
+
+
+def test_no_two_modules_import_each_other_at_load_time():
+    assert not load_time_cycles(PACKAGE)
+
+
+def test_the_checks_see_an_upward_import_and_a_circle(tmp_path):
+    fake = tmp_path / "mixmim"
+    (fake / "models").mkdir(parents=True)
+    (fake / "training").mkdir()
+    (fake / "models" / "bad.py").write_text("from mixmim.training.loop import train\n")
+    (fake / "training" / "loop.py").write_text("import mixmim.models.bad\n")
+    assert sorted(upward_imports(fake)) == ["mixmim.models.bad -> mixmim.training.loop",
+                                    "mixmim.models.bad -> mixmim.training.loop.train"]
+    assert load_time_cycles(fake) == [["mixmim.models.bad", "mixmim.training.loop", "mixmim.models.bad"]]
+
+
+def test_the_training_functions_stay_short():
+    longest = []
+    for path in sorted((PACKAGE / "training").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                longest.append((node.end_lineno - node.lineno + 1, f"{path.name}:{node.name}"))
+    assert max(longest)[0] < 60, sorted(longest)[-3:]
