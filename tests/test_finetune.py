@@ -103,3 +103,15 @@ def test_randaugment_survives_zero_bit_posterize():
     torch.manual_seed(0)
     for _ in range(300):
         assert transform(image).shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("verb", ["knn", "linprobe", "finetune"])
+def test_a_folder_with_one_class_is_one_line(workspace, tmp_path, capsys, verb):
+    (tmp_path / "only" / "red").mkdir(parents=True)
+    for i, src in enumerate(sorted((workspace / "data" / "red").glob("*.png"))[:4]):
+        (tmp_path / "only" / "red" / f"{i}.png").write_bytes(src.read_bytes())
+    args = _common(workspace, verb, "one")
+    args[args.index("--data") + 1] = str(tmp_path / "only")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "1 class (red)" in err[0] and "at least two classes" in err[0], err

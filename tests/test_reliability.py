@@ -115,6 +115,16 @@ def test_too_many_bad_files_stop_the_run_with_a_clear_error(tmp_path):
         run_pretraining(load_config(None, overrides))
 
 
+def test_too_many_bad_files_are_one_line_on_the_command_line(tmp_path):
+    data = tmp_path / "data"
+    make_messy_folder(data)
+    done = subprocess.run([sys.executable, "-m", "mixmim", "pretrain", *tiny_run(tmp_path, "data.source=folder",
+                                                                              f"data.path={data}", "train.max_steps=8")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "mixmim pretrain: error:" in done.stderr and "max_bad_fraction" in done.stderr.splitlines()[-1]
+
+
 def test_empty_folder_fails_at_start_naming_it(tmp_path, capsys):
     (tmp_path / "nothing").mkdir()
     (tmp_path / "nothing" / "a.txt").write_text("x")

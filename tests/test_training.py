@@ -172,6 +172,17 @@ def test_command_line_runs_and_reconstructs(tmp_path):
     assert cli(["reconstruct", "--checkpoint", str(tmp_path / "t"), "--images", "bundled", "--max-images", "4",
                 "--raw-prediction", "--output", str(raw)]) == 0
     assert raw.stat().st_size > 10_000
+    # A folder with an unreadable file: skipped with one line, the others drawn.
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for name in ("astronaut.png", "coffee.png"):
+        (folder / name).write_bytes((photos / name).read_bytes())
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    done = subprocess.run([env_python, "-m", "mixmim", "reconstruct", "--checkpoint", str(tmp_path / "t"), "--images",
+                           str(folder), "--output", str(tmp_path / "folder.png")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert "skipping unreadable image" in done.stderr and "broken.jpg" in done.stderr
 
 
 def test_info_lists_models_with_counts(capsys):

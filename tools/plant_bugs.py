@@ -341,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--python", default=sys.executable)
     args = parser.parse_args(argv)
+    args.tree = args.tree.resolve()  # the tests run with cwd=tree: a relative PYTHONPATH would miss it
     plants = BEFORE if args.plants == "before" else AFTER
     if args.only:
         plants = [p for p in plants if p["id"] in args.only]

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -38,7 +39,18 @@ def _pictures(inputs: list[str], limit: int) -> list:
         from mixmim.data.datasets import bundled_photo_paths
 
         return [load_rgb(p) for p in bundled_photo_paths()[:limit]]
-    return [load_rgb(f) for f in _collect(inputs, limit)]
+    from mixmim.data.images import BadImage
+
+    pictures, skipped = [], 0
+    for path in _collect(inputs, limit):
+        try:
+            pictures.append(load_rgb(path))
+        except BadImage as exc:  # one bad file among many: skip it, say so, go on
+            skipped += 1
+            print(f"mixmim reconstruct: skipping unreadable image {path}: {exc}", file=sys.stderr)
+    if not pictures:
+        raise ValueError(f"no readable image in {' '.join(inputs)} ({skipped} unreadable)")
+    return pictures
 
 
 def _collect(inputs: list[str], limit: int) -> list[Path]:

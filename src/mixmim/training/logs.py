@@ -197,5 +197,5 @@ class SkippedFiles:
         self.new_this_epoch = 0
 
 
-class DataQualityError(RuntimeError):
+class DataQualityError(ValueError):
     """Too many unreadable images: the data set, not the code, needs fixing."""
