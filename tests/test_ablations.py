@@ -95,7 +95,9 @@ def test_shuffle_keeps_the_multiset_of_each_images_hidden_tokens(monkeypatch):
         distance = torch.cdist(given, own, compute_mode="donot_use_mm_for_euclid_dist")
         assert distance.min(dim=1).values.max() < 1e-4
         assert len(set(distance.argmin(dim=1).tolist())) == len(given)
-        torch.testing.assert_close(seen["x"][i, ~hid], tokens[i, ~hid])
+        # Shown cells: same pixels, but the shuffled pixels are a channels-last view, so the conv may
+        # pick another kernel (~1e-6 apart after the LayerNorm); another patch is O(1) away.
+        torch.testing.assert_close(seen["x"][i, ~hid], tokens[i, ~hid], rtol=1e-5, atol=1e-5)
     # Whole cells move: each hidden cell of the input is, pixel for pixel (copies: exact), some hidden
     # cell of the same image.
     rows = lambda x: x.permute(0, 2, 3, 1).reshape(B, 128 * 128, 3)  # noqa: E731
@@ -150,7 +152,9 @@ def test_zoomin_fills_from_a_resized_crop_of_the_same_image(monkeypatch):
         crop = images[i:i + 1, :, t:t + 64, left:left + 64]
         zoomed = F.interpolate(crop, size=(128, 128), mode="bilinear", align_corners=False)
         expected = model.encoder.patch_embed(zoomed)[0]
-        torch.testing.assert_close(seen["x"][i, hid], expected[hid])
+        # One image here, the whole batch in the model (interpolation and patch embedding): equal up to
+        # rounding; another crop is O(1) away.
+        torch.testing.assert_close(seen["x"][i, hid], expected[hid], rtol=1e-5, atol=1e-5)
 
 
 def test_zoom_boxes_are_a_zoom_in_of_the_image():

@@ -92,21 +92,25 @@ def main() -> int:
     # As the study evaluates: the full test split once at the end, a plain resize to 32 px (crop_pct 1).
     data = ["data.source=fashion_mnist", "data.limit_train=600", "data.balanced=true", "data.crop_pct=1.0",
             "eval.every_epochs=0", "train.num_workers=1", "train.progress=false"]
-    rows = []
-    for weights_name, weights in (("mixmim", mixmim_run), ("random", random_encoder)):
-        for variant in args.variants if weights_name == "mixmim" else ["rule"]:
-            slug = f"{weights_name}-ft-{variant}".replace(" ", "_").replace("/", "-").replace("(", "").replace(")", "")
-            r = run("finetune", slug, output, weights, data + VARIANTS[variant])
-            rows.append({"weights": weights_name, "evaluation": f"fine-tune: {variant}", **_row(r)})
-        for verb, extra in (("linprobe", ["train.epochs=50", "probe.features=cached"]), ("knn", [])):
-            r = run(verb, f"{weights_name}-{verb}", output, weights, data + extra)
-            rows.append({"weights": weights_name, "evaluation": verb, **_row(r)})
     folder = png_folder(output / "fashion_png_600")
-    for verb in ("finetune", "linprobe", "knn"):  # what a user runs on their folder, defaults only
-        r = run(verb, f"folder-{verb}", output, mixmim_run, [f"data.path={folder}", "data.source=folder",
-                                                             "train.progress=false"])
-        rows.append({"weights": "mixmim", "evaluation": f"600-PNG folder: mixmim {verb} (defaults)", **_row(r)})
-    write_report(rows, report)
+    jobs = []  # what decides the rule first, the variants after; the report is rewritten after every run
+    for weights_name, weights in (("mixmim", mixmim_run), ("random", random_encoder)):
+        jobs.append((weights_name, "fine-tune: rule", "finetune", weights, data))
+        jobs += [(weights_name, verb, verb, weights, data + extra)
+                 for verb, extra in (("linprobe", ["train.epochs=50", "probe.features=cached"]), ("knn", []))]
+        if weights_name == "mixmim":  # what a user runs on their own folder, defaults only
+            jobs += [("mixmim", f"600-PNG folder: mixmim {verb} (defaults)", verb, weights,
+                      [f"data.path={folder}", "data.source=folder", "train.progress=false"])
+                     for verb in ("finetune", "linprobe", "knn")]
+    jobs += [("mixmim", f"fine-tune: {v}", "finetune", mixmim_run, data + VARIANTS[v])
+             for v in args.variants if v != "rule"]
+    rows = []
+    for weights_name, evaluation, verb, weights, overrides in jobs:
+        slug = f"{weights_name}-{evaluation}".replace(" ", "_")
+        slug = "".join(c for c in slug if c.isalnum() or c in "-_.")
+        r = run(verb, slug, output, weights, overrides)
+        rows.append({"weights": weights_name, "evaluation": evaluation, **_row(r)})
+        write_report(rows, report)
     return 0
 
 
