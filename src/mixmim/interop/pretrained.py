@@ -51,7 +51,11 @@ def _checkpoint_model_section(path: Path) -> dict[str, Any] | None:
         section = (checkpoint.get("config") or {}).get("model")
         if not isinstance(section, Mapping) or not section.get("name"):
             raise ValueError(f"{path}: training checkpoint without config['model']['name']")
-        return dict(section)
+        section = dict(section)
+        channels = ((checkpoint.get("config") or {}).get("data") or {}).get("channels", 3)
+        if channels != 3 and "in_chans" not in (section.get("options") or {}):
+            section["in_chans"] = channels  # pretraining built the encoder for data.channels
+        return section
     return None
 
 

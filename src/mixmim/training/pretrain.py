@@ -26,10 +26,18 @@ __all__ = ["NonFiniteLossError", "PretrainTask", "build_method", "run_pretrainin
 
 
 def build_method(config: RunConfig) -> nn.Module:
-    """The method of a run config on its encoder (activation checkpointing as asked)."""
-    m = config.model
-    method = create_pretrainer(method=config.method_name(), model=m.name, **m.encoder_overrides(),
-                               **config.method_options())
+    """The method of a run config on its encoder (activation checkpointing as asked). The encoder takes
+    ``data.channels`` image channels unless ``model.options.in_chans`` says otherwise; SimMIM, which
+    undoes the input normalisation for its colour targets, gets the data's statistics unless
+    ``method.pixel_mean``/``pixel_std`` are set."""
+    m, d = config.model, config.data
+    overrides, options = m.encoder_overrides(), config.method_options()
+    overrides.setdefault("in_chans", d.channels)
+    if config.method_name() == "simmim" and "pixel_mean" not in options and d.normalize != "dataset":
+        from mixmim.data import normalization
+
+        options["pixel_mean"], options["pixel_std"] = normalization(d, d.channels)
+    method = create_pretrainer(method=config.method_name(), model=m.name, **overrides, **options)
     if m.grad_checkpointing:
         method.encoder.set_grad_checkpointing(True)
     return method
