@@ -150,7 +150,9 @@ def test_normalization_of_a_run():
     with pytest.raises(ValueError, match="one per channel"):
         normalization(SimpleNamespace(mean=(0.3,), std=(0.2,)), 3)
     with pytest.raises(ValueError, match="pick one"):
-        normalization(SimpleNamespace(mean=(0.3,), std=(0.2,), normalize="dataset"), 1)
+        normalization(SimpleNamespace(mean=(0.3,), std=(0.2,), normalize="none"), 1)
+    # normalize=dataset with statistics: the measurement a run stored in its config, used as it is
+    assert normalization(SimpleNamespace(mean=(0.3,), std=(0.2,), normalize="dataset"), 1) == ((0.3,), (0.2,))
     with pytest.raises(ValueError, match="data.normalize='typo'"):
         normalization(SimpleNamespace(normalize="typo"), 3)
 

@@ -46,3 +46,25 @@ def test_a_grey_folder_pretrains_and_fine_tunes(method, grey_folder, tmp_path):
                  "data.channels=1", "train.batch_size=4", "train.max_steps=2", "train.num_workers=0",
                  "--no-progress", "train.device=cpu", "finetune.head_init=trunc_normal"]) == 0
     assert 0.0 <= json.loads((out / "results.json").read_text())["acc1"] <= 100.0
+
+
+def test_dataset_statistics_are_measured_once_and_kept_in_the_run_config(grey_folder, tmp_path, monkeypatch):
+    import yaml
+
+    import mixmim.data.stats as stats
+    from mixmim.config import load_config
+    from mixmim.training.pretrain import run_pretraining
+
+    calls = []
+    real = stats.dataset_stats
+    monkeypatch.setattr(stats, "dataset_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+    overrides = [f"output_dir={tmp_path}", "name=g", "data.source=folder", f"data.path={grey_folder}",
+                 "data.channels=1", "data.normalize=dataset", "data.stats_samples=16", *VIT, *DECODER["mae"],
+                 *SMALL_DECODER, "method.name=mae", "train.batch_size=8", "train.max_steps=2", "train.num_workers=0",
+                 "train.progress=false", "train.device=cpu", "optim.lr=1e-3", "optim.warmup_steps=1"]
+    run_pretraining(load_config(None, overrides))
+    saved = yaml.safe_load((tmp_path / "g" / "config.yaml").read_text())["data"]
+    assert calls == [1] and len(saved["mean"]) == 1 and 0.2 < saved["mean"][0] < 0.8 and saved["normalize"] == "dataset"
+    again = load_config(tmp_path / "g" / "config.yaml", ["train.max_steps=3"])
+    run_pretraining(again, resume=True)
+    assert calls == [1]  # the resumed run takes the stored numbers

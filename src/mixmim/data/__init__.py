@@ -56,8 +56,9 @@ def _given(value) -> tuple[float, ...] | None:
 def normalization(data, channels: int, dataset=None) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The (mean, std) a run normalises with: ``data.mean``/``data.std`` when set (one value per channel), else
     by ``data.normalize``: ImageNet's (its luma-weighted grey values for one channel), the data set's own
-    (:func:`~mixmim.data.stats.dataset_stats` over ``data.stats_samples`` images of ``dataset``, seeded), or
-    none (0 and 1: pixels in [0, 1])."""
+    (:func:`~mixmim.data.stats.dataset_stats` over ``data.stats_samples`` images of ``dataset``, seeded; a
+    pretraining run stores the result as its ``data.mean``/``data.std``, which then win), or none (0 and 1:
+    pixels in [0, 1])."""
     normalize = getattr(data, "normalize", "imagenet")
     if normalize not in NORMALIZE:
         raise ValueError(f"data.normalize={normalize!r}: expected one of {', '.join(NORMALIZE)}")
@@ -67,8 +68,10 @@ def normalization(data, channels: int, dataset=None) -> tuple[tuple[float, ...],
     if (mean is None) != (std is None):
         raise ValueError("data.mean and data.std go together: set both or neither")
     if mean is not None:
-        if normalize != "imagenet":
-            raise ValueError(f"data.mean/data.std are set and data.normalize={normalize}: pick one")
+        # With normalize=dataset, given statistics are the measurement a run made once and stored in its
+        # config (resuming it must not measure again); with normalize=none they contradict it.
+        if normalize == "none":
+            raise ValueError("data.mean/data.std are set and data.normalize=none: pick one")
         return check_stats(mean, std, channels)
     if normalize == "none":
         return (0.0,) * channels, (1.0,) * channels

@@ -69,6 +69,8 @@ class PretrainTask(Task):
             self.data = build_stream(c.data, c.model.img_size, micro, c.train.batch_size, c.train.seed, rank, world)
         else:
             self.data = build_pretrain_dataset(c.data, c.model.img_size)
+        if c.data.normalize == "dataset":  # measured once: config.yaml and checkpoints keep the numbers
+            c.data.mean, c.data.std = tuple(self.data.mean), tuple(self.data.std)
         return self.data
 
     def collate(self, items: list[dict]) -> dict:
