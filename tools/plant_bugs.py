@@ -31,10 +31,19 @@ AREA_TESTS = {
                "tests/test_method_contract.py"],
     "mixmim": ["tests/test_mixmim_method.py", "tests/test_ablations.py", "tests/test_masking.py", "tests/test_golden.py",
                "tests/test_fidelity.py", "tests/test_method_contract.py"],
+    # Added with issue 21's second round: evaluation, the study's statistics, the monitor, the encoders.
+    "evaluation": ["tests/test_finetune.py", "tests/test_layer_decay.py"],
+    "study": ["tests/test_study.py"],
+    "encoders": ["tests/test_encoders.py", "tests/test_swin.py", "tests/test_mixed_conv.py", "tests/test_pvt.py",
+                 "tests/test_resnet.py"],
 }
 
 M, X, S, A, V = ("src/mixmim/methods/mae.py", "src/mixmim/methods/mixmim.py", "src/mixmim/methods/simmim.py",
                  "src/mixmim/methods/mixedae.py", "src/mixmim/models/vit.py")
+KNN, METRICS, LD = ("src/mixmim/evaluation/knn.py", "src/mixmim/evaluation/metrics.py",
+                    "src/mixmim/evaluation/layer_decay.py")
+STUDY, MONITOR = "src/mixmim/study/study.py", "src/mixmim/training/monitor.py"
+SWIN, MIXCONV = "src/mixmim/models/swin.py", "src/mixmim/models/mixed_conv.py"
 MASKING, SMASKS, HEADS = ("src/mixmim/methods/masking.py", "src/mixmim/methods/simmim_masks.py",
                           "src/mixmim/methods/simmim_heads.py")
 
@@ -310,6 +319,31 @@ AFTER = [
           "x = torch.where(visible.unsqueeze(-1), x, torch.zeros_like(x))", "decoder mask token unused"),
     plant("mixmim-picture-not-mixed", "mixmim", X, "            shown = mixed\n", "            shown = images\n",
           "the picture's input row shows the originals, not the mix"),
+    # ------------------------------------------------------------------ evaluation, study, monitor, encoders
+    plant("knn-no-temperature", "evaluation", KNN, "weights = (sims / temperature).exp()", "weights = sims.exp()",
+          "k-NN votes ignore the temperature"),
+    plant("knn-farthest", "evaluation", KNN, "sims, idx = (query @ bank.T).topk(k, dim=1)",
+          "sims, idx = (query @ bank.T).topk(k, dim=1, largest=False)", "k-NN takes the farthest neighbours"),
+    plant("topk-any-k", "evaluation", METRICS, "return [int(hits[:, :min(k, kmax)].any(dim=1).sum()) for k in ks]",
+          "return [int(hits[:, :kmax].any(dim=1).sum()) for k in ks]", "top-1 counts the top-5"),
+    plant("confusion-transposed", "evaluation", METRICS, "flat = targets.long() * num_classes + predictions.long()",
+          "flat = predictions.long() * num_classes + targets.long()", "confusion matrix rows are predictions"),
+    plant("layer-decay-inverted", "evaluation", LD, '"lr_scale": layer_decay ** (count - 1 - ids[name])}',
+          '"lr_scale": layer_decay ** ids[name]}', "layer decay counted from the wrong end"),
+    plant("study-std-ddof0", "study", STUDY, "/ (len(values) - 1)) if len(values) > 1 else 0.0",
+          "/ len(values)) if len(values) > 1 else 0.0", "population instead of sample standard deviation"),
+    plant("study-one-seed-no-yardstick", "study", STUDY, "        spread = max(spread, yardstick)\n",
+          "        spread = spread\n", "a one-seed arm counts as spread-free"),
+    plant("study-verdict-any-gap", "study", STUDY, 'return "holds" if gap > spread else',
+          'return "holds" if gap > 0 else', "any gap holds, whatever the spread"),
+    plant("monitor-never-warns", "study", MONITOR, "knn < self.baseline - 2.0", "knn < self.baseline - 200.0",
+          "the monitor never warns of a falling k-NN"),
+    plant("monitor-top5", "study", MONITOR, 'topk_correct(scores, test_y, (1,))[0]', 'topk_correct(scores, test_y, (5,))[0]',
+          "the monitor reports top-5 as k-NN accuracy"),
+    plant("swin-groups-leak", "encoders", SWIN, "allowed = (ids[..., :, None] == ids[..., None, :]) | pad",
+          "allowed = (ids[..., :, None] >= 0) | pad", "Swin windows attend across images"),
+    plant("mixed-conv-leak", "encoders", MIXCONV, "ys = conv(torch.where(masks, x.unsqueeze(0), 0).flatten(0, 1))",
+          "ys = conv(x.unsqueeze(0).expand(masks.shape[0], *x.shape).flatten(0, 1))", "mixed convolution sees every image"),
 ]
 
 
