@@ -68,3 +68,25 @@ def test_optimizer_from_timm_factory_steps_with_scaled_lrs():
 def test_bad_decay_is_rejected():
     with pytest.raises(ValueError, match="layer_decay=1.5"):
         param_groups(_classifier(), layer_decay=1.5)
+
+
+def _scales(model, **kw):
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)]: g["lr_scale"] for g in param_groups(model, **kw) for p in g["params"]}
+
+
+def test_simmims_rule_on_swin_counts_merging_with_the_stage_before_and_keeps_the_head_at_full_rate():
+    """SimMIM's get_swin_layer: patch embedding layer 0, block j of stage i layer sum(depths[:i]) + j + 1,
+    the patch merging that opens stage i the layer of stage i-1's last block, everything else (final
+    norm, head) the last layer, scale decay ** (count - 1 - id) with count = sum(depths) + 2."""
+    from conftest import TINY_ENCODERS
+    from mixmim.models.registry import create_classifier
+
+    model = create_classifier("swin_tiny", num_classes=3, **TINY_ENCODERS["swin_tiny"])
+    scale = _scales(model, weight_decay=0.05, layer_decay=0.5, rule="simmim")
+    count = 2 + 2 + 2 + 2 + 2  # 8 blocks + embedding + last
+    assert scale["head.fc.weight"] == scale["norm.weight"] == 1.0
+    assert scale["patch_embed.proj.weight"] == pytest.approx(0.5 ** (count - 1))
+    assert scale["layers.0.blocks.1.mlp.fc1.weight"] == pytest.approx(0.5 ** (count - 1 - 2))
+    assert scale["layers.1.downsample.reduction.weight"] == scale["layers.0.blocks.1.mlp.fc1.weight"]
+    assert scale["layers.1.blocks.0.attn.qkv.weight"] == pytest.approx(0.5 ** (count - 1 - 3))

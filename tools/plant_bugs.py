@@ -32,7 +32,7 @@ AREA_TESTS = {
     "mixmim": ["tests/test_mixmim_method.py", "tests/test_ablations.py", "tests/test_masking.py", "tests/test_golden.py",
                "tests/test_fidelity.py", "tests/test_method_contract.py"],
     # Added with issue 21's second round: evaluation, the study's statistics, the monitor, the encoders.
-    "evaluation": ["tests/test_finetune.py", "tests/test_layer_decay.py"],
+    "evaluation": ["tests/test_metrics.py", "tests/test_finetune.py", "tests/test_layer_decay.py"],
     "study": ["tests/test_study.py"],
     "encoders": ["tests/test_encoders.py", "tests/test_swin.py", "tests/test_mixed_conv.py", "tests/test_pvt.py",
                  "tests/test_resnet.py"],
