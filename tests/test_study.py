@@ -149,6 +149,26 @@ def test_monitor_warns_when_features_fall_below_the_starting_encoder(caplog):
     assert monitor.warned
 
 
+def test_the_monitor_reports_top1_of_the_weighted_knn(monkeypatch):
+    """With the votes fixed so that every test image's class comes second, k-NN top-1 is 0% (top-5
+    would be 100%)."""
+    import torch
+
+    import mixmim.training.monitor as monitor_module
+    from mixmim.config import MonitorConfig
+    from mixmim.training.monitor import RepresentationMonitor
+
+    monitor = RepresentationMonitor.__new__(RepresentationMonitor)
+    monitor.cfg, monitor.device, monitor.classes = MonitorConfig(data="x"), torch.device("cpu"), ["a", "b", "c"]
+    monitor.train = monitor.test = None
+    monitor.history, monitor.seconds, monitor.baseline, monitor.warned = [], 0.0, None, False
+    labels = torch.tensor([0, 1, 2, 0])
+    monkeypatch.setattr(monitor_module, "extract_features", lambda *a, **k: (torch.randn(4, 8), labels))
+    second = torch.nn.functional.one_hot((labels + 1) % 3, 3) * 2.0 + torch.nn.functional.one_hot(labels, 3)
+    monkeypatch.setattr(monitor_module, "knn_scores", lambda *a, **k: second)
+    assert monitor(torch.nn.Identity(), 0) == {"knn": 0.0}
+
+
 def test_gpu_profile_resolves_with_every_arm(fake_fashion_mnist, tmp_path):
     """The GPU profile (not run on a CPU) resolves, names only arms that exist, and builds every arm's
     config; its encoder is the ViT-S it documents, with an 8 x 8 mixing grid."""

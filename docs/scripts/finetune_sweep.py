@@ -56,6 +56,8 @@ def run(verb: str, name: str, output: Path, weights: Path, overrides: list[str])
     done = folder / "results.json"
     if done.is_file():
         return json.loads(done.read_text())
+    if verb == "knn":  # nothing to train: no evaluation schedule
+        overrides = [o for o in overrides if not o.startswith("eval.")]
     config = load_transfer_config(verb, None, [f"checkpoint={weights}", f"name={name}", f"output_dir={output / 'runs'}",
                                                "train.trackers=[csv]", "train.checkpoint_every=1000000000",
                                                *overrides])
