@@ -115,3 +115,27 @@ def test_a_folder_with_one_class_is_one_line(workspace, tmp_path, capsys, verb):
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "1 class (red)" in err[0] and "at least two classes" in err[0], err
+
+
+def test_an_unknown_augmentation_policy_is_one_line(workspace, capsys):
+    args = _common(workspace, "finetune", "aa") + ["--epochs", "1", "--auto-augment", "fancy-m9"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "fancy-m9" in err.strip().splitlines()[-1], err
+    assert main(_common(workspace, "finetune", "aa_none") + ["train.max_steps=1", "--auto-augment", "none"]) == 0
+
+
+def test_resume_with_another_class_count_is_one_line(workspace, tmp_path, capsys):
+    assert main(_common(workspace, "finetune", "rc") + ["train.max_steps=2", "--batch-size", "4"]) == 0
+    two = tmp_path / "two"
+    for name in ("red", "green"):
+        (two / name).mkdir(parents=True)
+        for src in sorted((workspace / "data" / name).glob("*.png")):
+            (two / name / src.name).write_bytes(src.read_bytes())
+    args = _common(workspace, "finetune", "rc") + ["train.max_steps=4", "--batch-size", "4", "--resume"]
+    args[args.index("--data") + 1] = str(two)
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("mixmim finetune: error: --resume")
+    assert "3 classes" in err.strip().splitlines()[-1], err
