@@ -169,6 +169,31 @@ def test_the_monitor_reports_top1_of_the_weighted_knn(monkeypatch):
     assert monitor(torch.nn.Identity(), 0) == {"knn": 0.0}
 
 
+def test_the_monitor_decodes_its_images_once(class_folder, monkeypatch):
+    """The k-NN bank and test images are decoded when the monitor is built and kept: evaluating reads no
+    file, and the kept items equal freshly decoded ones bit for bit."""
+    import torch
+
+    from mixmim.config import MonitorConfig
+    from mixmim.data.labelled import eval_transform, load_splits
+    from mixmim.data.sources import FolderSource
+    from mixmim.training.monitor import RepresentationMonitor
+
+    cfg = MonitorConfig(data=str(class_folder), train_size=8, test_size=4, batch_size=4)
+    monitor = RepresentationMonitor(cfg, 32, torch.device("cpu"))
+    fresh = load_splits(cfg.data, eval_transform(32, cfg.crop_pct), eval_transform(32, cfg.crop_pct), 8, 4,
+                        seed=0, balanced=True)
+    assert all(torch.equal(monitor.train[i][0], fresh.train[i][0]) for i in range(len(fresh.train)))
+    reads = []
+    real = FolderSource.load
+    monkeypatch.setattr(FolderSource, "load", lambda self, *a, **k: reads.append(1) or real(self, *a, **k))
+    encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 8))
+    encoder.pooled_features = encoder.forward  # what extract_features asks of an encoder
+    for step in (0, 10):
+        assert 0.0 <= monitor(encoder, step)["knn"] <= 100.0
+    assert reads == []
+
+
 def test_gpu_profile_resolves_with_every_arm(fake_fashion_mnist, tmp_path):
     """The GPU profile (not run on a CPU) resolves, names only arms that exist, and builds every arm's
     config; its encoder is the ViT-S it documents, with an 8 x 8 mixing grid."""

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from mixmim.config import MonitorConfig
-from mixmim.data.labelled import eval_transform, load_splits
+from mixmim.data.labelled import cached, eval_transform, load_splits
 from mixmim.evaluation.knn import knn_scores
 from mixmim.evaluation.metrics import topk_correct
 from mixmim.evaluation.probe import fit_probe
@@ -37,7 +37,8 @@ class RepresentationMonitor:
         self.cfg, self.device, self.rank, self.world_size = cfg, device, rank, world_size
         tf = eval_transform(img_size, cfg.crop_pct)
         splits = load_splits(cfg.data, tf, tf, cfg.train_size, cfg.test_size, seed=seed, balanced=True)
-        self.train, self.test, self.classes = splits.train, splits.test, splits.classes
+        # Decoded once and kept (uint8, bit-identical items): every evaluation reads the same images.
+        self.train, self.test, self.classes = cached(splits.train), cached(splits.test), splits.classes
         self.history: list[dict[str, float]] = []
         self.seconds = 0.0
         self.baseline: float | None = None
