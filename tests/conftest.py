@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 from pathlib import Path
 
@@ -120,3 +121,23 @@ def class_folder(tmp_path_factory):
             pixels = np.clip(np.array(colour) + rng.normal(0, 25, (48, 48, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(root / name / f"{i}.png")
     return root
+
+
+@contextlib.contextmanager
+def crashing_step(number: int):
+    """The loop's ``number``-th optimiser step raises "simulated crash" (a killed run, for resume tests)."""
+    from mixmim.training import loop
+
+    real, calls = loop.Trainer.train_step, {"n": 0}
+
+    def step(self, micro):
+        calls["n"] += 1
+        if calls["n"] == number:
+            raise RuntimeError("simulated crash")
+        return real(self, micro)
+
+    loop.Trainer.train_step = step
+    try:
+        yield
+    finally:
+        loop.Trainer.train_step = real

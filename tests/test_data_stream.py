@@ -126,14 +126,13 @@ def test_exif_orientations_on_tensors_match_pil():
         assert torch.equal(_orient(pil_to_tensor(image), value), pil_to_tensor(ImageOps.exif_transpose(tagged))), value
 
 
-def test_pretraining_on_a_stream_resumes_where_a_crash_stopped_it(shards, tmp_path, monkeypatch):
+def test_pretraining_on_a_stream_resumes_where_a_crash_stopped_it(shards, tmp_path):
     """data.source=stream through the training loop: an epoch is this rank's share of the shards, and a
     run resumed after a crash replays the straight run's losses (same world size and workers)."""
     import csv
 
-    from conftest import tiny_run
+    from conftest import crashing_step, tiny_run
     from mixmim.config import load_config
-    from mixmim.training import loop
     from mixmim.training.pretrain import run_pretraining
 
     def run(name):
@@ -146,18 +145,8 @@ def test_pretraining_on_a_stream_resumes_where_a_crash_stopped_it(shards, tmp_pa
 
     summary = run_pretraining(run("straight"))
     assert summary["step"] == 6  # 24 images, batch 4: one epoch is 6 steps
-    real_step, calls = loop.Trainer.train_step, {"n": 0}
-
-    def crash_on_fifth(self, micro):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise RuntimeError("simulated crash")
-        return real_step(self, micro)
-
-    monkeypatch.setattr(loop.Trainer, "train_step", crash_on_fifth)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with crashing_step(5), pytest.raises(RuntimeError, match="simulated crash"):
         run_pretraining(run("crashed"))
-    monkeypatch.setattr(loop.Trainer, "train_step", real_step)
     assert run_pretraining(run("crashed"), resume=True)["step"] == 6
     straight, resumed = losses("straight"), losses("crashed")
     assert sorted(resumed) == sorted(straight) == list(range(1, 7))

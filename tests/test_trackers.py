@@ -169,27 +169,16 @@ def test_a_resumed_pretraining_run_continues_its_mlflow_run(tmp_path, monkeypatc
     pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
     from mlflow.tracking import MlflowClient
 
-    from conftest import tiny_run
+    from conftest import crashing_step, tiny_run
     from mixmim.config import load_config
-    from mixmim.training import loop
     from mixmim.training.pretrain import run_pretraining
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "file:" + str(tmp_path / "mlruns"))
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "loop")
     config = load_config(None, tiny_run(tmp_path, "train.trackers=[csv,mlflow]"))
-    real_step, calls = loop.Trainer.train_step, {"n": 0}
-
-    def crash_on_fifth(self, micro):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise RuntimeError("simulated crash")
-        return real_step(self, micro)
-
-    monkeypatch.setattr(loop.Trainer, "train_step", crash_on_fifth)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with crashing_step(5), pytest.raises(RuntimeError, match="simulated crash"):
         run_pretraining(config)
-    monkeypatch.setattr(loop.Trainer, "train_step", real_step)
     run_pretraining(config, resume=True)
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("loop").experiment_id])

@@ -67,27 +67,16 @@ def test_loss_falls_on_bundled_images(tmp_path):
     assert after < before - 0.05, (before, after)
 
 
-def test_resume_after_crash_replays_the_same_trajectory(tmp_path, monkeypatch):
+def test_resume_after_crash_replays_the_same_trajectory(tmp_path):
     straight = tmp_path / "straight"
     run_pretraining(load_config(None, tiny_run(straight)))
 
     crashed = tmp_path / "crashed"
     config = load_config(None, tiny_run(crashed))
-    from mixmim.training import loop
+    from conftest import crashing_step
 
-    real_step = loop.Trainer.train_step
-    calls = {"n": 0}
-
-    def crash_on_fifth(self, micro):
-        calls["n"] += 1
-        if calls["n"] == 5:  # after the step-3 checkpoint and one more logged step
-            raise RuntimeError("simulated crash")
-        return real_step(self, micro)
-
-    monkeypatch.setattr(loop.Trainer, "train_step", crash_on_fifth)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with crashing_step(5), pytest.raises(RuntimeError, match="simulated crash"):  # after the step-3 checkpoint
         run_pretraining(config)
-    monkeypatch.setattr(loop.Trainer, "train_step", real_step)
     assert sorted(losses(crashed / "t")) == [1, 2, 3, 4]
     summary = run_pretraining(config, resume=True)
     assert summary["step"] == 6

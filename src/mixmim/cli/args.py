@@ -125,3 +125,14 @@ def run_transfer_verb(args: argparse.Namespace, verb: str, specs: list[tuple[str
         print(dump_config(config), end="")
         return None
     return run_transfer(config, resume=args.resume, overwrite=args.overwrite)
+
+
+def finished_results(summary: dict | None) -> dict | None:
+    """The results of a transfer run that finished; None (after saying how to resume) for a stopped one,
+    or for ``--print-config``."""
+    if summary is None:
+        return None
+    if summary.get("results") is None:
+        print(f"stopped by {summary['stopped']} at step {summary['step']}; resume with the same command plus --resume")
+        return None
+    return summary["results"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from mixmim.cli.args import COMMON, OPTIM, add_config_options, add_options, run_transfer_verb
+from mixmim.cli.args import COMMON, OPTIM, add_config_options, add_options, finished_results, run_transfer_verb
 
 SPECS = COMMON + OPTIM + [
     ("--layer-decay", "optim.layer_decay", float, "layer-wise lr decay"),
@@ -30,11 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     summary = run_transfer_verb(args, "finetune", SPECS)
-    if summary is None:
-        return 0
-    r = summary.get("results")
+    r = finished_results(summary)
     if r is None:
-        print(f"stopped by {summary['stopped']} at step {summary['step']}; resume with the same command plus --resume")
         return 0
     print(f"fine-tuned ({r['weights']} weights): test top-1 {r['acc1']:.2f}%  top-5 {r['acc5']:.2f}%  "
           f"({r['select']} weights, step {r['step']}, {r['test_samples']} images) -> {summary['run_dir']}")

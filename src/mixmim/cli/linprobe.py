@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from mixmim.cli.args import COMMON, OPTIM, add_config_options, add_options, run_transfer_verb
+from mixmim.cli.args import COMMON, OPTIM, add_config_options, add_options, finished_results, run_transfer_verb
 
 SPECS = COMMON + OPTIM + [
     ("--optimizer", "optim.name", str, "sgd (momentum 0.9) or lars (MAE's)"),
@@ -24,11 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     summary = run_transfer_verb(args, "linprobe", SPECS)
-    if summary is None:
-        return 0
-    r = summary.get("results")
+    r = finished_results(summary)
     if r is None:
-        print(f"stopped by {summary['stopped']} at step {summary['step']}; resume with the same command plus --resume")
         return 0
     print(f"linear probe ({r['optimizer']}, {r['features']} features, {r['weights']} weights): top-1 {r['acc1']:.2f}%  "
           f"top-5 {r['acc5']:.2f}% ({r['select']} head, step {r['step']}) -> {summary['run_dir']}")

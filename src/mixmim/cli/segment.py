@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from mixmim.cli.args import COMMON, OPTIM, add_config_options, add_options, run_transfer_verb
+from mixmim.cli.args import COMMON, OPTIM, add_config_options, add_options, finished_results, run_transfer_verb
 
 SPECS = COMMON + OPTIM + [
     ("--num-classes", "segment.num_classes", int, "default: 1 + the largest label in the masks"),
@@ -24,11 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     summary = run_transfer_verb(args, "segment", SPECS)
-    if summary is None:
-        return 0
-    r = summary.get("results")
+    r = finished_results(summary)
     if r is None:
-        print(f"stopped by {summary['stopped']} at step {summary['step']}; resume with the same command plus --resume")
         return 0
     print(f"segmentation ({r['weights']} weights, {r['num_classes']} classes): mIoU {100 * r['miou']:.2f}%  "
           f"pixel accuracy {100 * r['pixel_acc']:.2f}% ({r['select']}, {r['val_images']} images) -> {summary['run_dir']}")
