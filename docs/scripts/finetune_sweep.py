@@ -4,7 +4,8 @@ On the study's CPU setting (Fashion-MNIST, ViT d=128 x 6 at 32 px, docs/study): 
 pretrained encoder (seed 0) and the same encoder randomly initialised, fine-tuned on a class-balanced
 600-image subset (1% of the labels) with the rule and with one of its choices changed at a time, each
 evaluated once at the end on the full 10 000-image test split; beside them the linear probe and k-NN
-on the same 600 images. Then the user's case of the issue: a folder of 600 Fashion-MNIST PNGs in class
+on the same 600 images; the MixMIM encoder fine-tuned on 6 000 labels (the study's 10%) against
+probes on 6 000 and on the study's 10 000 images. Then the user's case of the issue: a folder of 600 Fashion-MNIST PNGs in class
 sub-folders, `mixmim finetune`, `mixmim linprobe` and `mixmim knn` with their defaults on the same
 checkpoint, evaluated on the folder's held-out 20%.
 
@@ -28,23 +29,23 @@ from mixmim.data.fashion_mnist import CLASSES, read_fashion_mnist
 from mixmim.study.study import Study, load_profile
 from mixmim.transfer.run import load_transfer_config, run_transfer
 
-# One change from the rule at a time (config overrides); "rule" is the rule itself.
+# One change from the rule at a time (config overrides on 600 labels); "rule" is the rule itself.
 VARIANTS: dict[str, list[str]] = {
     "rule": [],
-    "lr 3e-4": ["optim.lr=3e-4"],
-    "lr 3e-3": ["optim.lr=3e-3"],
+    "crops of 0.5-1 of the area": ["data.crop_scale=[0.5,1.0]"],
+    "ImageNet's crops (0.08-1)": ["data.crop_scale=[0.08,1.0]"],
+    "colour jitter 0.4 (timm's default without RandAugment)": ["finetune.color_jitter=0.4"],
+    "probe head of 20 epochs only (40 steps)": ["finetune.probe_steps=1"],
     "head trunc_normal (no LP-FT)": ["finetune.head_init=trunc_normal"],
-    "300 steps": ["train.epochs=17", "optim.warmup_epochs=1.7"],
-    "layer decay 0.9": ["optim.layer_decay=0.9"],
-    "RandAug + Mixup/CutMix + erasing": ["finetune.auto_augment=rand-m9-mstd0.5-inc1", "finetune.mixup=0.8",
-                                         "finetune.cutmix=1.0", "finetune.re_prob=0.25"],
+    "batch 32 (2 016 steps)": ["train.batch_size=32"],
     "Table 12 recipe (no rule)": ["finetune.rule=none", "train.epochs=15", "train.batch_size=32"],
 }
 
 
-def pretrained(output: Path) -> tuple[Path, Path]:
-    """(MixMIM seed-0 run folder, random encoder) of the study's CPU profile, pretrained once."""
-    study = Study(load_profile("cpu"), output / "study", arms=["random", "mixmim"])
+def pretrained(study_dir: Path) -> tuple[Path, Path]:
+    """(MixMIM seed-0 run folder, random encoder) of the study's CPU profile, pretrained once (in the
+    study's own folder, so ``mixmim study --output runs/study-cpu`` reuses them)."""
+    study = Study(load_profile("cpu"), study_dir, arms=["random", "mixmim"])
     arms = {a.name: a for a in study.arms}
     config = study.run_config(arms["mixmim"], 0)
     study._pretrain(config)
@@ -87,19 +88,26 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default="runs/finetune-sweep")
     parser.add_argument("--report", default="docs/study/finetune_sweep")
+    parser.add_argument("--study", default="runs/study-cpu", help="the study folder holding the pretrained arms")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
     args = parser.parse_args()
     output, report = Path(args.output), Path(args.report)
-    mixmim_run, random_encoder = pretrained(output)
+    mixmim_run, random_encoder = pretrained(Path(args.study))
     # As the study evaluates: the full test split once at the end, a plain resize to 32 px (crop_pct 1).
     data = ["data.source=fashion_mnist", "data.limit_train=600", "data.balanced=true", "data.crop_pct=1.0",
             "eval.every_epochs=0", "train.num_workers=1", "train.progress=false"]
+    tenth = [o.replace("limit_train=600", "limit_train=6000") for o in data]
+    probe = ["train.epochs=50", "probe.features=cached"]
     folder = png_folder(output / "fashion_png_600")
     jobs = []  # what decides the rule first, the variants after; the report is rewritten after every run
     for weights_name, weights in (("mixmim", mixmim_run), ("random", random_encoder)):
         jobs.append((weights_name, "fine-tune: rule", "finetune", weights, data))
-        jobs += [(weights_name, verb, verb, weights, data + extra)
-                 for verb, extra in (("linprobe", ["train.epochs=50", "probe.features=cached"]), ("knn", []))]
+        jobs += [(weights_name, verb, verb, weights, data + extra) for verb, extra in (("linprobe", probe), ("knn", []))]
+        if weights_name == "mixmim":  # the study's 10% fine-tuning against its probe (10 000 images)
+            jobs += [("mixmim", "6000 labels: fine-tune: rule", "finetune", weights, tenth),
+                     ("mixmim", "6000 labels: linprobe", "linprobe", weights, tenth + probe),
+                     ("mixmim", "10000 labels: linprobe (the study's probe)", "linprobe", weights,
+                      [o.replace("limit_train=600", "limit_train=10000") for o in data] + probe)]
         if weights_name == "mixmim":  # what a user runs on their own folder, defaults only
             jobs += [("mixmim", f"600-PNG folder: mixmim {verb} (defaults)", verb, weights,
                       [f"data.path={folder}", "data.source=folder", "train.progress=false"])

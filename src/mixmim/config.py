@@ -209,7 +209,8 @@ class FinetuneConfig:
     set from the size of the labelled set (:mod:`mixmim.transfer.small_data`, docs/transfer.md).
     ``head_init``: ``trunc_normal`` with ``head_init_std`` (MAE's 2e-5: the pretrained features lead at
     the start) or ``probe`` (the head starts as a linear probe fitted on frozen features for
-    ``probe_epochs``, LP-FT)."""
+    ``probe_epochs`` and at least ``probe_steps`` optimiser steps, LP-FT: on a few hundred images 20 epochs
+    are 40 steps, and a head that far from the probe's optimum starts fine-tuning below the probe)."""
 
     rule: Literal["small_data", "none"] = "none"
     mixup: float = 0.8
@@ -217,9 +218,11 @@ class FinetuneConfig:
     smoothing: float = 0.1
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"
     re_prob: float = 0.25
+    color_jitter: float | None = None  # None: off, as MAE's and MixMIM's fine-tuning (timm's 0.4 is not theirs)
     head_init: Literal["trunc_normal", "probe"] = "trunc_normal"
     head_init_std: float = 2e-5
     probe_epochs: int = 20
+    probe_steps: int = 1000
 
 
 @dataclass
@@ -549,7 +552,8 @@ def validate(config: Any) -> None:
     if isinstance(config, FinetuneRunConfig):
         f = config.finetune
         _at_least([("finetune.mixup", f.mixup, 0), ("finetune.cutmix", f.cutmix, 0), ("finetune.re_prob", f.re_prob, 0),
-                   ("finetune.probe_epochs", f.probe_epochs, 1)])
+                   ("finetune.probe_epochs", f.probe_epochs, 1),
+                   ("finetune.probe_steps", f.probe_steps, 1)])
         if not 0 <= f.smoothing < 1:
             raise ConfigError(f"config key 'finetune.smoothing': {f.smoothing} must lie in [0, 1)")
     if hasattr(config, "eval"):

@@ -43,9 +43,14 @@ RAND_AUGMENT = "rand-m9-mstd0.5-inc1"  # RandAug(9, 0.5) of Table 12, as MAE/BEi
 
 def train_transform(img_size: int, auto_augment: str | None = RAND_AUGMENT, re_prob: float = 0.25,
                     scale: tuple[float, float] = (0.08, 1.0), mean: Sequence[float] = IMAGENET_MEAN,
-                    std: Sequence[float] = IMAGENET_STD) -> Callable:
-    """RandomResizedCrop + flip + RandAugment + random erasing (bicubic), timm's training pipeline."""
+                    std: Sequence[float] = IMAGENET_STD, color_jitter: float | None = None) -> Callable:
+    """RandomResizedCrop + flip + RandAugment + random erasing (bicubic), timm's training pipeline.
+
+    ``color_jitter`` is None unless asked for, as in MAE's and MixMIM's fine-tuning (``--color_jitter``
+    defaults to None there) and MAE's linear probe: timm's own default (0.4) switches colour jitter on
+    whenever RandAugment is off, which on a small set costs accuracy the papers' recipes never paid."""
     transform = create_transform(img_size, is_training=True, auto_augment=auto_augment or None, re_prob=re_prob,
+                                 color_jitter=color_jitter,
                                  scale=tuple(scale), re_mode="pixel", re_count=1, interpolation="bicubic",
                                  mean=tuple(mean), std=tuple(std))
     for step in getattr(transform, "transforms", []):

@@ -12,6 +12,7 @@ same head.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -20,6 +21,8 @@ from torch import nn
 from mixmim.data.labelled import eval_transform
 from mixmim.evaluation.probe import fit_probe
 from mixmim.evaluation.sharded import extract_features
+
+PROBE_BATCH = 256  # MAE's probe batch per 256 of base lr (fit_probe scales lr 0.1 x batch / 256)
 
 
 def fold_probe(probe: nn.Sequential, head: nn.Module) -> None:
@@ -46,7 +49,10 @@ def probe_head_init(encoder: nn.Module, data: Any, config: Any) -> dict[str, flo
         x, y = extract_features(encoder, data.train, device, batch_size=256, num_workers=config.train.num_workers)
     finally:
         train.transform = transform
-    probe = fit_probe(x, y, x[:1], y[:1], len(data.classes), epochs=config.finetune.probe_epochs,
-                      warmup_epochs=min(5.0, config.finetune.probe_epochs / 10), seed=config.train.seed, select="last")
+    f = config.finetune
+    steps_per_epoch = max(1, len(x) // min(PROBE_BATCH, len(x)))
+    epochs = max(f.probe_epochs, math.ceil(f.probe_steps / steps_per_epoch))
+    probe = fit_probe(x, y, x[:1], y[:1], len(data.classes), epochs=epochs, batch_size=PROBE_BATCH,
+                      warmup_epochs=min(5.0, epochs / 10), seed=config.train.seed, select="last")
     fold_probe(probe.head, encoder.get_classifier())
     return {"probe_train_acc1": probe.rows[-1].get("train_acc1", float("nan"))}

@@ -5,19 +5,22 @@ base lr 5e-4 with a near-zero head, mixup and RandAugment, a set of a few hundre
 hundred steps at a learning rate too small to train the head, and fine-tuning ends below a linear
 probe of the same encoder. The rule sets, from the number of labelled training images N, the keys
 the user did not set (docs/transfer.md "A small labelled set"). What it gives is measured by
-docs/scripts/finetune_sweep.py (docs/study/finetune_sweep): on a 600-image Fashion-MNIST folder it
-doubles what Table 12's recipe gave (29.5% -> 63.3%), but it still ends just below the linear probe. Its constants were set
-before that sweep; the variants that would test them one at a time are in the script, not yet run:
+docs/scripts/finetune_sweep.py (docs/study/finetune_sweep), one change at a time:
 
-- batch: N / 16, rounded down to a power of two, between 16 and 256;
+- batch: N / 64, rounded down to a power of two, between 16 and 256 (so that the minimum number of
+  steps costs 16-64 thousand images below 16 384 labelled ones);
 - length: at least ``MIN_STEPS`` optimiser steps and at least ``MIN_EPOCHS`` epochs (at most 100);
 - learning rate: absolute peak ``PEAK_LR`` (not scaled with the batch), warm-up 10% of the run,
   cosine to 1e-6; layer decay ``LAYER_DECAY``;
-- head: initialised as a linear probe of the frozen features (LP-FT), so the first updates do not
-  push the encoder around to train a random head;
-- regularisation: label smoothing 0.1 and drop path 0.1 always; Mixup/CutMix, RandAugment and random
-  erasing only from ``STRONG_AUGMENT_FROM`` images on (with a few thousand images they cost more
-  accuracy than they regularise in the number of steps above).
+- head: initialised as a linear probe of the frozen features (LP-FT), fitted for at least
+  ``finetune.probe_steps`` steps, so the first updates do not push the encoder around to train a
+  random or half-trained head;
+- regularisation: label smoothing 0.1 and drop path 0.1 always; Mixup/CutMix, RandAugment, random
+  erasing and ImageNet's crops (area 0.08-1) only from ``STRONG_AUGMENT_FROM`` images on; below, a
+  mild random crop of ``SMALL_CROP_SCALE`` of the area and flips (BiT's HyperRule, Kolesnikov et al.
+  2020, likewise trains small sets on mild crops). With a few thousand images the strong augmentations
+  move the training images so far from the evaluated ones that fine-tuning ends below its own
+  starting head.
 """
 
 from __future__ import annotations
@@ -33,11 +36,12 @@ MAX_EPOCHS = 100
 PEAK_LR = 1e-3
 LAYER_DECAY = 0.75
 STRONG_AUGMENT_FROM = 50_000
+SMALL_CROP_SCALE = (0.8, 1.0)
 
 
 def batch_for(images: int) -> int:
-    """N / 16 rounded down to a power of two, between 16 and 256 (and at most N)."""
-    target = max(16, min(256, images // 16))
+    """N / 64 rounded down to a power of two, between 16 and 256 (and at most N)."""
+    target = max(16, min(256, images // 64))
     return min(2 ** int(math.log2(target)), max(1, images))
 
 
@@ -48,6 +52,7 @@ def small_data_settings(images: int, classes: int) -> dict[str, Any]:
     epochs = min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(MIN_STEPS / steps_per_epoch)))
     strong = images >= STRONG_AUGMENT_FROM
     return plain({
+        "data": {"crop_scale": [0.08, 1.0] if strong else list(SMALL_CROP_SCALE)},
         "train": {"batch_size": batch, "epochs": epochs},
         "optim": {"lr": PEAK_LR, "warmup_epochs": round(0.1 * epochs, 3), "min_lr": 1e-6, "warmup_lr": 0.0,
                   "layer_decay": LAYER_DECAY},
