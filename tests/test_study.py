@@ -229,3 +229,13 @@ def test_every_arm_builds_on_the_cpu_profile_and_takes_a_step(fake_fashion_mnist
         loss.backward()
         grads = [p.grad for n, p in method.named_parameters() if n.startswith("encoder.") and p.grad is not None]
         assert torch.isfinite(loss) and grads and any(g.abs().sum() > 0 for g in grads), arm.name
+
+
+def test_the_study_runs_seed_major(fake_fashion_mnist, tmp_path):
+    """Each arm's seed 0 before any arm's seed 1: a study stopped part-way has every arm's first seeds."""
+    from mixmim.study.study import Study, load_profile
+
+    study = Study(load_profile("cpu"), tmp_path / "study", arms=["random", "mixmim", "mae"])
+    order = [(arm.name, seed) for arm, seed in study.schedule()]
+    assert order[:3] == [("random", 0), ("mixmim", 0), ("mae", 0)]
+    assert order[3:] == [(a, s) for s in range(1, 5) for a in ("random", "mixmim")]

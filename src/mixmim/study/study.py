@@ -170,10 +170,16 @@ class Study:
 
     # ------------------------------------------------------------------ running
     def run(self) -> list[dict[str, Any]]:
-        for arm in self.arms:
-            for seed in seeds_of(arm, self.profile):
-                self.run_arm(arm, seed)
+        """Every arm's every seed, seed-major (each arm's seed 0, then each seed 1, ...): a study stopped
+        part-way has every arm at its first seeds rather than some arms complete and others missing."""
+        for arm, seed in self.schedule():
+            self.run_arm(arm, seed)
         return self.collect()
+
+    def schedule(self) -> list[tuple[Arm, int]]:
+        """The (arm, seed) pairs in the order :meth:`run` takes them."""
+        pairs = [(arm, seed) for arm in self.arms for seed in seeds_of(arm, self.profile)]
+        return sorted(pairs, key=lambda pair: pair[1])  # stable: the arms' order within a seed
 
     def run_arm(self, arm: Arm, seed: int) -> None:
         from mixmim.utils.files import atomic_write_text
