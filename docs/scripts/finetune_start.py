@@ -62,8 +62,8 @@ def transform_losses(task: FinetuneTask) -> dict[str, dict[str, float]]:
         torch.manual_seed(0)
         data.transform = transform
         items = [data[i] for i in range(0, len(data), 5)]
-        x = torch.stack([it["image"] for it in items])
-        y = torch.tensor([int(it["label"]) for it in items])
+        x = torch.stack([it[0] for it in items])
+        y = torch.tensor([int(it[1]) for it in items])
         with torch.no_grad():
             logits = model(x)
         out[name] = {"loss": F.cross_entropy(logits, y).item(), "acc1": 100.0 * (logits.argmax(1) == y).float().mean().item(),

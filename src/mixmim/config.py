@@ -218,7 +218,7 @@ class FinetuneConfig:
     smoothing: float = 0.1
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"
     re_prob: float = 0.25
-    color_jitter: float | None = None  # None: off, as MAE's and MixMIM's fine-tuning (timm's 0.4 is not theirs)
+    color_jitter: float | None = None  # None: off, as in MAE's fine-tuning code (timm's 0.4 is not theirs)
     head_init: Literal["trunc_normal", "probe"] = "trunc_normal"
     head_init_std: float = 2e-5
     probe_epochs: int = 20

@@ -46,9 +46,10 @@ def train_transform(img_size: int, auto_augment: str | None = RAND_AUGMENT, re_p
                     std: Sequence[float] = IMAGENET_STD, color_jitter: float | None = None) -> Callable:
     """RandomResizedCrop + flip + RandAugment + random erasing (bicubic), timm's training pipeline.
 
-    ``color_jitter`` is None unless asked for, as in MAE's and MixMIM's fine-tuning (``--color_jitter``
-    defaults to None there) and MAE's linear probe: timm's own default (0.4) switches colour jitter on
-    whenever RandAugment is off, which on a small set costs accuracy the papers' recipes never paid."""
+    ``color_jitter`` is None unless asked for, as in MAE's fine-tuning and the codes built on it
+    (``--color_jitter`` defaults to None there) and MAE's linear probe: timm's own default (0.4)
+    switches colour jitter on whenever RandAugment is off, which on a small set costs accuracy the
+    papers' recipes never paid."""
     transform = create_transform(img_size, is_training=True, auto_augment=auto_augment or None, re_prob=re_prob,
                                  color_jitter=color_jitter,
                                  scale=tuple(scale), re_mode="pixel", re_count=1, interpolation="bicubic",
