@@ -76,3 +76,10 @@ def test_training_transform_has_no_colour_jitter_unless_asked():
     assert "ColorJitter" not in names and "RandomResizedCropAndInterpolation" in names
     names = [type(t).__name__ for t in train_transform(32, None, 0.0, (0.5, 1.0), color_jitter=0.4).transforms]
     assert "ColorJitter" in names
+
+
+def test_data_hflip_false_removes_the_flip_from_the_training_transform():
+    names = [type(t).__name__ for t in train_transform(32, None, 0.0, (0.8, 1.0)).transforms]
+    assert "RandomHorizontalFlip" in names
+    names = [type(t).__name__ for t in train_transform(32, None, 0.0, (0.8, 1.0), hflip=False).transforms]
+    assert "RandomHorizontalFlip" not in names

@@ -100,7 +100,7 @@ class DataConfig:
     hf_image_column: str = "image"
     hf_label_column: str = "label"
     crop_scale: tuple[float, float] = (0.2, 1.0)
-    hflip: bool = True
+    hflip: bool = True  # random horizontal flips, in pretraining and in finetune/linprobe training
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     bundled_epoch_size: int = 512

@@ -43,7 +43,8 @@ RAND_AUGMENT = "rand-m9-mstd0.5-inc1"  # RandAug(9, 0.5) of Table 12, as MAE/BEi
 
 def train_transform(img_size: int, auto_augment: str | None = RAND_AUGMENT, re_prob: float = 0.25,
                     scale: tuple[float, float] = (0.08, 1.0), mean: Sequence[float] = IMAGENET_MEAN,
-                    std: Sequence[float] = IMAGENET_STD, color_jitter: float | None = None) -> Callable:
+                    std: Sequence[float] = IMAGENET_STD, color_jitter: float | None = None,
+                    hflip: bool = True) -> Callable:
     """RandomResizedCrop + flip + RandAugment + random erasing (bicubic), timm's training pipeline.
 
     ``color_jitter`` is None unless asked for, as in MAE's fine-tuning and the codes built on it
@@ -51,7 +52,7 @@ def train_transform(img_size: int, auto_augment: str | None = RAND_AUGMENT, re_p
     switches colour jitter on whenever RandAugment is off, which on a small set costs accuracy the
     papers' recipes never paid."""
     transform = create_transform(img_size, is_training=True, auto_augment=auto_augment or None, re_prob=re_prob,
-                                 color_jitter=color_jitter,
+                                 color_jitter=color_jitter, hflip=0.5 if hflip else 0.0,
                                  scale=tuple(scale), re_mode="pixel", re_count=1, interpolation="bicubic",
                                  mean=tuple(mean), std=tuple(std))
     for step in getattr(transform, "transforms", []):

@@ -180,7 +180,8 @@ class FinetuneTask(ClassificationTask):
         side = config.model.img_size
         stats = data_stats(config.data)
         self.data = load_labelled(config.data, train_transform(side, self.auto_augment, f.re_prob,
-                                                               config.data.crop_scale, *stats, f.color_jitter),
+                                                               config.data.crop_scale, *stats, f.color_jitter,
+                                                               config.data.hflip),
                                   eval_transform(side, config.data.crop_pct, *stats), config.train.seed)
         self.classes = self.data.classes
         self.weights = self.pretrained.source

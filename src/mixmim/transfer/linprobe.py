@@ -82,7 +82,8 @@ class ProbeTask(ClassificationTask):
         side = config.model.img_size
         stats = data_stats(config.data)
         evaluation = eval_transform(side, config.data.crop_pct, *stats)
-        training = evaluation if self.cached else train_transform(side, None, 0.0, config.data.crop_scale, *stats)
+        training = evaluation if self.cached else train_transform(side, None, 0.0, config.data.crop_scale, *stats,
+                                                                        hflip=config.data.hflip)
         self.data = load_labelled(config.data, training, evaluation, config.train.seed)
         self.classes = self.data.classes
         self.weights = self.pretrained.source
