@@ -47,7 +47,7 @@ def test_quick_study_runs_end_to_end_caches_and_reports(fake_fashion_mnist, tmp_
     out, report = tmp_path / "study", tmp_path / "report"
     assert cli(["study", "--profile", "quick", "--output", str(out), "--report", str(report)]) == 0
     payload = json.loads((report / "results.json").read_text())
-    assert set(payload) == {"commit", "command", "results"} and payload["command"].startswith("mixmim")
+    assert set(payload) == {"commit", "command", "profile", "results"} and payload["command"].startswith("mixmim")
     got = {(r["arm"], r["seed"], r["metric"]) for r in payload["results"]}
     metrics = {"knn", "linprobe", "finetune_1pct", "finetune_10pct"}
     want = {(arm, seed, m) for arm, seeds in (("random", (0, 1)), ("mixmim", (0, 1)), ("simmim", (0,)))
@@ -239,3 +239,31 @@ def test_the_study_runs_seed_major(fake_fashion_mnist, tmp_path):
     order = [(arm.name, seed) for arm, seed in study.schedule()]
     assert order[:3] == [("random", 0), ("mixmim", 0), ("mae", 0)]
     assert order[3:] == [(a, s) for s in range(1, 5) for a in ("random", "mixmim")]
+
+
+def test_reused_results_need_no_run_on_disk(fake_fashion_mnist, tmp_path, monkeypatch):
+    """Rows of an earlier report (its runs and checkpoints deleted) are taken with their commit and not
+    pretrained again; a seed with a metric missing still is; rows of other arms or profiles are not taken."""
+    from mixmim.config import ConfigError
+    from mixmim.study.study import METRICS, Study, load_profile
+
+    study = Study(load_profile("quick"), tmp_path / "study", arms=["mixmim"])
+    arm = study.arms[0]
+    rows = [{"arm": a, "seed": 0, "metric": m, "value": 0.5, "commit": "abc"} for a in ("mixmim", "mae")
+            for m in METRICS]
+    report = tmp_path / "results.json"
+    report.write_text(json.dumps({"commit": "abc", "command": "mixmim study", "results": rows}))
+    assert study.reuse(report) == len(METRICS)
+    assert study.reuse(report) == 0  # never over a cached result
+    assert {r["commit"] for r in study.collect()} == {"abc"} and len(study.collect()) == len(METRICS)
+    pretrained = []
+    monkeypatch.setattr(Study, "_pretrain", lambda self, config: pretrained.append(config.name) or (None, 0.0))
+    monkeypatch.setattr(Study, "_evaluate", lambda self, config, weights, seed, todo: iter(()))
+    study.run_arm(arm, 0)
+    assert pretrained == []
+    study.result_path(arm, 0, "knn").unlink()
+    study.run_arm(arm, 0)
+    assert pretrained == ["mixmim/seed0"]
+    report.write_text(json.dumps({"profile": "cpu", "results": rows}))
+    with pytest.raises(ConfigError, match="profile 'cpu'"):
+        study.reuse(report)

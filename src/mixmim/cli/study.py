@@ -4,6 +4,7 @@ write the report (see :mod:`mixmim.study.study`).
     mixmim study                          # the CPU profile (about two hours on two cores)
     mixmim study --profile quick          # minutes; what the test suite runs
     mixmim study --arms random mixmim     # a part of the study; the rest later, into the same folder
+    mixmim study --reuse docs/study/results.json   # continue a committed study: its rows are not run again
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                          "committed one)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--progress", action="store_true", help="progress bars for every run")
+    parser.add_argument("--reuse", nargs="*", default=[], metavar="RESULTS_JSON",
+                        help="rows of earlier reports' results.json to take instead of running them again "
+                             "(each keeps its commit)")
     parser.add_argument("--report-only", action="store_true", help="write the report from cached results, run nothing")
 
 
@@ -33,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
     output = Path(args.output or f"runs/study-{profile.name}")
     setup_logging(None, True)
     study = Study(profile, output, args.arms, args.device, progress=args.progress)
+    for report in args.reuse:
+        print(f"study: {study.reuse(report)} result(s) taken from {report}")
     rows = study.collect() if args.report_only else study.run()
     folder = write_report(study, rows, args.report or output / "report")
     print(f"study: {len(rows)} result(s); report in {folder}")

@@ -185,14 +185,14 @@ class Study:
         from mixmim.utils.files import atomic_write_text
 
         config = self.run_config(arm, seed)
+        todo = [m for m in arm.metrics if not self.result_path(arm, seed, m).is_file()]
+        if not todo:  # every result cached: the run (and its checkpoints) need not exist any more
+            return
         pretrain_seconds = 0.0
         if arm.pretrain:
             weights, pretrain_seconds = self._pretrain(config)
         else:
             weights = self._random_encoder(config, seed)
-        todo = [m for m in arm.metrics if not self.result_path(arm, seed, m).is_file()]
-        if not todo:
-            return
         log.info("study: evaluating %s seed %d (%s)", arm.name, seed, ", ".join(todo))
         for metric, value, seconds, extra in self._evaluate(config, weights, seed, todo):
             images = config.train.max_steps * config.train.batch_size if arm.pretrain else 0
@@ -286,6 +286,35 @@ class Study:
             yield metric, r["acc1"] / 100.0, time.perf_counter() - start, {
                 "labels": labels, "epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size,
                 "steps": r["step"], "test_images": r["test_samples"]}
+
+    def reuse(self, report: str | Path) -> int:
+        """Seed the cache with the rows of an earlier report's ``results.json`` (this study's arms and
+        seeds only, never over a cached result), so a study deleted from disk is continued, not redone:
+        each row keeps the commit it was computed at. Returns the number of rows taken."""
+        from mixmim.utils.files import atomic_write_text
+
+        path = Path(report)
+        try:
+            payload = json.loads(path.read_text())
+            rows = payload["results"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"--reuse {path}: not a study results.json ({exc})") from None
+        if payload.get("profile", self.profile.name) != self.profile.name:
+            raise ConfigError(f"--reuse {path}: results of profile {payload['profile']!r}, this study runs "
+                              f"profile {self.profile.name!r}")
+        wanted = {(a.name, s, m) for a in self.arms for s in seeds_of(a, self.profile) for m in a.metrics}
+        taken = 0
+        for row in rows:
+            key = (row.get("arm"), row.get("seed"), row.get("metric"))
+            if key in wanted and not self.result_path(*self._arm_key(key)).is_file():
+                atomic_write_text(self.result_path(*self._arm_key(key)),
+                                  json.dumps({**row, "reused_from": str(path)}, indent=2) + "\n")
+                taken += 1
+        return taken
+
+    def _arm_key(self, key: tuple[str, int, str]) -> tuple[Arm, int, str]:
+        arm = next(a for a in self.arms if a.name == key[0])
+        return arm, key[1], key[2]
 
     # ------------------------------------------------------------------ results
     def collect(self) -> list[dict[str, Any]]:
@@ -382,9 +411,10 @@ def write_report(study: Study, rows: list[dict[str, Any]], folder: str | Path) -
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     commit = study.commit
-    payload = {"commit": commit, "command": study.command,
+    payload = {"commit": commit, "command": study.command, "profile": study.profile.name,
                "results": [{k: r[k] for k in ("arm", "seed", "metric", "value")} |
-                           {k: r[k] for k in ("seconds", "pretrain_seconds", "images_seen", "commit") if k in r} for r in rows]}
+                           {k: r[k] for k in ("seconds", "pretrain_seconds", "images_seen", "commit", "reused_from")
+                            if k in r} for r in rows]}
     atomic_write_text(folder / "results.json", json.dumps(payload, indent=2) + "\n")
     summary = summarise(rows)
     lines = [f"# Study results: profile `{study.profile.name}`",
@@ -414,7 +444,12 @@ def write_report(study: Study, rows: list[dict[str, Any]], folder: str | Path) -
                   + " |" for c in checks]
     atomic_write_text(folder / "results.md", "\n".join(lines) + "\n")
     accuracy_vs_time(rows, folder / "accuracy_vs_time.png", title="accuracy against pretraining time")
-    runs = {f"{a.name}": study.output / "runs" / a.name / "seed0" for a in study.arms if a.pretrain}
+    runs = {}
+    for a in study.arms:  # each arm's first seed whose run is still on disk (seed 0 unless it was deleted)
+        seed = next((s for s in seeds_of(a, study.profile) if (study.output / "runs" / a.name / f"seed{s}"
+                                                               / "metrics.csv").is_file()), None)
+        if a.pretrain and seed is not None:
+            runs[a.name if seed == 0 else f"{a.name} (seed {seed})"] = study.output / "runs" / a.name / f"seed{seed}"
     # Each method's own objective: comparable between MixMIM's variants and MAE (normalised-pixel MSE),
     # not with SimMIM (l1) or MixedAE (+ its contrastive term).
     run_curves(runs, folder / "loss_curves.png", "loss", "training loss, each method's own (smoothed)",
