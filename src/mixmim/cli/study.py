@@ -1,7 +1,7 @@
 """``mixmim study``: pretrain every arm of a study under the same budget, evaluate them the same way,
 write the report (see :mod:`mixmim.study.study`).
 
-    mixmim study                          # the CPU profile (about two hours on two cores)
+    mixmim study                          # the CPU profile (about four hours on two cores)
     mixmim study --profile quick          # minutes; what the test suite runs
     mixmim study --arms random mixmim     # a part of the study; the rest later, into the same folder
     mixmim study --reuse docs/study/results.json   # continue a committed study: its rows are not run again

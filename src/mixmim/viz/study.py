@@ -55,7 +55,11 @@ def accuracy_vs_time(rows: Sequence[dict[str, Any]], path: str | Path, title: st
         ax.set_xlabel("pretraining time (min)")
         ax.set_ylabel("test top-1 (%)")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, frameon=False, loc="best")
+    # One legend for every arm: an arm measured on some metrics only (k-NN and probe) has no dot on
+    # the last panel, so that panel's own legend would leave it out.
+    handles = {h.get_label(): h for ax in axes[0] for h in ax.collections}
+    axes[0][-1].legend([handles[a] for a in arms if a in handles], [a for a in arms if a in handles],
+                       fontsize=7, frameon=False, loc="best")
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
