@@ -267,3 +267,30 @@ def test_reused_results_need_no_run_on_disk(fake_fashion_mnist, tmp_path, monkey
     report.write_text(json.dumps({"profile": "cpu", "results": rows}))
     with pytest.raises(ConfigError, match="profile 'cpu'"):
         study.reuse(report)
+
+
+def test_report_curves_take_each_arms_first_seed_on_disk(fake_fashion_mnist, tmp_path):
+    """A study continued with --reuse may have lost seed 0's run: its curves come from the next seed,
+    labelled so; an arm with no run on disk, or not pretrained, has no curve."""
+    from mixmim.study.study import Study, curve_runs, load_profile
+
+    study = Study(load_profile("cpu"), tmp_path / "study", arms=["random", "mixmim", "mae"])
+    for arm, seed in (("mixmim", 3), ("mixmim", 4), ("random", 0)):
+        run = tmp_path / "study" / "runs" / arm / f"seed{seed}"
+        run.mkdir(parents=True)
+        (run / "metrics.csv").write_text("step,loss\n0,1.0\n")
+    assert curve_runs(study) == {"mixmim (seed 3)": tmp_path / "study" / "runs" / "mixmim" / "seed3"}
+
+
+def test_accuracy_plot_legend_lists_arms_missing_from_the_last_panel(tmp_path, monkeypatch):
+    """An arm measured on k-NN and the probe only has no dot on the fine-tuning panel; the legend
+    still names it."""
+    from mixmim.viz import study as viz
+
+    legends = []
+    monkeypatch.setattr(viz, "_save", lambda fig, path: legends.append(
+        [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]) or path)
+    rows = [{"arm": "mixmim", "metric": m, "value": 0.7} for m in ("knn", "linprobe", "finetune_10pct")]
+    rows += [{"arm": "pos/mixmim_fixed_pos", "metric": m, "value": 0.8} for m in ("knn", "linprobe")]
+    viz.accuracy_vs_time(rows, tmp_path / "a.png")
+    assert legends == [["mixmim", "pos/mixmim_fixed_pos"]]

@@ -184,10 +184,10 @@ class Study:
     def run_arm(self, arm: Arm, seed: int) -> None:
         from mixmim.utils.files import atomic_write_text
 
-        config = self.run_config(arm, seed)
         todo = [m for m in arm.metrics if not self.result_path(arm, seed, m).is_file()]
         if not todo:  # every result cached: the run (and its checkpoints) need not exist any more
             return
+        config = self.run_config(arm, seed)
         pretrain_seconds = 0.0
         if arm.pretrain:
             weights, pretrain_seconds = self._pretrain(config)
@@ -302,19 +302,18 @@ class Study:
         if payload.get("profile", self.profile.name) != self.profile.name:
             raise ConfigError(f"--reuse {path}: results of profile {payload['profile']!r}, this study runs "
                               f"profile {self.profile.name!r}")
-        wanted = {(a.name, s, m) for a in self.arms for s in seeds_of(a, self.profile) for m in a.metrics}
+        arms = {a.name: a for a in self.arms}
         taken = 0
         for row in rows:
-            key = (row.get("arm"), row.get("seed"), row.get("metric"))
-            if key in wanted and not self.result_path(*self._arm_key(key)).is_file():
-                atomic_write_text(self.result_path(*self._arm_key(key)),
-                                  json.dumps({**row, "reused_from": str(path)}, indent=2) + "\n")
+            arm = arms.get(row.get("arm"))
+            if arm is None or row.get("seed") not in seeds_of(arm, self.profile) or row.get("metric") not in \
+                    arm.metrics:
+                continue
+            target = self.result_path(arm, row["seed"], row["metric"])
+            if not target.is_file():
+                atomic_write_text(target, json.dumps({**row, "reused_from": str(path)}, indent=2) + "\n")
                 taken += 1
         return taken
-
-    def _arm_key(self, key: tuple[str, int, str]) -> tuple[Arm, int, str]:
-        arm = next(a for a in self.arms if a.name == key[0])
-        return arm, key[1], key[2]
 
     # ------------------------------------------------------------------ results
     def collect(self) -> list[dict[str, Any]]:
@@ -444,18 +443,27 @@ def write_report(study: Study, rows: list[dict[str, Any]], folder: str | Path) -
                   + " |" for c in checks]
     atomic_write_text(folder / "results.md", "\n".join(lines) + "\n")
     accuracy_vs_time(rows, folder / "accuracy_vs_time.png", title="accuracy against pretraining time")
-    runs = {}
-    for a in study.arms:  # each arm's first seed whose run is still on disk (seed 0 unless it was deleted)
-        seed = next((s for s in seeds_of(a, study.profile) if (study.output / "runs" / a.name / f"seed{s}"
-                                                               / "metrics.csv").is_file()), None)
-        if a.pretrain and seed is not None:
-            runs[a.name if seed == 0 else f"{a.name} (seed {seed})"] = study.output / "runs" / a.name / f"seed{seed}"
+    runs = curve_runs(study)
     # Each method's own objective: comparable between MixMIM's variants and MAE (normalised-pixel MSE),
     # not with SimMIM (l1) or MixedAE (+ its contrastive term).
     run_curves(runs, folder / "loss_curves.png", "loss", "training loss, each method's own (smoothed)",
                "pretraining loss, seed 0")
     run_curves(runs, folder / "monitor_knn.png", "knn", "k-NN top-1 (%)", "k-NN during pretraining, seed 0")
     return folder
+
+
+def curve_runs(study: Study) -> dict[str, Path]:
+    """Label -> run folder of each pretrained arm's first seed whose run is still on disk, for the
+    report's curves: seed 0 unless its run was deleted (a study continued with ``--reuse``)."""
+    runs = {}
+    for arm in study.arms:
+        if not arm.pretrain:
+            continue
+        seed = next((s for s in seeds_of(arm, study.profile)
+                     if (study.output / "runs" / arm.name / f"seed{s}" / "metrics.csv").is_file()), None)
+        if seed is not None:
+            runs[arm.name if seed == 0 else f"{arm.name} (seed {seed})"] = study.output / "runs" / arm.name / f"seed{seed}"
+    return runs
 
 
 def _verb_defaults(verb: str) -> dict[str, Any]:
