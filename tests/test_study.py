@@ -209,7 +209,8 @@ def test_gpu_profile_resolves_with_every_arm(fake_fashion_mnist, tmp_path):
 
 def test_every_arm_builds_on_the_cpu_profile_and_takes_a_step(fake_fashion_mnist, tmp_path):
     """Every YAML in configs/study/arms resolves on the CPU profile (the study refuses a bad one before
-    any work), and every pretraining arm's method computes a finite loss with gradients on the encoder."""
+    any work), every pretraining arm's method computes a finite loss with gradients on the encoder, and
+    every arm but the pos/ diagnostics learns its position table, MAE's and MixedAE's included."""
     import torch
 
     from mixmim.study.study import STUDY_CONFIGS, Study, load_profile
@@ -229,6 +230,9 @@ def test_every_arm_builds_on_the_cpu_profile_and_takes_a_step(fake_fashion_mnist
         loss.backward()
         grads = [p.grad for n, p in method.named_parameters() if n.startswith("encoder.") and p.grad is not None]
         assert torch.isfinite(loss) and grads and any(g.abs().sum() > 0 for g in grads), arm.name
+        # One position table for every arm (the profile's learnable one); only the pos/ diagnostics differ.
+        table = dict(method.named_parameters())["encoder.pos_embed"]
+        assert table.requires_grad == (not arm.name.endswith("_fixed_pos")), arm.name
 
 
 def test_the_study_runs_seed_major(fake_fashion_mnist, tmp_path):
@@ -294,3 +298,38 @@ def test_accuracy_plot_legend_lists_arms_missing_from_the_last_panel(tmp_path, m
     rows += [{"arm": "pos/mixmim_fixed_pos", "metric": m, "value": 0.8} for m in ("knn", "linprobe")]
     viz.accuracy_vs_time(rows, tmp_path / "a.png")
     assert legends == [["mixmim", "pos/mixmim_fixed_pos"]]
+
+
+def test_results_are_keyed_by_the_settings_that_made_them(fake_fashion_mnist, tmp_path, monkeypatch):
+    """A cached result records a fingerprint of the arm's settings: an arm whose YAML changed (MAE given
+    the study's learnable positions) does not silently take the old result, --reuse skips such rows,
+    and a metric's fingerprint ignores the settings of the other metrics."""
+    from mixmim.config import ConfigError
+    from mixmim.study.study import METRICS, Study, load_profile
+
+    study = Study(load_profile("quick"), tmp_path / "study", arms=["mixmim"])
+    arm = study.arms[0]
+    before = {m: study.settings(arm, m) for m in METRICS}
+    assert len(set(before.values())) == len(METRICS)  # each metric its own
+    study.profile.evaluation.finetune[1].overrides.append("train.epochs=2")
+    assert study.settings(arm, "knn") == before["knn"] and study.settings(arm, "finetune_1pct") == before["finetune_1pct"]
+    assert study.settings(arm, "finetune_10pct") != before["finetune_10pct"]
+
+    monkeypatch.setattr(Study, "_pretrain", lambda self, config: (None, 0.0))
+    monkeypatch.setattr(Study, "_evaluate", lambda self, config, weights, seed, todo: (
+        (m, 0.5, 1.0, {}) for m in todo))
+    study.run_arm(arm, 0)
+    rows = study.collect()
+    assert {r["settings"] for r in rows} == {study.settings(arm, m) for m in METRICS}
+    old = {m: study.settings(arm, m) for m in METRICS}
+    arm.run = {"model": {"options": {"fixed_pos_embed": True}}, **arm.run}  # the arm's YAML changed
+    with pytest.raises(ConfigError, match="other settings of arm 'mixmim'"):
+        study.run_arm(arm, 0)
+    for path in (tmp_path / "study" / "results").rglob("*.json"):
+        path.unlink()
+    report = tmp_path / "results.json"
+    legacy = {"arm": "mixmim", "seed": 0, "metric": "knn", "value": 0.5}  # from before the fingerprint
+    report.write_text(json.dumps({"results": [legacy] + [
+        {"arm": "mixmim", "seed": 0, "metric": m, "value": 0.5, "settings": old[m]} for m in METRICS[1:]]}))
+    assert study.reuse(report) == 1
+    assert [r["metric"] for r in study.collect()] == ["knn"]

@@ -15,13 +15,17 @@ a report (``docs/study/`` for the committed one).
   epoch picked on the test set.
 - Every (arm, seed, metric) is cached as a JSON file as soon as it exists, and pretraining resumes
   from its checkpoints, so an interrupted study picks up where it stopped and a study can be run in
-  parts (``--arms``).
+  parts (``--arms``). Each result carries ``settings``, a fingerprint of what the arm's YAML and the
+  profile ask for that metric (:meth:`Study.settings`): a cached result of other settings is an error,
+  not a silent hit, and ``--reuse`` skips such rows (results from before the fingerprint have none and
+  are taken as they are).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -165,6 +169,35 @@ class Study:
                                        "epochs": 10**6, "progress": self.progress}})
         return load_config(None, base=tree)
 
+    def settings(self, arm: Arm, metric: str) -> str:
+        """Fingerprint of what decides ``metric`` of ``arm``: the run tree as the YAML files merge it
+        (profile, the method's section, the arm), the budget, whether it pretrains, and that metric's
+        evaluation settings. Twelve hex digits of a SHA-256. The YAML trees rather than the resolved
+        config, so that a new config field with a default does not invalidate every cached result."""
+        method = str(arm.run.get("method", {}).get("name", self.profile.run.get("method", {}).get("name", "mixmim")))
+        ev = dataclass_dict(self.profile.evaluation)
+        if metric.startswith("finetune_"):
+            evaluation = {"test_size": ev["test_size"], "finetune": next(
+                (f for f in ev["finetune"] if f"finetune_{_percent(f['fraction'])}pct" == metric), None)}
+        else:
+            keys = {"knn": ("bank_size", "test_size", "knn_k", "knn_temperature", "batch_size"),
+                    "linprobe": ("bank_size", "test_size", "linprobe_epochs", "linprobe_batch_size", "batch_size")}
+            evaluation = {k: ev[k] for k in keys[metric]}
+        tree = {"run": _merge(_merge(self.profile.run, self.profile.methods.get(method, {})), arm.run),
+                "images": self.profile.images, "pretrain": arm.pretrain, "evaluation": evaluation}
+        return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:12]
+
+    def cached(self, arm: Arm, seed: int, metric: str) -> bool:
+        """Whether the result is cached; a cached result of other settings is a ConfigError naming it."""
+        path = self.result_path(arm, seed, metric)
+        if not path.is_file():
+            return False
+        was, now = json.loads(path.read_text()).get("settings"), self.settings(arm, metric)
+        if was is not None and was != now:
+            raise ConfigError(f"{path}: computed with other settings of arm {arm.name!r} ({was}; the YAML files "
+                              f"now give {now}): delete it to compute it again, or study into another --output")
+        return True
+
     def result_path(self, arm: Arm, seed: int, metric: str) -> Path:
         return self.output / "results" / arm.name / f"seed{seed}" / f"{metric}.json"
 
@@ -184,7 +217,7 @@ class Study:
     def run_arm(self, arm: Arm, seed: int) -> None:
         from mixmim.utils.files import atomic_write_text
 
-        todo = [m for m in arm.metrics if not self.result_path(arm, seed, m).is_file()]
+        todo = [m for m in arm.metrics if not self.cached(arm, seed, m)]
         if not todo:  # every result cached: the run (and its checkpoints) need not exist any more
             return
         config = self.run_config(arm, seed)
@@ -197,7 +230,8 @@ class Study:
         for metric, value, seconds, extra in self._evaluate(config, weights, seed, todo):
             images = config.train.max_steps * config.train.batch_size if arm.pretrain else 0
             record = {"arm": arm.name, "seed": seed, "metric": metric, "value": value, "seconds": seconds,
-                      "pretrain_seconds": pretrain_seconds, "images_seen": images, "commit": self.commit, **extra}
+                      "pretrain_seconds": pretrain_seconds, "images_seen": images, "commit": self.commit,
+                      "settings": self.settings(arm, metric), **extra}
             atomic_write_text(self.result_path(arm, seed, metric), json.dumps(record, indent=2) + "\n")
             log.info("study: %s seed %d %s = %.4f (%.0f s)", arm.name, seed, metric, value, seconds)
 
@@ -290,7 +324,8 @@ class Study:
     def reuse(self, report: str | Path) -> int:
         """Seed the cache with the rows of an earlier report's ``results.json`` (this study's arms and
         seeds only, never over a cached result), so a study deleted from disk is continued, not redone:
-        each row keeps the commit it was computed at. Returns the number of rows taken."""
+        each row keeps the commit it was computed at. A row whose ``settings`` differ from what the arm's
+        YAML gives now is skipped with a warning. Returns the number of rows taken."""
         from mixmim.utils.files import atomic_write_text
 
         path = Path(report)
@@ -303,16 +338,22 @@ class Study:
             raise ConfigError(f"--reuse {path}: results of profile {payload['profile']!r}, this study runs "
                               f"profile {self.profile.name!r}")
         arms = {a.name: a for a in self.arms}
-        taken = 0
+        taken, stale = 0, []
         for row in rows:
             arm = arms.get(row.get("arm"))
             if arm is None or row.get("seed") not in seeds_of(arm, self.profile) or row.get("metric") not in \
                     arm.metrics:
                 continue
+            if row.get("settings", self.settings(arm, row["metric"])) != self.settings(arm, row["metric"]):
+                stale.append(f"{arm.name}/seed{row['seed']}/{row['metric']}")
+                continue
             target = self.result_path(arm, row["seed"], row["metric"])
             if not target.is_file():
                 atomic_write_text(target, json.dumps({**row, "reused_from": str(path)}, indent=2) + "\n")
                 taken += 1
+        if stale:
+            log.warning("--reuse %s: %d row(s) computed with other settings, not taken: %s", path, len(stale),
+                        ", ".join(stale))
         return taken
 
     # ------------------------------------------------------------------ results
@@ -412,7 +453,8 @@ def write_report(study: Study, rows: list[dict[str, Any]], folder: str | Path) -
     commit = study.commit
     payload = {"commit": commit, "command": study.command, "profile": study.profile.name,
                "results": [{k: r[k] for k in ("arm", "seed", "metric", "value")} |
-                           {k: r[k] for k in ("seconds", "pretrain_seconds", "images_seen", "commit", "reused_from")
+                           {k: r[k] for k in ("seconds", "pretrain_seconds", "images_seen", "commit",
+                                                      "settings", "reused_from", "renamed_from")
                             if k in r} for r in rows]}
     atomic_write_text(folder / "results.json", json.dumps(payload, indent=2) + "\n")
     summary = summarise(rows)
