@@ -275,15 +275,36 @@ def test_reused_results_need_no_run_on_disk(fake_fashion_mnist, tmp_path, monkey
 
 def test_report_curves_take_each_arms_first_seed_on_disk(fake_fashion_mnist, tmp_path):
     """A study continued with --reuse may have lost seed 0's run: its curves come from the next seed,
-    labelled so; an arm with no run on disk, or not pretrained, has no curve."""
-    from mixmim.study.study import Study, curve_runs, load_profile
+    labelled so, or from the copy an earlier report kept; an arm with neither, or not pretrained, has no
+    curve. The kept copy holds the drawn columns of the run's rows and is preferred only when the run
+    is gone."""
+    from mixmim.study.study import Study, curve_runs, keep_curves, load_profile
 
-    study = Study(load_profile("cpu"), tmp_path / "study", arms=["random", "mixmim", "mae"])
-    for arm, seed in (("mixmim", 3), ("mixmim", 4), ("random", 0)):
+    study = Study(load_profile("cpu"), tmp_path / "study", arms=["random", "mixmim", "mae", "simmim"])
+    for arm, seed in (("mixmim", 3), ("mixmim", 4), ("random", 0), ("simmim", 0)):
         run = tmp_path / "study" / "runs" / arm / f"seed{seed}"
         run.mkdir(parents=True)
-        (run / "metrics.csv").write_text("step,loss\n0,1.0\n")
-    assert curve_runs(study) == {"mixmim (seed 3)": tmp_path / "study" / "runs" / "mixmim" / "seed3"}
+        (run / "metrics.csv").write_text("step,epoch,loss,lr,img_per_s,knn\n0,0.0,,,,49.5\n1,0.1,1.0,0.1,9,\n"
+                                         "2,0.2,,,,\n")
+    kept = tmp_path / "report" / "curves"
+    runs = tmp_path / "study" / "runs"
+    assert curve_runs(study, kept) == {"mixmim (seed 3)": runs / "mixmim" / "seed3" / "metrics.csv",
+                                       "simmim": runs / "simmim" / "seed0" / "metrics.csv"}
+    keep_curves(curve_runs(study, kept), study, kept)
+    assert (kept / "simmim" / "seed0.csv").read_text() == "step,loss,knn\n0,,49.5\n1,1.0,\n"
+    (kept / "mae").mkdir()
+    (kept / "mae" / "seed0.csv").write_text("step,loss,knn\n0,,50\n")
+    (runs / "mixmim" / "seed3" / "metrics.csv").write_text("step,loss\n0,2.0\n")  # the run wins over its copy
+    assert curve_runs(study, kept) == {"mixmim (seed 3)": runs / "mixmim" / "seed3" / "metrics.csv",
+                                       "mae": kept / "mae" / "seed0.csv",
+                                       "simmim": runs / "simmim" / "seed0" / "metrics.csv"}
+    for run in runs.iterdir():
+        if run.name != "random":
+            for f in run.rglob("*"):
+                f.unlink() if f.is_file() else None
+    assert curve_runs(study, kept) == {"mixmim (seed 3)": kept / "mixmim" / "seed3.csv",
+                                       "mae": kept / "mae" / "seed0.csv", "simmim": kept / "simmim" / "seed0.csv"}
+    assert curve_runs(study) == {}
 
 
 def test_accuracy_plot_legend_lists_arms_missing_from_the_last_panel(tmp_path, monkeypatch):

@@ -444,7 +444,8 @@ def orderings(summary: dict[str, dict[str, dict[str, float]]]) -> list[dict[str,
 
 def write_report(study: Study, rows: list[dict[str, Any]], folder: str | Path) -> Path:
     """``results.json`` (per arm, seed and metric, with the commit and the command), ``results.md``
-    (mean +- spread per arm and metric, the papers' orderings) and the plots, in ``folder``."""
+    (mean +- spread per arm and metric, the papers' orderings), the plots and the curves' data
+    (``curves/``, see :func:`curve_runs`), in ``folder``."""
     from mixmim.utils.files import atomic_write_text
     from mixmim.viz.study import accuracy_vs_time, run_curves
 
@@ -485,7 +486,8 @@ def write_report(study: Study, rows: list[dict[str, Any]], folder: str | Path) -
                   + " |" for c in checks]
     atomic_write_text(folder / "results.md", "\n".join(lines) + "\n")
     accuracy_vs_time(rows, folder / "accuracy_vs_time.png", title="accuracy against pretraining time")
-    runs = curve_runs(study)
+    runs = curve_runs(study, kept=folder / "curves")
+    keep_curves(runs, study, folder / "curves")
     # Each method's own objective: comparable between MixMIM's variants and MAE (normalised-pixel MSE),
     # not with SimMIM (l1) or MixedAE (+ its contrastive term).
     run_curves(runs, folder / "loss_curves.png", "loss", "training loss, each method's own (smoothed)",
@@ -494,18 +496,51 @@ def write_report(study: Study, rows: list[dict[str, Any]], folder: str | Path) -
     return folder
 
 
-def curve_runs(study: Study) -> dict[str, Path]:
-    """Label -> run folder of each pretrained arm's first seed whose run is still on disk, for the
-    report's curves: seed 0 unless its run was deleted (a study continued with ``--reuse``)."""
+def curve_runs(study: Study, kept: Path | None = None) -> dict[str, Path]:
+    """Label -> metrics CSV of each pretrained arm's first seed that has one, for the report's curves:
+    the run's own ``metrics.csv`` while the run is on disk, else the copy an earlier report kept in
+    ``kept/<arm>/seed<k>.csv`` (so a report redrawn after the runs were deleted, as with ``--reuse``,
+    keeps its curves). Seed 0 unless that seed has neither; other seeds are labelled so."""
     runs = {}
     for arm in study.arms:
         if not arm.pretrain:
             continue
-        seed = next((s for s in seeds_of(arm, study.profile)
-                     if (study.output / "runs" / arm.name / f"seed{s}" / "metrics.csv").is_file()), None)
-        if seed is not None:
-            runs[arm.name if seed == 0 else f"{arm.name} (seed {seed})"] = study.output / "runs" / arm.name / f"seed{seed}"
+        for seed in seeds_of(arm, study.profile):
+            found = [p for p in (study.output / "runs" / arm.name / f"seed{seed}" / "metrics.csv",
+                                 kept / arm.name / f"seed{seed}.csv" if kept is not None else None)
+                     if p is not None and p.is_file()]
+            if found:
+                runs[arm.name if seed == 0 else f"{arm.name} (seed {seed})"] = found[0]
+                break
     return runs
+
+
+CURVE_COLUMNS = ("step", "loss", "knn")  # what the report's curves draw; the rest of metrics.csv is not kept
+
+
+def keep_curves(runs: dict[str, Path], study: Study, kept: Path) -> None:
+    """Copy the curves drawn from runs on disk into ``kept`` (step, loss and k-NN columns only), so the
+    committed report holds the data of its own pictures."""
+    import csv
+    import io
+
+    from mixmim.utils.files import atomic_write_text
+
+    for source in runs.values():
+        try:
+            relative = source.relative_to(study.output / "runs")
+        except ValueError:  # already a kept copy
+            continue
+        with open(source, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=CURVE_COLUMNS, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: row.get(k, "") for k in CURVE_COLUMNS} for row in rows
+                         if row.get("loss") or row.get("knn"))
+        target = kept / relative.parent.parent / f"{relative.parent.name}.csv"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(target, out.getvalue())
 
 
 def _verb_defaults(verb: str) -> dict[str, Any]:

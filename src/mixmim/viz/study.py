@@ -67,7 +67,7 @@ def accuracy_vs_time(rows: Sequence[dict[str, Any]], path: str | Path, title: st
 
 
 def run_curves(runs: dict[str, Path], path: str | Path, column: str, ylabel: str, title: str = "") -> Path | None:
-    """``column`` of each run's metrics.csv against the step, one line per run (``runs``: label -> run dir)."""
+    """``column`` of each run's metrics CSV against the step, one line per run (``runs``: label -> CSV)."""
     from mixmim.viz.curves import _smooth, read_metrics
 
     plt = _plt()
@@ -75,7 +75,7 @@ def run_curves(runs: dict[str, Path], path: str | Path, column: str, ylabel: str
     drawn = 0
     colours = _colours(plt, len(runs))
     for i, (label, run) in enumerate(runs.items()):
-        csv = Path(run) / "metrics.csv"
+        csv = Path(run)
         if not csv.is_file():
             continue
         m = read_metrics(csv)
