@@ -137,9 +137,15 @@ def test_reexport_resizes_keeps_the_card_and_replaces_the_folder(tmp_path):
     assert config["img_size"] == [128, 128] and config["window_size"] == [16, 8, 8, 4]
     card = (tmp_path / "b" / "README.md").read_text()
     assert "MAE" in card and "Pretraining steps:** 7" in card and "Resized" in card
-    # Writing over an export replaces it whole and leaves nothing beside it.
-    save_hub_folder(create_encoder("mixmim_tiny", **SMALL), first, card={"model": "mixmim_tiny"})
+    # Writing over an export needs overwrite=True, replaces its three files, keeps what the user added
+    # and leaves nothing beside it.
+    (first / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="already holds an export; pass --overwrite"):
+        save_hub_folder(create_encoder("mixmim_tiny", **SMALL), first, card={"model": "mixmim_tiny"})
+    save_hub_folder(create_encoder("mixmim_tiny", **SMALL), first, card={"model": "mixmim_tiny"}, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+    assert (first / "notes.txt").read_text() == "mine"
+    (first / "notes.txt").unlink()
     umask = os.umask(0)
     os.umask(umask)
     assert first.stat().st_mode & 0o777 == 0o777 & ~umask  # as readable as any folder the user makes

@@ -66,5 +66,5 @@ def test_dataset_statistics_are_measured_once_and_kept_in_the_run_config(grey_fo
     saved = yaml.safe_load((tmp_path / "g" / "config.yaml").read_text())["data"]
     assert calls == [1] and len(saved["mean"]) == 1 and 0.2 < saved["mean"][0] < 0.8 and saved["normalize"] == "dataset"
     again = load_config(tmp_path / "g" / "config.yaml", ["train.max_steps=3"])
-    run_pretraining(again, resume=True)
+    run_pretraining(again, resume=True, allow_changes=True)  # a longer schedule: --resume-with-changes
     assert calls == [1]  # the resumed run takes the stored numbers

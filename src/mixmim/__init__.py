@@ -17,6 +17,7 @@ _PUBLIC = {
     "create_classifier": "mixmim.models.registry",
     "create_encoder": "mixmim.models.registry",
     "create_pretrainer": "mixmim.methods.factory",
+    "load_release": "mixmim.interop.torch_files",
 }
 __all__ = [*sorted(_PUBLIC), "__version__"]
 

@@ -54,11 +54,37 @@ def main(argv: list[str] | None = None) -> int:
         extra = [a for a in extra if not ("=" in a and not a.startswith("-"))]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from mixmim.utils.errors import UserError, one_line
+
+    _console_logging()
     try:
         return int(_module(args.verb).run(args) or 0)
-    except (FileNotFoundError, ValueError) as exc:  # ConfigError is a ValueError
+    except KeyboardInterrupt:
+        # A second Ctrl-C (the first asks for a clean stop): what was saved stays as it was.
         if os.environ.get("MIXMIM_DEBUG"):
             raise
-        # Bad input is the user's to fix: one line naming what is wrong, no traceback.
-        print(f"mixmim {args.verb}: error: {exc}", file=sys.stderr)
+        print(f"mixmim {args.verb}: interrupted; files already written are intact (a checkpoint is written "
+              "whole or not at all)", file=sys.stderr)
+        return 130
+    except (UserError, OSError, ValueError) as exc:
+        # Expected failures (a path, a permission, a full disk, a damaged file, a config key, broken data)
+        # are the user's to fix: one line naming what is wrong, no traceback. Anything else is a bug and
+        # keeps its traceback. MIXMIM_DEBUG=1 shows the traceback of these too.
+        if os.environ.get("MIXMIM_DEBUG"):
+            raise
+        print(f"mixmim {args.verb}: error: {one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _console_logging() -> None:
+    """The package's log lines on the console from the start of a verb (a run adds its log.txt later),
+    so what is said before the loop starts (the small-data rule, a model name ignored) is seen."""
+    import logging
+
+    log = logging.getLogger("mixmim")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False

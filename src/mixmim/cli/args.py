@@ -60,11 +60,30 @@ def add_config_options(parser: argparse.ArgumentParser, verb: str) -> None:
     parser.add_argument("--data", help="folder with class sub-folders, or 'fashion_mnist' (data.source/data.path)")
     parser.add_argument("--output", help="the run folder (output_dir/name)")
     parser.add_argument("--name", help="run name (folder under output_dir); same as name=...")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint of this run")
-    parser.add_argument("--overwrite", action="store_true", help="delete this run's checkpoints and start again")
+    add_run_folder_options(parser)
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA (train.amp=fp32)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (train.progress=false)")
+
+
+def add_run_folder_options(parser: argparse.ArgumentParser) -> None:
+    """``--resume``, ``--resume-with-changes`` and ``--overwrite``, the same for every training verb."""
+    parser.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint of this run "
+                        "(refused when the config changes what the run computes)")
+    parser.add_argument("--resume-with-changes", action="store_true",
+                        help="--resume with a config that alters the trajectory (a longer schedule, another lr, ...): "
+                             "the changes are logged and recorded in the run's checkpoints")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start again: delete the earlier run's checkpoints, metrics and events (only files a run "
+                             "wrote; nothing is deleted before the new run has checked its settings and data)")
+
+
+def check_run_folder_options(args: argparse.Namespace) -> tuple[bool, bool]:
+    """(resume, allow_changes) from the flags; contradictory ones are one line."""
+    resume = bool(args.resume or args.resume_with_changes)
+    if resume and args.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other; pick one")
+    return resume, bool(args.resume_with_changes)
 
 
 def _dest(flag: str) -> str:
@@ -118,13 +137,12 @@ def run_transfer_verb(args: argparse.Namespace, verb: str, specs: list[tuple[str
     from mixmim.config import dump_config
     from mixmim.transfer.run import load_transfer_config, run_transfer
 
-    if args.resume and args.overwrite:
-        raise ValueError("--resume and --overwrite contradict each other; pick one")
+    resume, allow_changes = check_run_folder_options(args)
     config = load_transfer_config(verb, args.config, shorthand_overrides(args, specs, extra))
     if args.print_config:
         print(dump_config(config), end="")
         return None
-    return run_transfer(config, resume=args.resume, overwrite=args.overwrite)
+    return run_transfer(config, resume=resume, overwrite=args.overwrite, allow_changes=allow_changes)
 
 
 def finished_results(summary: dict | None) -> dict | None:
@@ -133,6 +151,9 @@ def finished_results(summary: dict | None) -> dict | None:
     if summary is None:
         return None
     if summary.get("results") is None:
-        print(f"stopped by {summary['stopped']} at step {summary['step']}; resume with the same command plus --resume")
+        # Processes other than the first finish without results (the first writes them): nothing to say.
+        if summary.get("stopped"):
+            print(f"stopped by {summary['stopped']} at step {summary['step']}; resume with the same command plus "
+                  "--resume")
         return None
     return summary["results"]

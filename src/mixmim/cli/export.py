@@ -24,11 +24,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="registry name, needed for release checkpoints")
     parser.add_argument("--img-size", type=int, default=None, help="resize to this input size (default: keep)")
     parser.add_argument("--window-size", default=None, help="new windows per stage, e.g. 16,16,24,12")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier export at --output (its own files only; anything else there is kept)")
 
 
 def run(args: argparse.Namespace) -> int:
     from mixmim.interop.pretrained import build_encoder, parse_windows, read_pretrained
 
+    if args.img_size is not None and args.img_size < 1:
+        raise ValueError(f"--img-size {args.img_size}: expected a positive size in pixels")
+    if args.format == "pair":
+        from mixmim.interop.export import _check_pair_target
+
+        _check_pair_target(Path(args.output).with_suffix("") if Path(args.output).suffix in (".safetensors", ".json")
+                           else Path(args.output), args.overwrite)
+    else:
+        from mixmim.interop.hub import check_export_target
+
+        check_export_target(Path(args.output), args.overwrite)  # before any work
     pretrained = read_pretrained(args.checkpoint, args.model)
     encoder = build_encoder(pretrained, img_size=args.img_size, window_size=parse_windows(args.window_size),
                             num_classes=0)
@@ -39,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
 
         weights, meta = save_encoder(encoder, args.output, metadata={"source": str(args.checkpoint),
                                                                      "source_kind": pretrained.source,
-                                                                     "model": pretrained.model_name})
+                                                                     "model": pretrained.model_name},
+                                     overwrite=args.overwrite)
         print(f"exported {what} -> {weights} + {meta}")
         return 0
 
@@ -49,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     card["export_command"] = export_command(args)
     if args.img_size or args.window_size:
         card["resized"] = f"img_size {args.img_size or 'kept'}, windows {args.window_size or 'kept'} at export"
-    folder = save_hub_folder(encoder, args.output, card=card, mean=card.get("mean"), std=card.get("std"))
+    folder = save_hub_folder(encoder, args.output, card=card, mean=card.get("mean"), std=card.get("std"),
+                             overwrite=args.overwrite)
     print(f"exported {what} -> {folder}/ (config.json, model.safetensors, README.md); load it with "
           f"timm.create_model('local-dir:{folder}', pretrained=True)")
     return 0
@@ -59,17 +74,16 @@ def source_card(checkpoint: str | Path, source: str, model_name: str | None) -> 
     """The model card's facts for the weights ``checkpoint`` names: a training checkpoint (or run folder)
     gives the run's method, data, steps, metrics and resolved config; an export passes its card on."""
     from mixmim.interop.hub import hub_card, is_hub_folder, run_card
-    from mixmim.study.study import git_commit
+    from mixmim.utils.provenance import git_commit
 
     path = Path(checkpoint)
     base = {"source": str(checkpoint), "model": model_name, "export_commit": git_commit()}
     if source == "checkpoint":
-        import torch
-
         from mixmim.interop.checkpoint import resolve_checkpoint
+        from mixmim.interop.torch_files import load_torch_file
 
         found = resolve_checkpoint(path)
-        state = torch.load(found, map_location="cpu", weights_only=False, mmap=True)
+        state = load_torch_file(found, mmap=True)  # mmap: the tensors are not read, only the run's facts
         run_dir = found.parent.parent if found.parent.name == "checkpoints" else None
         card = run_card(state.get("config") or {}, int(state.get("step", 0)), state.get("method"), run_dir,
                         command=state.get("command"), commit=state.get("commit"))
@@ -87,7 +101,8 @@ def source_card(checkpoint: str | Path, source: str, model_name: str | None) -> 
 
 def export_command(args: argparse.Namespace) -> str:
     words = ["mixmim", "export", "--checkpoint", str(args.checkpoint), "--output", str(args.output)]
-    for flag, value in (("--model", args.model), ("--img-size", args.img_size), ("--window-size", args.window_size)):
+    for flag, value in (("--model", args.model), ("--img-size", args.img_size), ("--window-size", args.window_size),
+                        ("--format", None if args.format == "hub" else args.format)):
         if value is not None:
             words += [flag, str(value)]
     return shlex.join(words)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from mixmim.cli.args import add_run_folder_options, check_run_folder_options
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value",
@@ -18,8 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "or 'bundled' / 'fashion_mnist'")
     parser.add_argument("--monitor-data", help="labelled images to watch representation quality on during training "
                         "(k-NN every train.monitor.every steps): 'fashion_mnist' or a folder with class sub-folders")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint of this run")
-    parser.add_argument("--overwrite", action="store_true", help="delete this run's checkpoints and start again")
+    add_run_folder_options(parser)
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
@@ -40,12 +41,11 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(config), end="")
         return 0
-    if args.resume and args.overwrite:
-        raise ValueError("--resume and --overwrite contradict each other; pick one")
+    resume, allow_changes = check_run_folder_options(args)
 
     from mixmim.training.pretrain import run_pretraining
 
-    summary = run_pretraining(config, resume=args.resume, overwrite=args.overwrite)
+    summary = run_pretraining(config, resume=resume, overwrite=args.overwrite, allow_changes=allow_changes)
     if summary["stopped"]:
         print(f"stopped by {summary['stopped']} at step {summary['step']}; resume with: "
               f"mixmim pretrain {' '.join(_argv_without_resume())} --resume")
@@ -58,4 +58,4 @@ def _argv_without_resume() -> list[str]:
     args = sys.argv[1:]
     if args and args[0] == "pretrain":
         args = args[1:]
-    return [a for a in args if a not in ("--resume", "--overwrite")]
+    return [a for a in args if a not in ("--resume", "--resume-with-changes", "--overwrite")]

@@ -69,30 +69,52 @@ def _collect(inputs: list[str], limit: int) -> list[Path]:
 
 
 def load_pretrainer(checkpoint: str, model_name: str, img_size: int | None):
-    """(pretrainer module in eval mode, its run config or None) from our run/checkpoint or a release file."""
-    import torch
+    """(pretrainer module in eval mode, its run config or None) from our run/checkpoint or a release file,
+    the file read once and without running code from it. The method is built as the run built it
+    (:func:`mixmim.training.pretrain.build_method`: image channels, SimMIM's pixel statistics)."""
+    from mixmim.config import RunConfig, build_dataclass
+    from mixmim.interop.checkpoint import FORMAT, resolve_checkpoint
+    from mixmim.interop.export import CLASSIFIER_FORMAT
+    from mixmim.interop.hub import is_hub_folder
+    from mixmim.interop.official import convert_official, is_pretraining_state
+    from mixmim.interop.torch_files import load_torch_file
+    from mixmim.methods.factory import create_pretrainer
+    from mixmim.training.pretrain import build_method
 
-    from mixmim.config import build_dataclass, RunConfig
-    from mixmim.interop.checkpoint import load_checkpoint, resolve_checkpoint
-    from mixmim.interop.official import convert_official
-    from mixmim.methods.factory import build_pretrainer, create_pretrainer
-
+    if is_hub_folder(checkpoint) or Path(checkpoint).suffix in (".safetensors", ".json"):
+        raise ValueError(f"{checkpoint} is an encoder export (no decoder): reconstruct needs a pretraining run, "
+                         "its checkpoint, or a release pretraining checkpoint")
     path = resolve_checkpoint(checkpoint)
-    raw = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(raw, dict) and raw.get("format") == "mixmim-checkpoint/1":
-        state = load_checkpoint(path)  # again, through the checksum check
-        config = build_dataclass(RunConfig, state["config"])
+    raw = load_torch_file(path)
+    if raw.get("format") == FORMAT:
+        config = raw.get("config")
+        if not isinstance(config, dict) or "method" not in config:
+            raise ValueError(f"{path} is a checkpoint of a transfer run (finetune, linprobe, segment), which has "
+                             "no decoder: reconstruct needs a pretraining run")
+        config = build_dataclass(RunConfig, config)
         if img_size is not None:
             config.model.img_size = img_size
-        m = config.model
-        method = build_pretrainer(config.method_name(), config.method_options(), m.name, m.encoder_overrides())
-        method.load_state_dict(state["model"])
+        method = build_method(config)
+        _load(method, raw["model"], path, config.model.name)
         return method.eval(), config
-    state = convert_official(raw, target="pretrainer")
+    if raw.get("format") == CLASSIFIER_FORMAT or not is_pretraining_state(convert_official(raw)):
+        raise ValueError(f"{path} holds a classifier or an encoder without its decoder: reconstruct needs a "
+                         "pretraining checkpoint")
     kwargs = {"img_size": img_size} if img_size else {}
     method = create_pretrainer("mixmim", model_name, **kwargs)
-    method.load_state_dict(state, strict=True)
+    _load(method, convert_official(raw, target="pretrainer"), path, model_name)
     return method.eval(), None
+
+
+def _load(method, state, path: Path, model_name: str) -> None:
+    """Load strictly; weights of another model (or size) are one line naming both."""
+    from mixmim.models.resize import state_mismatch
+
+    problem = state_mismatch(state, method.state_dict())
+    if problem:
+        raise ValueError(f"{path} does not fit {model_name} ({problem}); for a release checkpoint pass its --model "
+                         "(and --img-size)")
+    method.load_state_dict(state)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,6 +123,12 @@ def run(args: argparse.Namespace) -> int:
     from mixmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD, view_transform
     from mixmim.viz.reconstruction import picture_note, reconstruction_rows, save_reconstruction_grid
 
+    if args.max_images < 1:
+        raise ValueError(f"--max-images {args.max_images}: expected a positive number of images")
+    if args.img_size is not None and args.img_size < 1:
+        raise ValueError(f"--img-size {args.img_size}: expected a positive size in pixels")
+    if Path(args.output).is_dir():
+        raise ValueError(f"--output {args.output} is a folder; name the picture file (e.g. {Path(args.output) / 'reconstruction.png'})")
     method, config = load_pretrainer(args.checkpoint, args.model, args.img_size)
     pictures = _pictures(args.images, args.max_images)
     groups = method.num_groups
@@ -108,9 +136,17 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{len(pictures)} image(s) given; this method mixes {groups} images, give at least {groups}")
     pictures = pictures[: len(pictures) // groups * groups]
     size = method.encoder.img_size[0]
-    mean, std = (config.data.mean, config.data.std) if config else (IMAGENET_MEAN, IMAGENET_STD)
+    channels = config.data.channels if config else 3
+    if config is None:
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    elif config.data.normalize == "dataset":  # measured by the run and kept in its config
+        mean, std = config.data.mean, config.data.std
+    else:
+        from mixmim.data import normalization
+
+        mean, std = normalization(config.data, channels)
     transform = view_transform(size, mean, std)
-    images = torch.stack([transform(p) for p in pictures])
+    images = torch.stack([transform(p.convert("L") if channels == 1 else p) for p in pictures])
     torch.manual_seed(args.seed)
     with torch.no_grad():
         out = method(images, picture=True)

@@ -40,6 +40,10 @@ def run(args: argparse.Namespace) -> int:
     for report in args.reuse:
         print(f"study: {study.reuse(report)} result(s) taken from {report}")
     rows = study.collect() if args.report_only else study.run()
+    if getattr(study, "stopped", None):
+        print(f"study: stopped by {study.stopped}; {len(rows)} result(s) so far in {output / 'results'}. Resume with "
+              f"the same command: {study.command}")
+        return 0
     folder = write_report(study, rows, args.report or output / "report")
     print(f"study: {len(rows)} result(s); report in {folder}")
     print((folder / "results.md").read_text())

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mixmim.data.images import BadImage, decode, load_rgb, mode_of
+from mixmim.data.images import BadImage, DataQualityError, decode, load_rgb, mode_of
 from mixmim.data.seeding import augment
 from mixmim.data.sources import FolderSource, ImageSource
 
@@ -92,8 +92,8 @@ class SourceDataset(SeededDataset):
                 skipped.append((self.source.name(candidate), str(exc)))
                 continue
             return {"image": image, "index": candidate, "skipped": skipped}
-        raise RuntimeError(f"{self.max_tries} consecutive unreadable images in {self.source.describe()} from "
-                           f"{self.source.name(index)}; the data looks broken (see the skipped list)")
+        raise DataQualityError(f"{self.max_tries} consecutive unreadable images in {self.source.describe()} from "
+                               f"{self.source.name(index)}; the data looks broken (see the skipped list)")
 
 
 class ImageFolderDataset(SourceDataset):

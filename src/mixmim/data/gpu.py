@@ -27,7 +27,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from mixmim.data.datasets import SourceDataset, _key
-from mixmim.data.images import BadImage, decode, orientation, oriented_size
+from mixmim.data.images import BadImage, DataQualityError, decode, orientation, oriented_size
 from mixmim.data.transforms import CropDraw, PretrainTransform
 
 _warned = False
@@ -85,8 +85,8 @@ class EncodedDataset(SourceDataset):
                         "index": candidate, "name": self.source.name(candidate), "skipped": skipped}
             except BadImage as exc:
                 skipped.append((self.source.name(candidate), str(exc)))
-        raise RuntimeError(f"{self.max_tries} consecutive unreadable images in {self.source.describe()} from "
-                           f"{self.source.name(index)}; the data looks broken (see the skipped list)")
+        raise DataQualityError(f"{self.max_tries} consecutive unreadable images in {self.source.describe()} from "
+                               f"{self.source.name(index)}; the data looks broken (see the skipped list)")
 
     @staticmethod
     def collate_fn(items: list[dict]) -> dict:

@@ -21,6 +21,8 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from mixmim.utils.errors import UserError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MODES = {1: "L", 3: "RGB"}  # channels -> PIL mode
 ORIENTATION = 0x0112  # EXIF tag; values 5-8 rotate by 90 degrees (width and height swap)
@@ -30,8 +32,12 @@ Source = Union[str, Path, bytes, bytearray, memoryview]
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error, Image.DecompressionBombError)
 
 
-class BadImage(Exception):
+class BadImage(UserError):
     """The file could not be turned into an image; ``str(exc)`` says why."""
+
+
+class DataQualityError(UserError, ValueError):
+    """Too many unreadable images: the data set, not the code, needs fixing."""
 
 
 def mode_of(channels: int) -> str:

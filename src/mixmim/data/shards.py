@@ -473,9 +473,12 @@ def write_shards(data: str | Path, output: str | Path, shard_size: int | str = "
     data, output = Path(data).expanduser(), Path(output).expanduser()
     size = parse_size(shard_size)
     if not data.is_dir():
-        raise FileNotFoundError(f"image folder {data} does not exist")
-    if output.exists() and (shard_files(output) or shard_splits(output)) and not overwrite:
-        raise ValueError(f"{output} already holds shards; pass --overwrite to replace them")
+        raise FileNotFoundError(f"image folder {data} does not exist" if not data.exists()
+                                else f"--data {data} is a file, expected an image folder")
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output} is a file, expected a folder for the shards")
+    if workers < 1:
+        raise ValueError(f"--workers {workers}: expected at least 1")
     held = next((data / n for n in ("val", "test") if (data / n).is_dir()), None)
     if (data / "train").is_dir() and held is not None:
         jobs = [(FolderSource(data / "train"), output / "train"), (FolderSource(held), output / held.name)]
@@ -483,10 +486,42 @@ def write_shards(data: str | Path, output: str | Path, shard_size: int | str = "
             raise ValueError(f"{held} has classes {jobs[1][0].classes}, {data / 'train'} has {jobs[0][0].classes}")
     else:
         jobs = [(FolderSource(data), output)]
-    if overwrite:
-        for _, out in jobs:
-            for old in [*out.glob("*.tar"), out / "skipped.txt", out / "classes.json", out / "shards.json",
-                        out / INDEX_NAME]:
-                old.unlink(missing_ok=True)
+    # Every check passes before anything is deleted; then only files of our own earlier shard sets.
+    earlier = [previous_shard_files(out, overwrite) for _, out in jobs]
+    if not overwrite and output.is_dir() and shard_splits(output):
+        raise ValueError(f"{output} already holds shards; pass --overwrite to replace them")
+    for files in earlier:
+        for old in files:
+            old.unlink(missing_ok=True)
     classes = jobs[0][0].classes
     return [write_shard_set(src, out, size, classes, workers, progress) for src, out in jobs]
+
+
+def previous_shard_files(output: Path, overwrite: bool) -> list[Path]:
+    """The files of a shard set this command wrote earlier into ``output`` (its ``shards.json`` lists
+    them), which ``--overwrite`` replaces. Refused in one line: shards there without ``--overwrite``, and
+    ``.tar`` files no manifest of ours lists (they would be read as part of the new set, and are not ours
+    to delete)."""
+    if not output.is_dir():
+        return []
+    listed: list[str] = []
+    manifest = output / "shards.json"
+    if manifest.is_file():
+        try:
+            info = json.loads(manifest.read_text())
+            listed = [str(s["name"]) for s in info["shards"]] if info.get("format") == "webdataset" else []
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            listed = []
+    listed = [n for n in listed if n == Path(n).name and n.endswith(".tar")]  # names, never paths elsewhere
+    tars = sorted(p.name for p in output.iterdir() if p.is_file() and p.name.endswith(".tar"))
+    foreign = [n for n in tars if n not in listed]
+    if foreign:
+        raise ValueError(f"{output} holds .tar files mixmim did not write ({', '.join(foreign[:3])}"
+                         f"{', ...' if len(foreign) > 3 else ''}); choose an empty folder for the shards")
+    if tars and not overwrite:
+        raise ValueError(f"{output} already holds shards; pass --overwrite to replace them")
+    if not listed:
+        return []
+    ours = [output / n for n in listed] + [output / n for n in ("skipped.txt", "classes.json", INDEX_NAME)]
+    ours += [p for p in output.iterdir() if p.name.startswith(".shard-") and p.name.endswith(".tmp")]  # killed writes
+    return [p for p in ours if p.is_file()] + [manifest]

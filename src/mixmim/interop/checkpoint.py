@@ -14,15 +14,17 @@ from typing import Any
 
 import torch
 
-from mixmim.utils.files import atomic_write, atomic_write_text, sha256_of
+from mixmim.interop.torch_files import CheckpointError, load_torch_file, verify_checksum
+from mixmim.utils.files import atomic_write, atomic_write_text, remove_stale_temporaries, sha256_of
 
 FORMAT = "mixmim-checkpoint/1"
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
+_TARGETS = re.compile(r"^step_\d{8,}\.pt(\.sha256)?$")
 log = logging.getLogger("mixmim")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint is missing, truncated, damaged or of another architecture."""
+__all__ = ["CheckpointError", "CheckpointManager", "checkpoint_name", "load_checkpoint", "resolve_checkpoint",
+           "verify"]
 
 
 def checkpoint_name(step: int) -> str:
@@ -37,22 +39,15 @@ def verify(path: Path) -> None:
     if not digest_file.is_file():
         raise CheckpointError(f"checkpoint {path} has no checksum file {digest_file.name}: the write did "
                               "not finish, so the file may be incomplete")
-    expected = digest_file.read_text().split()[0]
-    if sha256_of(path) != expected:
-        raise CheckpointError(f"checkpoint {path} is damaged or truncated (checksum mismatch, "
-                              f"{path.stat().st_size} bytes on disk)")
+    verify_checksum(path)
 
 
-def load_checkpoint(path: str | Path, check: bool = True) -> dict[str, Any]:
-    """Read a checkpoint on the CPU; with ``check``, refuse a file whose checksum does not match."""
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A training checkpoint of this project, read on the CPU without running code from it (the checksum
+    beside it verified first: :func:`mixmim.interop.torch_files.load_torch_file`)."""
     path = Path(path)
-    if check and path.with_name(path.name + ".sha256").exists():
-        verify(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc.__class__.__name__}: {exc}") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    state = load_torch_file(path)
+    if state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a mixmim training checkpoint (format {FORMAT})")
     return state
 
@@ -102,12 +97,24 @@ class CheckpointManager:
         try:
             atomic_write(path, lambda tmp: torch.save(state, tmp))
             atomic_write_text(path.with_name(path.name + ".sha256"), f"{sha256_of(path)}  {path.name}\n")
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - disk full is a RuntimeError from torch.save, quota an OSError
+            # A file whose checksum was not written is never resumed from: remove it, so it is not
+            # reported as damaged later (atomic_write has already removed its temporary file).
+            try:
+                verify(path)  # an older save of this step, intact: keep it
+            except CheckpointError:
+                path.unlink(missing_ok=True)
+                path.with_name(path.name + ".sha256").unlink(missing_ok=True)
+            reason = getattr(exc, "strerror", None) or " ".join(str(exc).split())[:200] or exc.__class__.__name__
             log.error("could not write checkpoint %s (%s); training continues, earlier checkpoints are kept",
-                      path, exc.strerror or exc)
+                      path, reason)
             return None
         self.prune()
         return path
+
+    def remove_stale(self) -> list[Path]:
+        """Temporary files of a save that a killed process left behind (at the start of a run)."""
+        return remove_stale_temporaries(self.folder, _TARGETS)
 
     def prune(self) -> None:
         """Delete all but the newest ``keep`` verified checkpoints; never the only good one."""

@@ -25,8 +25,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from safetensors.torch import save_file
+from torch import nn
+
+from mixmim.models.resize import state_mismatch
+from mixmim.utils.files import public_mode
 
 HUB_FORMAT = "mixmim-hub/1"
 CONFIG, WEIGHTS, CARD = "config.json", "model.safetensors", "README.md"
@@ -90,14 +93,17 @@ _BIT = {((3, 4, 6, 3), 1): "resnetv2_50x1_bit", ((3, 4, 6, 3), 3): "resnetv2_50x
 
 
 def save_hub_folder(encoder: nn.Module, folder: str | Path, card: Mapping[str, Any] | None = None,
-                    mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> Path:
+                    mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+                    overwrite: bool = False) -> Path:
     """Write ``encoder`` (no head) into ``folder`` as ``config.json`` + ``model.safetensors`` + ``README.md``.
 
     ``card``: what the model card reports, as :func:`run_card` builds it (method, model, data, step,
     images_seen, metrics, command, commit, ...); every key is optional. ``mean``/``std``: the
     normalisation the encoder was trained with (ImageNet's by default), recorded in ``pretrained_cfg``
-    so timm's ``resolve_data_config`` gives the right transforms. The folder is written beside its
-    destination and renamed into place, so a crash leaves either the old export or the new one.
+    so timm's ``resolve_data_config`` gives the right transforms. The three files are written beside
+    their destination and renamed into place, so a crash leaves whole files. An existing export of this
+    project is replaced only with ``overwrite`` (its three files; anything else the user keeps in the
+    folder stays); a folder holding other files, or another tool's export, is never written into.
     Returns the folder."""
     import timm
     from timm.models._hub import save_config_for_hf
@@ -105,14 +111,15 @@ def save_hub_folder(encoder: nn.Module, folder: str | Path, card: Mapping[str, A
     import mixmim.interop.timm_models  # noqa: F401  (the mixmim_* architectures, for create_model below)
 
     folder = Path(folder)
-    if folder.exists() and not (folder.is_dir() and (not any(folder.iterdir()) or is_hub_folder(folder))):
-        raise ValueError(f"{folder} exists and is not an export folder; choose another output")
+    check_export_target(folder, overwrite)
     card = dict(card or {})
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items() if not k.startswith("head.")}
     architecture, model_args = timm_architecture(encoder, card.get("model"))
     with torch.device("meta"):  # the architecture only: no memory, no initialisation cost
         reference = timm.create_model(architecture, pretrained=False, num_classes=0, **model_args)
-    _check_fits(state, reference.state_dict(), architecture)
+    problem = state_mismatch(state, reference.state_dict())
+    if problem:  # timm could not load the export with strict=True
+        raise ValueError(f"the encoder's weights do not fit timm's {architecture}: {problem}")
 
     config = encoder.config()
     config["num_classes"] = 0
@@ -132,46 +139,47 @@ def save_hub_folder(encoder: nn.Module, folder: str | Path, card: Mapping[str, A
                                              "origin_url", "paper_name", "test_input_size", "test_crop_pct")}
     reference.pretrained_cfg["license"] = card.get("license", "apache-2.0")
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would make the export private once renamed
+    folder.mkdir(parents=True, exist_ok=True)
+    public_mode(folder, executable=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".export", dir=folder.parent))
     try:
         save_file(state, str(staging / WEIGHTS), metadata={"format": "pt", "mixmim": HUB_FORMAT})
         save_config_for_hf(reference, str(staging / CONFIG), model_args=model_args, data_config=data_config,
                            model_config={"mixmim": info})
         (staging / CARD).write_text(render_card(folder.name, architecture, card))
-        for name in (WEIGHTS, CONFIG, CARD):
-            os.chmod(staging / name, 0o666 & ~umask)  # safetensors writes its file 0600
+        for name in (WEIGHTS, CARD, CONFIG):  # config.json last: a folder with it is a whole export
+            public_mode(staging / name)  # safetensors writes its file 0600
             with open(staging / name, "rb") as handle:
                 os.fsync(handle.fileno())
-        _replace_folder(staging, folder)
-    except BaseException:
+            os.replace(staging / name, folder / name)
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
     return folder
 
 
-def _check_fits(state: Mapping[str, Tensor], target: Mapping[str, Tensor], architecture: str) -> None:
-    """Refuse an export that timm could not load with ``strict=True``."""
-    missing = sorted(set(target) - set(state))
-    unexpected = sorted(set(state) - set(target))
-    shapes = sorted(k for k in set(state) & set(target) if tuple(state[k].shape) != tuple(target[k].shape))
-    if missing or unexpected or shapes:
-        raise ValueError(f"the encoder's weights do not fit timm's {architecture}: missing {missing[:4]}, "
-                         f"unexpected {unexpected[:4]}, other shapes {shapes[:4]}")
+def check_export_target(folder: Path, overwrite: bool) -> None:
+    """Refuse to write an export where it could replace what this project did not write (a file in the
+    way, a folder that holds anything but an export of ours), or an earlier export without ``overwrite``."""
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise ValueError(f"export folder {folder} is a file; choose another --output")
+    ours = _is_our_export(folder)
+    if not ours and any(folder.iterdir()):
+        raise ValueError(f"{folder} exists and is not an export folder of mixmim; choose another --output "
+                         "(nothing in it is replaced)")
+    if ours and not overwrite:
+        raise ValueError(f"{folder} already holds an export; pass --overwrite to replace its {CONFIG}, {WEIGHTS} "
+                         f"and {CARD} (other files in the folder are kept)")
 
 
-def _replace_folder(staging: Path, folder: Path) -> None:
-    old = None
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-    os.replace(staging, folder)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _is_our_export(folder: Path) -> bool:
+    try:
+        ours = json.loads((folder / CONFIG).read_text()).get("mixmim")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(ours, Mapping) and ours.get("format") == HUB_FORMAT
+
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -332,10 +340,6 @@ def read_hub_meta(folder: str | Path) -> tuple[str, dict[str, Any], str | None]:
     if "img_size" in accepted and "img_size" not in model_args and size:
         args["img_size"] = list(size[1:])
     return family, args, name_for_config(family, args) or name
-
-
-def load_hub_state(folder: str | Path) -> dict[str, Tensor]:
-    return load_file(str(Path(folder) / WEIGHTS))
 
 
 def hub_card(folder: str | Path) -> dict[str, Any]:

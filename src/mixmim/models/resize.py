@@ -96,15 +96,32 @@ def resize_state_dict(state: Mapping[str, Tensor], model: nn.Module,
     return out
 
 
+def state_mismatch(state: Mapping[str, Tensor], target: Mapping[str, Tensor], allow_missing: Sequence[str] = ()) -> str:
+    """What keeps ``state`` from loading strictly into a module whose state dict is ``target``: missing
+    and unexpected names, shapes that differ ("" when it fits). Missing names starting with one of
+    ``allow_missing`` (a new head) are allowed. The one check behind every "does this file fit" error."""
+    missing = sorted(k for k in set(target) - set(state) if not k.startswith(tuple(allow_missing)))
+    unexpected = sorted(set(state) - set(target))
+    shapes = sorted(k for k in set(target) & set(state) if tuple(target[k].shape) != tuple(state[k].shape))
+
+    def few(keys: list[str]) -> str:
+        return ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
+
+    parts = [f"missing {few(missing)}" if missing else "", f"unexpected {few(unexpected)}" if unexpected else "",
+             "shape differs for " + few([f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}" for k in shapes])
+             if shapes else ""]
+    return "; ".join(p for p in parts if p)
+
+
 def load_resized(model: nn.Module, state: Mapping[str, Tensor], source_grid: Sequence[int] | None = None,
                  allow_missing: Sequence[str] = ("head.",)) -> list[str]:
     """Resize ``state`` to ``model`` and load it; missing keys are an error unless they start with one
     of ``allow_missing`` (a new head). Returns the missing keys that were allowed."""
     resized = resize_state_dict(state, model, source_grid)
-    missing, unexpected = model.load_state_dict(resized, strict=False)
-    bad = [k for k in missing if not k.startswith(tuple(allow_missing))]
-    if bad or unexpected:
-        raise ValueError(f"checkpoint does not fit the model: missing {bad[:6]}, unexpected {list(unexpected)[:6]}")
+    problem = state_mismatch(resized, model.state_dict(), allow_missing)
+    if problem:
+        raise ValueError(f"checkpoint does not fit the model (another model or size?): {problem}")
+    missing, _ = model.load_state_dict(resized, strict=False)
     return list(missing)
 
 

@@ -29,7 +29,6 @@ import hashlib
 import json
 import logging
 import math
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,10 +38,10 @@ from typing import Any
 import yaml
 
 from mixmim.config import RECIPES, ConfigError, TrainConfig, build_dataclass, load_config, read_yaml
+from mixmim.utils.provenance import git_commit
 
 log = logging.getLogger("mixmim")
 
-ROOT = Path(__file__).resolve().parents[3]
 STUDY_CONFIGS = RECIPES / "study"  # profiles and arms, shipped with the package
 METRICS = ("knn", "linprobe", "finetune_1pct", "finetune_10pct")
 
@@ -125,18 +124,6 @@ def seeds_of(arm: Arm, profile: Profile) -> list[int]:
     return list(range(profile.seeds)) if arm.seeds == "all" else [0]
 
 
-def git_commit() -> str:
-    """HEAD of the repository this code runs from, with ``+changes`` when tracked source files differ."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "src", "configs"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+changes" if dirty else "")
-
-
 class Study:
     """Runs (or resumes) a study in ``output``; results land in ``output/results/<arm>/seed<k>/*.json``."""
 
@@ -204,9 +191,21 @@ class Study:
     # ------------------------------------------------------------------ running
     def run(self) -> list[dict[str, Any]]:
         """Every arm's every seed, seed-major (each arm's seed 0, then each seed 1, ...): a study stopped
-        part-way has every arm at its first seeds rather than some arms complete and others missing."""
-        for arm, seed in self.schedule():
-            self.run_arm(arm, seed)
+        part-way has every arm at its first seeds rather than some arms complete and others missing.
+        SIGTERM, SIGUSR1 or Ctrl-C stop it cleanly wherever it is: a pretraining run checkpoints, an
+        evaluation in progress finishes (or its transfer run checkpoints), and :attr:`stopped` says
+        by what; running the study again continues."""
+        from mixmim.training.signals import StopRequest
+
+        self.stopped: str | None = None
+        with StopRequest() as stop:
+            self._stop = stop
+            for arm, seed in self.schedule():
+                done = self.run_arm(arm, seed)
+                if not done or stop.requested():
+                    self.stopped = stop.signal_name or "a signal"
+                    log.warning("study: stopped by %s during %s seed %d", self.stopped, arm.name, seed)
+                    break
         return self.collect()
 
     def schedule(self) -> list[tuple[Arm, int]]:
@@ -214,30 +213,44 @@ class Study:
         pairs = [(arm, seed) for arm in self.arms for seed in seeds_of(arm, self.profile)]
         return sorted(pairs, key=lambda pair: pair[1])  # stable: the arms' order within a seed
 
-    def run_arm(self, arm: Arm, seed: int) -> None:
+    def run_arm(self, arm: Arm, seed: int) -> bool:
+        """Pretrain and evaluate one arm's seed; False when a stop request cut it short."""
         from mixmim.utils.files import atomic_write_text
 
         todo = [m for m in arm.metrics if not self.cached(arm, seed, m)]
         if not todo:  # every result cached: the run (and its checkpoints) need not exist any more
-            return
+            return True
         config = self.run_config(arm, seed)
         pretrain_seconds = 0.0
         if arm.pretrain:
-            weights, pretrain_seconds = self._pretrain(config)
+            pretrained = self._pretrain(config)
+            if pretrained is None:
+                return False
+            weights, pretrain_seconds = pretrained
         else:
             weights = self._random_encoder(config, seed)
         log.info("study: evaluating %s seed %d (%s)", arm.name, seed, ", ".join(todo))
         for metric, value, seconds, extra in self._evaluate(config, weights, seed, todo):
+            if value is None:  # the transfer run was stopped: nothing to record
+                return False
             images = config.train.max_steps * config.train.batch_size if arm.pretrain else 0
             record = {"arm": arm.name, "seed": seed, "metric": metric, "value": value, "seconds": seconds,
                       "pretrain_seconds": pretrain_seconds, "images_seen": images, "commit": self.commit,
                       "settings": self.settings(arm, metric), **extra}
             atomic_write_text(self.result_path(arm, seed, metric), json.dumps(record, indent=2) + "\n")
             log.info("study: %s seed %d %s = %.4f (%.0f s)", arm.name, seed, metric, value, seconds)
+            if self._stopping():
+                return False
+        return True
 
-    def _pretrain(self, config) -> tuple[Path, float]:
+    def _stopping(self) -> bool:
+        stop = getattr(self, "_stop", None)
+        return stop is not None and stop.requested()
+
+    def _pretrain(self, config) -> tuple[Path, float] | None:
         """Pretrain (or resume, or reuse) the arm's run; returns its newest checkpoint and the wall time
-        the pretraining took (kept in ``study.json`` of the run, across resumptions)."""
+        the pretraining took (kept in ``study.json`` of the run, across resumptions); None when the
+        pretraining was stopped (it resumes at the next run of the study)."""
         from mixmim.interop.checkpoint import CheckpointManager
         from mixmim.training.pretrain import run_pretraining
         from mixmim.utils.files import atomic_write_text
@@ -254,7 +267,7 @@ class Study:
             run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(timing, json.dumps(done) + "\n")
             if not done["finished"]:
-                raise KeyboardInterrupt(f"pretraining of {run_dir} stopped; run the study again to resume")
+                return None
         latest = manager.latest()
         if latest is None:
             raise FileNotFoundError(f"{run_dir} holds no checkpoint although its pretraining finished")
@@ -298,6 +311,8 @@ class Study:
             tree.pop("eval")
             r = run_transfer(load_run_config("knn", tree=_merge(_verb_defaults("knn"), tree)))["results"]
             yield "knn", r["acc1"] / 100.0, time.perf_counter() - start, {"test_images": r["test_samples"]}
+            if self._stopping():
+                return
         if "linprobe" in todo:
             start = time.perf_counter()
             tree = _merge(common, {"name": "linprobe", "data": {"limit_train": ev.bank_size},
@@ -305,8 +320,13 @@ class Study:
                                    "optim": {"warmup_epochs": min(5.0, ev.linprobe_epochs / 10)},
                                    "probe": {"features": "cached"}})
             r = run_transfer(load_run_config("linprobe", tree=_merge(_verb_defaults("linprobe"), tree)),
-                             overwrite=True)["results"]
+                             overwrite=True).get("results")
+            if r is None:
+                yield "linprobe", None, 0.0, {}
+                return
             yield "linprobe", r["acc1"] / 100.0, time.perf_counter() - start, {"test_images": r["test_samples"]}
+            if self._stopping():
+                return
         for settings in ev.finetune:
             metric = f"finetune_{_percent(settings.fraction)}pct"
             if metric not in todo:
@@ -316,7 +336,10 @@ class Study:
             tree = _merge(common, {"name": metric, "data": {"limit_train": labels}})
             cfg = load_transfer_config("finetune", None, [*_as_overrides(tree), *settings.overrides],
                                        base={"finetune": {"rule": "small_data"}})
-            r = run_transfer(cfg, overwrite=True)["results"]
+            r = run_transfer(cfg, overwrite=True).get("results")
+            if r is None:
+                yield metric, None, 0.0, {}
+                return
             yield metric, r["acc1"] / 100.0, time.perf_counter() - start, {
                 "labels": labels, "epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size,
                 "steps": r["step"], "test_images": r["test_samples"]}

@@ -8,6 +8,10 @@ import logging
 import sys
 from pathlib import Path
 
+from mixmim.data.images import DataQualityError
+
+__all__ = ["DataQualityError", "MetricsLog", "SkippedFiles", "log", "setup_logging"]
+
 log = logging.getLogger("mixmim")
 
 
@@ -69,20 +73,36 @@ class MetricsLog:
         """Continue the tracker runs of a checkpoint's :meth:`tracker_state` (call before the first write)."""
         self.resume_state = dict(state or {})
 
-    def _open(self) -> list:
+    def start(self) -> None:
+        """Open the trackers now, before the first step: one that cannot start (no login, no server, a
+        store its version refuses) stops the run with one line naming it and what to set."""
+        if self.enabled:
+            self._open(strict=True)
+
+    def _open(self, strict: bool = False) -> list:
+        """The open trackers. Opened again later (after a resume rewinds them), a tracker that fails is
+        left out with a warning: a tracker never costs a run that has started."""
         if self.trackers is None:
-            from mixmim.training.trackers import tracker_class
+            from mixmim.training.trackers import TrackerStartError, start_hint, tracker_class
 
             self.trackers = []
             for name in self.tracker_names:
                 cls = tracker_class(name)
-                if cls is None:
+                if cls is None or name in self._failed:
                     continue
                 run_id = (self.resume_state.get(name) or {}).get("run_id")
                 try:
                     self.trackers.append(cls.open(self.run_dir, self.config, self.run_name, run_id, self.start_step))
                 except ImportError:  # tensorboard is optional at run time
                     log.warning("%s is not installed; not logging to it", name)
+                except Exception as exc:  # noqa: BLE001 - each tracker library raises its own kinds
+                    reason = " ".join(str(exc).split())[:300] or exc.__class__.__name__
+                    if strict:
+                        self.close()
+                        raise TrackerStartError(f"train.trackers: {name} could not start ({exc.__class__.__name__}: "
+                                                f"{reason}); {start_hint(name)}") from None
+                    self._failed.add(name)
+                    log.warning("%s: could not reopen (%s); metrics.csv has every row", name, reason)
         return self.trackers
 
     def tracker_state(self) -> dict[str, dict[str, str]]:
@@ -195,7 +215,3 @@ class SkippedFiles:
             log.warning("epoch %d: skipped %d unreadable image(s) (%d so far), listed in %s",
                         epoch, self.new_this_epoch, len(self.seen), self.path)
         self.new_this_epoch = 0
-
-
-class DataQualityError(ValueError):
-    """Too many unreadable images: the data set, not the code, needs fixing."""

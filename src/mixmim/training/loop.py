@@ -13,6 +13,7 @@ The loop knows nothing of what it trains; what it may ask is written in :class:`
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import time
 from pathlib import Path
@@ -26,13 +27,18 @@ from torch.utils.data import DataLoader, IterableDataset
 from mixmim.config import ConfigError, dump_config
 from mixmim.data.sampler import ResumableSampler, sample_seed, steps_per_epoch
 from mixmim.interop.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
+from mixmim.models.resize import state_mismatch
 from mixmim.training import distributed as D
 from mixmim.training.logs import MetricsLog, SkippedFiles, log, setup_logging
 from mixmim.training.optim import build_optimizer
+from mixmim.training.run_folder import RunLock, check_resume_config, clear_run
 from mixmim.training.schedule import build_schedule, set_lr
 from mixmim.training.signals import StopRequest, _worker_init
 from mixmim.training.task import Task
-from mixmim.utils.files import atomic_write_text
+from mixmim.utils.cpus import worker_count
+from mixmim.utils.errors import UserError
+from mixmim.utils.files import atomic_write_text, remove_stale_temporaries
+from mixmim.utils.provenance import command_line, git_commit
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
@@ -53,7 +59,7 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The loss stayed NaN/inf after reloading a checkpoint with a lower learning rate."""
 
 
@@ -64,13 +70,22 @@ class Trainer:
         self.task, self.info, self.device = task, info, device
         self.config = task.config
         t = self.config.train
+        workers = worker_count(t.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        self._workers_note = None
+        if workers != t.num_workers:
+            self._workers_note = (f"train.num_workers {t.num_workers} -> {workers}: one per CPU core this process "
+                                  "may use")
+            t.num_workers = workers  # the training loader, evaluation loaders and feature caches alike
         self.global_batch = t.batch_size
         self.micro_batch = self._micro_batch(t)
         self.amp = resolve_amp(t.amp, device)
         if self.amp == "fp16" and device.type == "cpu":
             raise ConfigError("config key 'train.amp': fp16 needs a GPU; use bf16 or fp32 on the CPU")
         self.run_dir = self.config.run_dir
-        self._prepare_folder(overwrite)
+        self.overwrite = overwrite
+        self.commit, self.command = git_commit(), command_line()  # kept in every checkpoint and model card
+        self.config_changes: list[dict[str, Any]] = []  # what --resume-with-changes accepted, and when
+        self._prepare_folder()
         seed_all(t.seed)  # identical initial weights on every rank
         self.model = task.build_model().to(device)
         self._check_multiple(task.batch_multiple())
@@ -128,19 +143,13 @@ class Trainer:
                               f"{t.batch_size} / {self.info.world_size} process(es) / accum_steps {t.accum_steps}) "
                               "is not")
 
-    def _prepare_folder(self, overwrite: bool) -> None:
-        t = self.config.train
+    def _prepare_folder(self) -> None:
+        """The run folder and its log; nothing in it is deleted here (``--overwrite`` acts in
+        :meth:`_begin`, once the model, the data and the trackers are known to work)."""
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         setup_logging(self.run_dir if self.info.is_main else None, self.info.is_main)
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", t.keep_checkpoints)
-        if overwrite and self.info.is_main:
-            for _, path in self.checkpoints.all_steps():
-                path.unlink(missing_ok=True)
-                path.with_name(path.name + ".sha256").unlink(missing_ok=True)
-            for name in ("metrics.csv", "skipped.txt"):
-                (self.run_dir / name).unlink(missing_ok=True)
-        D.barrier()
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", self.config.train.keep_checkpoints)
 
     def _loader(self, t) -> DataLoader:
         workers = t.num_workers
@@ -183,6 +192,7 @@ class Trainer:
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             "config": self.config.to_dict(), "task": self.task.state_dict(), **self.task.checkpoint_extras(),
             "trackers": self.metrics.tracker_state(),  # a resumed run continues the same W&B / MLflow run
+            "commit": self.commit, "command": self.command, "config_changes": self.config_changes,
         }
 
     def save_checkpoint(self) -> Path | None:
@@ -196,7 +206,7 @@ class Trainer:
         D.barrier()
         return path
 
-    def load(self, path: Path) -> None:
+    def load(self, path: Path) -> dict[str, Any]:
         state = load_checkpoint(path)
         self.task.load_state_dict(state.get("task") or {}, path)
         _check_architecture(path, state["model"], self.module().state_dict())
@@ -206,8 +216,10 @@ class Trainer:
         self.step = int(state["step"])
         self.lr_scale = float(state.get("lr_scale", 1.0))
         self.lowered_lr = bool(state.get("lowered_lr", False))
+        self.config_changes = list(state.get("config_changes") or [])
         self.metrics.resume(state.get("trackers"))
         self.last_checkpoint = path
+        return state
 
     # ------------------------------------------------------------------ one step
     def _sync_context(self, last: bool):
@@ -287,8 +299,8 @@ class Trainer:
         return True
 
     # ------------------------------------------------------------------ the loop
-    def run(self, resume: bool = False) -> dict[str, Any]:
-        self._begin(resume)
+    def run(self, resume: bool = False, allow_changes: bool = False) -> dict[str, Any]:
+        self._begin(resume, allow_changes)
         self.started = time.perf_counter()
         self.progress = self._progress_bar()
         with StopRequest() as stop:
@@ -301,13 +313,27 @@ class Trainer:
             self.progress.close()
         return self._finish()
 
-    def _begin(self, resume: bool) -> None:
+    def _begin(self, resume: bool, allow_changes: bool = False) -> None:
+        """Everything is built and checked: now the folder may change (earlier files removed with
+        ``--overwrite``, a checkpoint resumed, config.yaml written) and the trackers start."""
+        if self.info.is_main:
+            self.checkpoints.remove_stale()  # a save killed half-way
+            remove_stale_temporaries(self.run_dir)
+            if self.overwrite:
+                clear_run(self.run_dir)
+        D.barrier()
         if resume:
             latest = self.checkpoints.latest()
+            if latest is None and self.checkpoints.all_steps():
+                raise CheckpointError(f"--resume: every checkpoint in {self.checkpoints.folder} is damaged (see the "
+                                      "warnings above); nothing was changed. Move them away to start again, or "
+                                      "--overwrite to delete them")
             if latest is None:
                 log.warning("--resume: no checkpoint in %s, starting from step 0", self.checkpoints.folder)
             else:
-                self.load(latest)
+                state = self.load(latest)
+                changes = check_resume_config(latest, state.get("config") or {}, self.config.to_dict(), allow_changes)
+                self.config_changes += [{"step": self.step, "key": k, "from": a, "to": b} for k, a, b in changes]
                 log.info("resumed from %s at step %d", latest, self.step)
         elif self.checkpoints.all_steps():
             raise ConfigError(f"{self.run_dir} already holds checkpoints; pass --resume to continue that run, "
@@ -315,7 +341,10 @@ class Trainer:
         if self.info.is_main:
             atomic_write_text(self.run_dir / "config.yaml", dump_config(self.config))
             self.metrics.truncate_after(self.step)
+            self.metrics.start()  # a tracker that cannot start stops the run here, before step 1
         log.info("%s", self.task.describe(self))
+        if self._workers_note:
+            log.info("%s", self._workers_note)
         log.info("%d steps of batch %d (%d x %d process(es) x %d accumulation), peak lr %.3g, %s on %s",
                  self.total_steps, self.global_batch, self.micro_batch, self.info.world_size,
                  self.config.train.accum_steps, self.schedule.peak, self.amp, self.device)
@@ -338,7 +367,8 @@ class Trainer:
         """Train through the rest of one epoch; False when it was cut short (stop, end, NaN reload)."""
         t = self.config.train
         micro: list[dict] = []
-        for batch in self.loader:
+        self._iterator = iter(self.loader)
+        for batch in self._iterator:
             micro.append(batch)
             if len(micro) < t.accum_steps:
                 continue
@@ -358,6 +388,13 @@ class Trainer:
                 return False
             self._periodic()
         return True
+
+    def close(self) -> None:
+        """Stop the data workers and the trackers (after a normal end, a stop or an error)."""
+        _shutdown_loader(getattr(self, "loader", None), getattr(self, "_iterator", None))
+        self._iterator = None
+        if hasattr(self, "metrics"):
+            self.metrics.close()
 
     def _count(self, loss: float) -> None:
         self.nan_streak = 0
@@ -412,26 +449,42 @@ class Trainer:
         return summary
 
 
+def _shutdown_loader(loader: DataLoader | None, iterator: Any = None) -> None:
+    """Stop a DataLoader's worker processes now, whatever state they are in. The workers ignore SIGTERM
+    (the main process stops them, see signals._worker_init), so the interpreter's own clean-up at exit,
+    which sends SIGTERM and waits, would wait forever after an error; and they must not outlive it."""
+    for it in (iterator, getattr(loader, "_iterator", None)):
+        if it is None or not hasattr(it, "_shutdown_workers"):
+            continue
+        try:
+            it._shutdown_workers()
+        except Exception:  # noqa: BLE001 - shutting down must not hide the error that got us here
+            pass
+        for worker in getattr(it, "_workers", []):
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout=5)
+    if loader is not None and hasattr(loader, "_iterator"):
+        loader._iterator = None
+
+
 def _check_architecture(path: Path, saved: dict, mine: dict) -> None:
-    missing = sorted(set(mine) - set(saved))
-    unexpected = sorted(set(saved) - set(mine))
-    shapes = sorted(k for k in set(mine) & set(saved) if tuple(mine[k].shape) != tuple(saved[k].shape))
-    if not (missing or unexpected or shapes):
-        return
-
-    def few(keys):
-        return ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
-
-    parts = [f"missing {few(missing)}" if missing else "", f"unexpected {few(unexpected)}" if unexpected else "",
-             "shape differs for " + few([f"{k} {tuple(saved[k].shape)} vs {tuple(mine[k].shape)}" for k in shapes])
-             if shapes else ""]
-    raise CheckpointError(f"checkpoint {path} is of another architecture: " + "; ".join(p for p in parts if p))
+    problem = state_mismatch(saved, mine)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} is of another architecture: {problem}")
 
 
-def train(task: Task, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
-    """Set up the processes (torchrun or one), train ``task`` to its step budget or a stop; a summary."""
+def train(task: Task, resume: bool = False, overwrite: bool = False, allow_changes: bool = False) -> dict[str, Any]:
+    """Set up the processes (torchrun or one), train ``task`` to its step budget or a stop; a summary.
+    The run folder is locked for the run (one run per folder); ``allow_changes``
+    (``--resume-with-changes``) accepts a resumed config that alters the trajectory."""
     info, device = D.setup(task.config.train.device)
+    trainer = None
     try:
-        return Trainer(task, info, device, overwrite=overwrite).run(resume)
+        with RunLock(task.config.run_dir, enabled=info.is_main):
+            trainer = Trainer(task, info, device, overwrite=overwrite)
+            return trainer.run(resume or allow_changes, allow_changes)
     finally:
+        if trainer is not None:
+            trainer.close()
         D.teardown()

@@ -217,7 +217,7 @@ class PretrainTask(Task):
             return  # sharded weights: the checkpoint holds the full encoder; `mixmim export` writes it
         save_encoder(self.method.encoder, trainer.run_dir / "encoder",
                      metadata={"method": self.config.method_name(), "step": trainer.step,
-                               "model": self.config.model.name})
+                               "model": self.config.model.name}, overwrite=True)  # the run's own export
 
 
 def _format(values: dict[str, float]) -> str:
@@ -225,6 +225,6 @@ def _format(values: dict[str, float]) -> str:
 
 
 def run_pretraining(config: RunConfig, resume: bool = False, method: nn.Module | None = None,
-                    overwrite: bool = False) -> dict[str, Any]:
+                    overwrite: bool = False, allow_changes: bool = False) -> dict[str, Any]:
     """Train ``config`` to its step budget (or a stop signal); returns a summary dict."""
-    return train(PretrainTask(config, method), resume=resume, overwrite=overwrite)
+    return train(PretrainTask(config, method), resume=resume, overwrite=overwrite, allow_changes=allow_changes)

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Protocol
 
+from mixmim.utils.errors import UserError
+
 # tracker name -> (module it needs, the pip extra that brings it)
 _NEEDS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}
 KNOWN = ("tensorboard", "csv", "wandb", "mlflow")  # "csv": metrics.csv, always written; accepted as a name
@@ -41,6 +43,21 @@ class Tracker(Protocol):
     def log(self, step: int, values: Mapping[str, float]) -> None: ...
 
     def close(self) -> None: ...
+
+
+class TrackerStartError(UserError, ValueError):
+    """A tracker named in ``train.trackers`` could not start; raised before the first step."""
+
+
+def start_hint(name: str) -> str:
+    """What to set when ``name`` cannot start."""
+    return {
+        "wandb": "log in (`wandb login`, or WANDB_API_KEY), or set WANDB_MODE=offline, or drop wandb from "
+                 "train.trackers",
+        "mlflow": "set MLFLOW_TRACKING_URI to a tracking server (http://...) or, for a local folder, file:<path> with "
+                  "MLFLOW_ALLOW_FILE_STORE=true; or drop mlflow from train.trackers",
+        "tensorboard": "check that the run folder is writable, or drop tensorboard from train.trackers",
+    }.get(name, f"drop {name} from train.trackers")
 
 
 def check_trackers(names: tuple[str, ...] | list[str]) -> tuple[str, ...]:

@@ -9,11 +9,13 @@ import torch
 from torch import nn
 
 from mixmim.evaluation.layer_decay import param_groups as layer_decay_groups
+from mixmim.interop.export import CLASSIFIER_FORMAT
 from mixmim.interop.pretrained import Pretrained, build_encoder, input_size, read_pretrained
 from mixmim.models.registry import FINETUNE_DROP_PATH, encoder_config
 from mixmim.training.optim import decay_groups
 
-CLASSIFIER_FORMAT = "mixmim-classifier/1"
+__all__ = ["CLASSIFIER_FORMAT", "Classifier", "build_classifier", "classifier_groups", "classifier_payload",
+           "resolve_model"]
 
 
 class Classifier(nn.Module):

@@ -27,6 +27,7 @@ from mixmim.config import ConfigError, FinetuneRunConfig
 from mixmim.data.labelled import eval_transform, make_mixup, train_transform
 from mixmim.evaluation.metrics import write_classification_report, write_json
 from mixmim.evaluation.sharded import Scores, evaluate_classifier
+from mixmim.interop.torch_files import load_torch_file
 from mixmim.training.loop import Trainer
 from mixmim.training.task import StepOutput, Task
 from mixmim.transfer.classifier import (Classifier, build_classifier, classifier_groups, classifier_payload,
@@ -153,7 +154,7 @@ class ClassificationTask(Task):
         """The scores of the kept weights, which are loaded into the model (best: from best.pt)."""
         best_file = trainer.run_dir / "best.pt"
         if self.config.eval.select == "best" and self.best and best_file.is_file():
-            self.load_kept(trainer, torch.load(best_file, map_location="cpu", weights_only=False))
+            self.load_kept(trainer, load_torch_file(best_file))
             return self.best_scores if self.best_scores is not None else self.score(trainer)
         return self.last_scores if self.last_scores is not None else self.score(trainer)
 

@@ -41,7 +41,8 @@ def load_transfer_config(verb: str, path: str | Path | None, overrides: list[str
     return config
 
 
-def run_transfer(config: Any, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+def run_transfer(config: Any, resume: bool = False, overwrite: bool = False,
+                 allow_changes: bool = False) -> dict[str, Any]:
     """Train (or, for k-NN, evaluate) what ``config`` describes; a summary with ``results``."""
     from mixmim.training.loop import train
 
@@ -60,4 +61,4 @@ def run_transfer(config: Any, resume: bool = False, overwrite: bool = False) -> 
         from mixmim.transfer.segmentation import SegmentTask as task_class
     else:
         raise ConfigError(f"{verb!r} is not a transfer verb")
-    return train(task_class(config), resume=resume, overwrite=overwrite)
+    return train(task_class(config), resume=resume, overwrite=overwrite, allow_changes=allow_changes)

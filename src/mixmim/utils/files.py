@@ -4,9 +4,29 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable
+
+# What atomic_write names its temporary files: ".<target name>.<random>.tmp" (tempfile.mkstemp).
+_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]{8}\.tmp$")
+_umask_lock = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask (it can only be read by setting it, so set it back at once)."""
+    with _umask_lock:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def public_mode(path: str | Path, executable: bool = False) -> None:
+    """Give a file the mode an ordinary ``open()`` would (0666 or 0777 less the umask): temporary files
+    are created 0600, and a run's files renamed from them would stay private to their owner."""
+    os.chmod(path, (0o777 if executable else 0o666) & ~current_umask())
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -22,6 +42,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         write(tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        public_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -54,3 +75,19 @@ def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def remove_stale_temporaries(folder: str | Path, targets: re.Pattern[str] | None = None) -> list[Path]:
+    """Delete the temporary files a process killed inside :func:`atomic_write` left in ``folder`` (only
+    names this module gives, ``.<name>.<8 characters>.tmp``, and with ``targets`` only those whose
+    target name matches it); the list of what was removed."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        match = _TEMPORARY.match(path.name)
+        if match and path.is_file() and (targets is None or targets.match(match.group("target"))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed

@@ -13,8 +13,10 @@ from typing import Any, Literal
 
 import yaml
 
+from mixmim.utils.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration value is unknown, of the wrong type or out of range."""
 
 
