@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -558,6 +559,10 @@ def validate(config: Any) -> None:
             raise ConfigError(f"config key 'finetune.smoothing': {f.smoothing} must lie in [0, 1)")
     if hasattr(config, "eval"):
         _at_least([("eval.every_epochs", config.eval.every_epochs, 0), ("eval.batch_size", config.eval.batch_size, 1)])
+    if not isinstance(config, RunConfig) and config.model.img_size is not None:
+        _at_least([("model.img_size", config.model.img_size, 16)])
+    if isinstance(config, SegmentRunConfig):
+        _at_least([("segment.num_classes", config.segment.num_classes, 2), ("segment.channels", config.segment.channels, 1)])
     if isinstance(config, KNNRunConfig):
         _at_least([("knn.k", config.knn.k, 1)])
         if config.knn.temperature <= 0:
@@ -572,6 +577,9 @@ def _validate_train(t: TrainConfig) -> None:
     if t.batch_size % t.accum_steps:
         raise ConfigError(f"config key 'train.batch_size': {t.batch_size} is not divisible by "
                           f"train.accum_steps={t.accum_steps}")
+    if not re.fullmatch(r"auto|cpu|mps|meta|(cuda|xpu|hpu)(:\d+)?", str(t.device)):
+        raise ConfigError(f"config key 'train.device': {t.device!r} is not a device; expected auto, cpu, cuda, cuda:N, "
+                          "mps or xpu")
     known = ("tensorboard", "csv", "wandb", "mlflow")
     for name in t.trackers:
         if name not in known:

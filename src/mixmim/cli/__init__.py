@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from mixmim.utils.errors import UserError, one_line
+    from mixmim.utils.provenance import set_command
 
+    set_command(["mixmim", *argv])
     _console_logging()
     try:
         return int(_module(args.verb).run(args) or 0)

@@ -56,7 +56,8 @@ def add_options(parser: argparse.ArgumentParser, specs: list[tuple[str, str, Any
 def add_config_options(parser: argparse.ArgumentParser, verb: str) -> None:
     """What every verb of the config system takes."""
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=5")
-    parser.add_argument("--config", "-c", help=f"YAML recipe or recipe name (`mixmim recipes {verb}` lists them)")
+    parser.add_argument("--config", "-c",
+                        help=f"YAML recipe or recipe name (`mixmim recipes --filter {verb}/` lists them)")
     parser.add_argument("--data", help="folder with class sub-folders, or 'fashion_mnist' (data.source/data.path)")
     parser.add_argument("--output", help="the run folder (output_dir/name)")
     parser.add_argument("--name", help="run name (folder under output_dir); same as name=...")

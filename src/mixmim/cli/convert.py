@@ -48,16 +48,20 @@ def run(args: argparse.Namespace) -> int:
     if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{source} holds no state dict of tensors (expected a release checkpoint)")
     pretraining = any(k.startswith("decoder.") for k in state)
-    if pretraining:
-        module = create_pretrainer("mixmim", args.model, img_size=args.img_size)
-    else:
+
+    def build():
+        if pretraining:
+            return create_pretrainer("mixmim", args.model, img_size=args.img_size)
         head = state.get("head.weight")
-        module = create_classifier(args.model, num_classes=head.shape[0] if head is not None else 1000,
-                                   img_size=args.img_size)
-    problem = state_mismatch(state, module.state_dict())
+        return create_classifier(args.model, num_classes=head.shape[0] if head is not None else 1000,
+                                 img_size=args.img_size)
+
+    with torch.device("meta"):  # the shapes only: a wrong --model costs nothing
+        problem = state_mismatch(state, build().state_dict())
     if problem:
         raise ValueError(f"{source} does not fit {args.model} at {args.img_size} px ({problem}); pass the right --model "
                          "and --img-size")
+    module = build()
     module.load_state_dict(state)
     if out.suffix == ".safetensors":
         encoder = module.encoder if pretraining else module

@@ -70,6 +70,8 @@ def print_avg_dist(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.img_size < 32:
+        raise ValueError(f"--img-size {args.img_size}: expected a size of at least 32 pixels")
     if args.mask:
         return print_avg_dist(args)
     rows = model_table(args.img_size, args.models)

@@ -47,7 +47,7 @@ def _pictures(inputs: list[str], limit: int) -> list:
             pictures.append(load_rgb(path))
         except BadImage as exc:  # one bad file among many: skip it, say so, go on
             skipped += 1
-            print(f"mixmim reconstruct: skipping unreadable image {path}: {exc}", file=sys.stderr)
+            print(f"mixmim reconstruct: warning: skipping unreadable image {path}: {exc}", file=sys.stderr)
     if not pictures:
         raise ValueError(f"no readable image in {' '.join(inputs)} ({skipped} unreadable)")
     return pictures
@@ -76,7 +76,7 @@ def load_pretrainer(checkpoint: str, model_name: str, img_size: int | None):
     from mixmim.interop.checkpoint import FORMAT, resolve_checkpoint
     from mixmim.interop.export import CLASSIFIER_FORMAT
     from mixmim.interop.hub import is_hub_folder
-    from mixmim.interop.official import convert_official, is_pretraining_state
+    from mixmim.interop.official import convert_official
     from mixmim.interop.torch_files import load_torch_file
     from mixmim.methods.factory import create_pretrainer
     from mixmim.training.pretrain import build_method
@@ -95,26 +95,31 @@ def load_pretrainer(checkpoint: str, model_name: str, img_size: int | None):
         if img_size is not None:
             config.model.img_size = img_size
         method = build_method(config)
-        _load(method, raw["model"], path, config.model.name)
+        _check_fits(method, raw["model"], path, config.model.name)
+        method.load_state_dict(raw["model"])
         return method.eval(), config
-    if raw.get("format") == CLASSIFIER_FORMAT or not is_pretraining_state(convert_official(raw)):
+    if raw.get("format") == CLASSIFIER_FORMAT or not any(k.startswith("decoder.") for k in convert_official(raw)):
         raise ValueError(f"{path} holds a classifier or an encoder without its decoder: reconstruct needs a "
                          "pretraining checkpoint")
+    import torch
+
     kwargs = {"img_size": img_size} if img_size else {}
+    state = convert_official(raw, target="pretrainer")
+    with torch.device("meta"):  # the shapes only: a wrong --model costs nothing
+        _check_fits(create_pretrainer("mixmim", model_name, **kwargs), state, path, model_name)
     method = create_pretrainer("mixmim", model_name, **kwargs)
-    _load(method, convert_official(raw, target="pretrainer"), path, model_name)
+    method.load_state_dict(state)
     return method.eval(), None
 
 
-def _load(method, state, path: Path, model_name: str) -> None:
-    """Load strictly; weights of another model (or size) are one line naming both."""
+def _check_fits(method, state, path: Path, model_name: str) -> None:
+    """Weights of another model (or size) are one line naming both."""
     from mixmim.models.resize import state_mismatch
 
     problem = state_mismatch(state, method.state_dict())
     if problem:
         raise ValueError(f"{path} does not fit {model_name} ({problem}); for a release checkpoint pass its --model "
                          "(and --img-size)")
-    method.load_state_dict(state)
 
 
 def run(args: argparse.Namespace) -> int:

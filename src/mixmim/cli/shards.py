@@ -30,14 +30,17 @@ def run(args: argparse.Namespace) -> int:
 
     from mixmim.data.shards import write_shards
 
-    bar = tqdm(desc="images", unit="img", disable=args.no_progress, leave=False)
+    bars: list = []  # made at the first image: nothing is drawn before the checks have passed
 
     def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.update(done - bar.n)
+        if not bars:
+            bars.append(tqdm(desc="images", unit="img", total=total, disable=args.no_progress, leave=False))
+        bars[0].total = total
+        bars[0].update(done - bars[0].n)
 
     reports = write_shards(args.data, args.output, args.shard_size, args.workers, args.overwrite, progress)
-    bar.close()
+    for bar in bars:
+        bar.close()
     for report in reports:
         size = sum(s["bytes"] for s in report.shards)
         print(f"{report.output}: {report.samples} images in {len(report.shards)} shard(s), {size / 2**20:.1f} MiB"

@@ -35,6 +35,8 @@ def open_source(path: str | Path, kind: str = "auto", hf_image_column: str = "im
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"data path {path} does not exist")
+    if path.is_file() and path.suffix.lower() != ".tar":
+        raise ValueError(f"--data {path} is a file, expected a folder of images (or a .tar shard)")
     shards = shard_files(path)
     if kind == "shards" or (kind in ("auto", "folder") and shards):
         if not shards:

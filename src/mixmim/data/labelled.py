@@ -29,7 +29,7 @@ from PIL import Image
 from timm.data import Mixup, create_transform
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from mixmim.data.images import BadImage, mode_of
+from mixmim.data.images import IMAGE_EXTENSIONS, BadImage, mode_of
 from mixmim.data.sampler import sample_seed
 from mixmim.data.seeding import augment
 from mixmim.data.sources import ArraySource, FolderSource, ImageSource, SubsetSource
@@ -212,6 +212,8 @@ def labelled_sources(data: str | Path, val_fraction: float = 0.2, seed: int = 0,
     root = Path(data).expanduser()
     if not root.exists():
         raise FileNotFoundError(f"data folder {root} does not exist (or pass 'fashion_mnist')")
+    if root.is_file() and root.suffix.lower() in IMAGE_EXTENSIONS:
+        raise ValueError(f"--data {root} is an image file, expected a folder with one sub-folder per class")
     pair: tuple[ImageSource, ImageSource] | None = None
     if shard_splits(root):
         train_shards, held_shards = shard_splits(root)
@@ -252,6 +254,8 @@ def _whole(data: str | Path, hf_image_column: str, hf_label_column: str) -> Imag
     root = Path(data).expanduser()
     if not root.exists():
         raise FileNotFoundError(f"data folder {root} does not exist")
+    if root.is_file() and root.suffix.lower() in IMAGE_EXTENSIONS:
+        raise ValueError(f"--data {root} is an image file, expected a folder with one sub-folder per class")
     from mixmim.data.shards import shard_files
 
     if shard_files(root) or not root.is_dir():
@@ -414,7 +418,7 @@ class _Decoded(Dataset):
         image = item["image"]
         if self.as_uint8:
             image = image.mul(255).round_().to(torch.uint8)  # exact: ToTensor made k / 255
-        return image, item["label"], item["skipped"]
+        return image, item["label"], item["skipped"], item["index"] == index  # False: a stand-in
 
 
 def _as_list(items: list) -> list:
@@ -422,8 +426,8 @@ def _as_list(items: list) -> list:
 
 
 def cached(dataset: LabelledDataset, num_workers: int = 0, batch_size: int = 64) -> CachedLabelled:
-    """Decode and transform every item of ``dataset`` once (seed = index; on ``num_workers`` DataLoader
-    workers) and keep the tensors (:class:`CachedLabelled`). The transform must be deterministic (an
+    """Decode and transform every readable item of ``dataset`` once (seed = index; on ``num_workers``
+    DataLoader workers) and keep the tensors (:class:`CachedLabelled`); unreadable files are left out. The transform must be deterministic (an
     evaluation transform): the cache serves the same tensor whatever seed is asked for."""
     split = _split_normalize(dataset.transform) if dataset.transform is not None else None
     transform, mean, std = split if split is not None else (dataset.transform, None, None)
@@ -431,9 +435,11 @@ def cached(dataset: LabelledDataset, num_workers: int = 0, batch_size: int = 64)
     loader = DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_as_list)
     images, labels, skipped = [], [], []
     for batch in loader:
-        for image, label, bad in batch:
+        for image, label, bad, own in batch:
+            skipped += bad
+            if not own:  # an unreadable file's stand-in (its neighbour): not kept twice
+                continue
             images.append(image)
             labels.append(label)
-            skipped += bad
     return CachedLabelled(torch.stack(images), torch.tensor(labels, dtype=torch.long), list(dataset.classes),
                           skipped, mean, std)

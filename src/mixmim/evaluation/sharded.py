@@ -47,11 +47,15 @@ class Shard(Dataset):
     def __getitem__(self, i: int):
         index = self.rank + i * self.world_size
         valid = index < len(self.dataset)
-        item = self.dataset[index if valid else len(self.dataset) - 1]
+        at = index if valid else len(self.dataset) - 1
+        item = self.dataset[(at, at)]  # the seeded key: a dict that says which file it holds
         image, label = (item["image"], item["label"]) if isinstance(item, dict) else item
         if not (torch.is_tensor(label) and label.ndim):  # a class id; a segmentation mask stays a map
             label = int(label)
-        return image, label, 1.0 if valid else 0.0
+        # An unreadable file comes back as the next readable one (its "index" says which): a stand-in
+        # weighs nothing, so no image is counted twice and no unreadable one is counted at all.
+        stand_in = isinstance(item, dict) and "index" in item and int(item["index"]) != at
+        return image, label, 1.0 if valid and not stand_in else 0.0
 
 
 def shard_loader(dataset: Dataset, batch_size: int, num_workers: int = 0) -> DataLoader:
@@ -75,23 +79,26 @@ def extract_features(encoder: nn.Module, dataset: Dataset, device: torch.device,
                      num_workers: int = 0, autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
                      progress: bool = False, desc: str = "features") -> tuple[Tensor, Tensor]:
     """(N, C) float32 pooled features (the classifier's pre-logits) and (N,) labels of the whole
-    ``dataset``, in its order, on every process; each process computes its share."""
+    ``dataset``, in its order, on every process; each process computes its share. Unreadable items
+    are left out (N is the number of readable ones)."""
     from tqdm import tqdm
 
     was_training = encoder.training
     encoder.eval()
-    feats, labels = [], []
+    feats, labels, weights = [], [], []
     try:
-        for images, targets, _ in tqdm(shard_loader(dataset, batch_size, num_workers), desc=desc, leave=False,
-                                       disable=not progress):
+        for images, targets, weight in tqdm(shard_loader(dataset, batch_size, num_workers), desc=desc, leave=False,
+                                            disable=not progress):
             with (autocast() if autocast else contextlib.nullcontext()):
                 out = encoder.pooled_features(images.to(device, non_blocking=True))
             feats.append(out.float())
             labels.append(targets.to(device))
+            weights.append(weight.to(device))
     finally:
         encoder.train(was_training)
-    x, y = torch.cat(feats), torch.cat(labels)
-    return _gather_interleaved(x, len(dataset)), _gather_interleaved(y, len(dataset))
+    x, y, w = torch.cat(feats), torch.cat(labels), torch.cat(weights)
+    keep = _gather_interleaved(w, len(dataset)) > 0  # without the stand-ins of unreadable files
+    return _gather_interleaved(x, len(dataset))[keep], _gather_interleaved(y, len(dataset))[keep]
 
 
 @dataclass

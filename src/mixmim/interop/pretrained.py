@@ -11,6 +11,7 @@ sizes may differ from pretraining (MixMIM section 3).
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -145,6 +146,7 @@ def build_encoder(pretrained: Pretrained, **overrides: Any) -> nn.Module:
     unknown = [k for k in config if k not in accepted]
     if unknown:
         raise ValueError(f"unknown {pretrained.family} encoder option(s) {', '.join(unknown)}")
+    _check_sizes(cls, config, pretrained.family)
     model = cls(**config)
     if pretrained.state:
         with torch.device("meta"):  # the checkpoint's own grid, for resizing position tables
@@ -155,6 +157,33 @@ def build_encoder(pretrained: Pretrained, **overrides: Any) -> nn.Module:
                  if not (k.startswith("head.") and (k not in target or target[k].shape != v.shape))}
         load_resized(model, state, source_grid=source.grids[0])
     return model
+
+
+def _check_sizes(cls: type, config: Mapping[str, Any], family: str) -> None:
+    """An image size that is a positive whole number (or two), and an encoder that fits in this machine's
+    memory: a config read from a file must not make the process allocate hundreds of gigabytes."""
+    size = config.get("img_size")
+    sides = size if isinstance(size, (list, tuple)) else [size]
+    if size is not None and not (1 <= len(sides) <= 2 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                                              for v in sides)):
+        raise ValueError(f"img_size {size!r}: expected a positive whole number of pixels (or [height, width])")
+    try:
+        with torch.device("meta"):  # the architecture only: no memory
+            probe = cls(**config)
+    except (TypeError, ValueError, AssertionError) as exc:
+        raise ValueError(f"the {family} encoder cannot be built with {dict(config)}: {exc}") from None
+    need = sum(t.numel() * t.element_size() for t in [*probe.parameters(), *probe.buffers()])
+    have = _physical_memory()
+    if have and need > have / 2:
+        raise ValueError(f"the {family} encoder at img_size {size} needs {need / 2**30:.1f} GiB for its weights alone "
+                         f"(this machine has {have / 2**30:.1f} GiB): is the image size right?")
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def input_size(pretrained: Pretrained, requested: int | None) -> tuple[int | list[int], int]:

@@ -95,6 +95,8 @@ def load_torch_file(path: str | Path, what: str = "checkpoint", mmap: bool = Fal
                 "checkpoint. If you trust the file, re-save its tensors: python -c \"import torch; "
                 f"torch.save(torch.load('{path}', weights_only=False)['model'], 'weights.pt')\"") from None
         raise CheckpointError(f"cannot read {what} {path}: not a PyTorch file or truncated ({reason})") from None
+    except (PermissionError, FileNotFoundError, IsADirectoryError):
+        raise  # the command line names the path and the reason
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, TypeError, IndexError,
             MemoryError, UnicodeDecodeError) as exc:
         reason = " ".join(str(exc).split()).split(". ")[0][:200] or exc.__class__.__name__

@@ -449,6 +449,16 @@ class Trainer:
         return summary
 
 
+def _check_run_dir(run_dir: Path) -> None:
+    """The run folder, or the first existing folder above it, must be a folder."""
+    for path in (run_dir, *run_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise ConfigError(f"the run folder {run_dir} cannot be made: {path} is a file (check output_dir and "
+                                  "name)")
+            return
+
+
 def _shutdown_loader(loader: DataLoader | None, iterator: Any = None) -> None:
     """Stop a DataLoader's worker processes now, whatever state they are in. The workers ignore SIGTERM
     (the main process stops them, see signals._worker_init), so the interpreter's own clean-up at exit,
@@ -478,6 +488,7 @@ def train(task: Task, resume: bool = False, overwrite: bool = False, allow_chang
     """Set up the processes (torchrun or one), train ``task`` to its step budget or a stop; a summary.
     The run folder is locked for the run (one run per folder); ``allow_changes``
     (``--resume-with-changes``) accepts a resumed config that alters the trajectory."""
+    _check_run_dir(task.config.run_dir)
     info, device = D.setup(task.config.train.device)
     trainer = None
     try:

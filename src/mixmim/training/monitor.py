@@ -19,7 +19,7 @@ import time
 import torch
 from torch import nn
 
-from mixmim.config import MonitorConfig
+from mixmim.config import ConfigError, MonitorConfig
 from mixmim.data.labelled import cached, eval_transform, load_splits
 from mixmim.evaluation.knn import knn_scores
 from mixmim.evaluation.metrics import topk_correct
@@ -38,6 +38,9 @@ class RepresentationMonitor:
         tf = eval_transform(img_size, cfg.crop_pct)
         splits = load_splits(cfg.data, tf, tf, cfg.train_size, cfg.test_size, seed=seed, balanced=True)
         # Decoded once and kept (uint8, bit-identical items): every evaluation reads the same images.
+        if len(splits.classes) < 2:  # every neighbour would vote for the one class: 100% of nothing
+            raise ConfigError(f"config key 'train.monitor.data': {cfg.data} has one class ({', '.join(splits.classes)}); "
+                              "the k-NN monitor needs two or more")
         self.train, self.test, self.classes = cached(splits.train), cached(splits.test), splits.classes
         self.history: list[dict[str, float]] = []
         self.seconds = 0.0

@@ -152,7 +152,7 @@ class SegmentationFolder(Dataset):
                 if handle.mode not in ("L", "P", "I", "I;16"):
                     raise ValueError(f"mask {path} has mode {handle.mode}: expected a single-channel label map")
                 return np.array(handle).astype(np.int64)
-        except (OSError, SyntaxError) as exc:
+        except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
             raise ValueError(f"cannot read mask {path}: {exc}") from None
 
     def __getitem__(self, key) -> dict:

@@ -80,7 +80,7 @@ def describe_rule(images: int, classes: int, rule: dict[str, Any], user: dict[st
     replaced = sorted(k for k in flat if k in mine)
     return (f"small-data rule for {images} labelled images of {classes} classes: {text}"
             + (f" (you set {', '.join(replaced)})" if replaced else "")
-            + "; a paper recipe instead: mixmim finetune --config <recipe> (mixmim recipes finetune)")
+            + "; a paper recipe instead: mixmim finetune --config <recipe> (mixmim recipes --filter finetune/)")
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -28,13 +28,17 @@ def git_commit() -> str:
     return head + ("+changes" if dirty else "")
 
 
-def command_line(argv: list[str] | None = None) -> str:
-    """The command as the user typed it, ``mixmim <verb> ...`` for the console script (or
-    ``python -m mixmim``), the script otherwise; shell-quoted so it can be pasted back."""
-    argv = list(sys.argv if argv is None else argv)
-    if not argv:
-        return ""
-    program = Path(argv[0]).name
-    if program in ("mixmim", "__main__.py", "-m") or program.startswith("mixmim"):
-        return shlex.join(["mixmim", *argv[1:]])
-    return shlex.join([program, *argv[1:]])
+_COMMAND: list[str] = []  # what the command line is running, set by mixmim.cli.main
+
+
+def set_command(words: list[str]) -> None:
+    """Record the command being run (``mixmim <verb> ...``), for checkpoints and model cards."""
+    _COMMAND[:] = list(words)
+
+
+def command_line() -> str:
+    """The command as the user typed it, shell-quoted so it can be pasted back: the ``mixmim`` verb
+    being run, or else the script and its arguments (a Python program that trains through the API)."""
+    if _COMMAND:
+        return shlex.join(_COMMAND)
+    return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else ""
