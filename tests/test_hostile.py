@@ -324,6 +324,33 @@ def test_a_full_disk_during_a_save_keeps_training_and_the_last_good_checkpoint(t
     assert "could not write checkpoint" in (tmp_path / "t" / "log.txt").read_text()
 
 
+def test_a_full_disk_at_the_start_or_the_end_is_one_line(tmp_path, monkeypatch, capsys):
+    import safetensors.torch
+
+    from mixmim.training import run_folder
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:  # the first file a run writes is its lock
+        patch.setattr(run_folder.json, "dump", no_space)
+        _one_line_error(capsys, cli(["pretrain", *tiny_run(tmp_path)]), "no space left on device", "run.lock")
+    assert not (tmp_path / "t" / "run.lock").exists()
+
+    class SafetensorError(Exception):  # what safetensors raises for a failed write
+        pass
+
+    def serialize_fails(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", serialize_fails)
+    monkeypatch.setattr("mixmim.interop.export.save_file", serialize_fails)
+    _one_line_error(capsys, cli(["pretrain", *tiny_run(tmp_path)]), "could not write", "encoder.safetensors",
+                    "no space left")
+    assert not [p for p in (tmp_path / "t").rglob("*.tmp")] and not (tmp_path / "t" / "run.lock").exists()
+    assert CheckpointManager(tmp_path / "t" / "checkpoints").latest() is not None  # the training is kept
+
+
 def test_a_second_ctrl_c_during_a_save_is_one_line_and_leaves_whole_files(tmp_path, monkeypatch, capsys):
     real, calls = torch.save, {"n": 0}
 
@@ -488,6 +515,7 @@ def _bad_inputs(world, tmp: Path) -> list[tuple[str, list[str], tuple[str, ...]]
         ("shards negative workers", ["shards", "--data", classes, "--output", str(tmp / "s"), "--workers", "-2"],
          ("--workers",)),
         ("info img size 0", ["info", "--img-size", "0"], ("--img-size",)),
+        ("stats negative workers", ["stats", "--data", classes, "--num-workers", "-1"], ("--num-workers",)),
         ("segment one class", ["segment", "--checkpoint", pair, "--data", seg, "--num-classes", "1"],
          ("segment.num_classes",)),
         ("monitor with one class", ["pretrain", *tiny, f"train.monitor.data={tmp / 'one'}"], ("one class", "two")),
@@ -593,3 +621,24 @@ def test_the_model_card_holds_the_commit_and_the_command(world, tmp_path):
     assert cli(["export", "--checkpoint", str(world["run"]), "--output", str(tmp_path / "e")]) == 0
     card = (tmp_path / "e" / "README.md").read_text()
     assert "not recorded" not in card and state["command"] in card and state["commit"] in card
+
+
+def test_a_decompression_bomb_mask_is_one_line(world, tmp_path, monkeypatch, capsys):
+    # A mask of more pixels than PIL's limit (set low here instead of writing a gigapixel PNG).
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    code = cli(["segment", "--checkpoint", str(world["root"] / "pair.safetensors"), "--data", str(world["seg"]),
+                "--epochs", "1", "--batch-size", "2", "--channels", "8", "--num-workers", "0", "--no-progress",
+                "--img-size", "64", "--output", str(tmp_path / "seg")])
+    _one_line_error(capsys, code, "cannot read mask", "decompression bomb")
+
+
+def test_what_a_resume_may_change():
+    from mixmim.training.run_folder import config_changes
+
+    saved = {"checkpoint": "runs/pre/", "data": {"path": "photos", "source": "folder"}, "optim": {"betas": [0.9, 0.95],
+             "lr": 1e-3}, "train": {"num_workers": 8, "trackers": ["csv"], "seed": 0, "monitor": {"every": 5}}}
+    same = {"checkpoint": "runs/./pre", "data": {"path": "./photos", "source": "folder"}, "optim": {"betas": (0.9, 0.95),
+            "lr": 0.001}, "train": {"num_workers": 2, "trackers": ["csv", "wandb"], "seed": 0, "monitor": {"every": 9}}}
+    assert config_changes(saved, same) == []
+    other = {**same, "data": {"path": "others", "source": "folder"}, "train": {**same["train"], "seed": 1}}
+    assert [k for k, _, _ in config_changes(saved, other)] == ["data.path", "train.seed"]

@@ -46,6 +46,11 @@ def test_a_grey_folder_pretrains_and_fine_tunes(method, grey_folder, tmp_path):
                  "data.channels=1", "train.batch_size=4", "train.max_steps=2", "train.num_workers=0",
                  "--no-progress", "train.device=cpu", "finetune.head_init=trunc_normal"]) == 0
     assert 0.0 <= json.loads((out / "results.json").read_text())["acc1"] <= 100.0
+    # reconstruct builds the method as pretraining did (one channel; SimMIM's grey statistics)
+    grid = tmp_path / "grid.png"
+    assert main(["reconstruct", "--checkpoint", str(tmp_path / "grey"), "--images", str(grey_folder),
+                 "--max-images", "4", "--output", str(grid)]) == 0
+    assert grid.stat().st_size > 1000
 
 
 def test_dataset_statistics_are_measured_once_and_kept_in_the_run_config(grey_folder, tmp_path, monkeypatch):

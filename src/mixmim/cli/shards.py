@@ -12,14 +12,15 @@ linprobe, knn, the monitor) read the shards.
 from __future__ import annotations
 
 import argparse
-import os
+
+from mixmim.utils.cpus import available_cpus
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="image folder (DATA/<class>/*.jpg, or DATA/train + DATA/val)")
     parser.add_argument("--output", required=True, help="folder to write the shards to")
     parser.add_argument("--shard-size", default="1GB", help="largest shard (default 1GB; e.g. 500MB, 2GiB)")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    parser.add_argument("--workers", type=int, default=min(8, available_cpus()),
                         help="processes checking that each image decodes")
     parser.add_argument("--overwrite", action="store_true", help="replace shards already in --output")
     parser.add_argument("--no-progress", action="store_true")

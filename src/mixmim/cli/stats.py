@@ -10,7 +10,8 @@ takes what pretraining takes (a folder, shards, a Hugging Face dataset, 'fashion
 from __future__ import annotations
 
 import argparse
-import os
+
+from mixmim.utils.cpus import available_cpus
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels", type=int, choices=(1, 3), default=3, help="3: RGB (default), 1: grey")
     parser.add_argument("--limit", type=int, default=None, help="measure a seeded sample of N images")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--num-workers", type=int, default=min(4, available_cpus()))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit {args.limit} must be at least 1")
+    if args.num_workers < 0:
+        raise ValueError(f"--num-workers {args.num_workers}: expected 0 (read in this process) or more")
     if args.data == "fashion_mnist":
         from mixmim.data.datasets import FashionMNISTImages
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mixmim.interop.torch_files import CheckpointError, load_torch_file, verify_checksum
-from mixmim.utils.files import atomic_write, atomic_write_text, remove_stale_temporaries, sha256_of
+from mixmim.utils.files import WriteError, atomic_write, atomic_write_text, remove_stale_temporaries, sha256_of
 
 FORMAT = "mixmim-checkpoint/1"
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
@@ -105,9 +106,14 @@ class CheckpointManager:
             except CheckpointError:
                 path.unlink(missing_ok=True)
                 path.with_name(path.name + ".sha256").unlink(missing_ok=True)
-            reason = getattr(exc, "strerror", None) or " ".join(str(exc).split())[:200] or exc.__class__.__name__
-            log.error("could not write checkpoint %s (%s); training continues, earlier checkpoints are kept",
-                      path, reason)
+            cause = exc.__cause__ if isinstance(exc, WriteError) and exc.__cause__ is not None else exc
+            reason = getattr(cause, "strerror", None) or " ".join(str(cause).split())[:200] or cause.__class__.__name__
+            try:
+                free = f"; {shutil.disk_usage(self.folder).free / 2**20:.0f} MiB free there"
+            except OSError:
+                free = ""
+            log.error("could not write checkpoint %s (%s: %s%s); training continues, earlier checkpoints are kept",
+                      path, cause.__class__.__name__, reason, free)
             return None
         self.prune()
         return path

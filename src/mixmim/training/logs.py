@@ -27,6 +27,16 @@ class _TqdmHandler(logging.StreamHandler):
             super().emit(record)
 
 
+class _LogFile(logging.FileHandler):
+    """log.txt; when it cannot be written (a full disk) that is said once, in one line, and the log goes
+    on on the console only (logging's default prints a traceback for every record)."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        sys.stderr.write(f"mixmim: warning: cannot write {self.baseFilename} ({error}); logging to the console only\n")
+        log.removeHandler(self)
+
+
 def setup_logging(run_dir: Path | None, is_main: bool) -> None:
     log.setLevel(logging.INFO if is_main else logging.WARNING)
     log.propagate = False
@@ -38,7 +48,7 @@ def setup_logging(run_dir: Path | None, is_main: bool) -> None:
     log.addHandler(console)
     if run_dir is not None and is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(run_dir / "log.txt")
+        file_handler = _LogFile(run_dir / "log.txt")
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(file_handler)
 

@@ -36,7 +36,7 @@ from mixmim.training.schedule import build_schedule, set_lr
 from mixmim.training.signals import StopRequest, _worker_init
 from mixmim.training.task import Task
 from mixmim.utils.cpus import worker_count
-from mixmim.utils.errors import UserError
+from mixmim.utils.errors import UserError, one_line
 from mixmim.utils.files import atomic_write_text, remove_stale_temporaries
 from mixmim.utils.provenance import command_line, git_commit
 
@@ -428,9 +428,17 @@ class Trainer:
         t = self.config.train
         if self.step % t.checkpoint_every == 0:
             self.save_checkpoint()
-            self.task.on_checkpoint(self)
+            self._reporting(self.task.on_checkpoint)
         if t.picture_every and self.step % t.picture_every == 0:
-            self.task.on_pictures(self)
+            self._reporting(self.task.on_pictures)
+
+    def _reporting(self, hook) -> None:
+        """A task's files along the way (curves, pictures): one that cannot be written (a full disk) is
+        reported and training goes on, as for checkpoints."""
+        try:
+            hook(self)
+        except (UserError, OSError) as exc:
+            log.error("step %d: %s; training continues", self.step, one_line(exc))
 
     def _finish(self) -> dict[str, Any]:
         path = self.save_checkpoint()

@@ -34,6 +34,8 @@ RESUMABLE_CHANGES = (
     "model.grad_checkpointing", "model.attention_impl", "eval.batch_size", "eval.every_epochs",
 )
 
+_PATH_KEYS = ("path", "val_path", "checkpoint")
+
 # Files (relative to the run folder) that runs write; --overwrite removes these and nothing else.
 _RUN_FILES = re.compile(r"^(metrics\.csv|skipped\.txt|checkpoints/step_\d{8,}\.pt(\.sha256)?"
                         r"|tensorboard/events\.out\.tfevents\..+)$")
@@ -77,8 +79,12 @@ class RunLock:
                             "unreadable" if holder is None else f"process {holder.get('pid')} is gone")
                 self.path.unlink(missing_ok=True)
                 continue
-            with os.fdopen(fd, "w") as handle:
-                json.dump(self.token, handle)
+            try:
+                with os.fdopen(fd, "w") as handle:
+                    json.dump(self.token, handle)
+            except OSError as exc:  # a full disk: no empty lock left behind
+                self.path.unlink(missing_ok=True)
+                raise OSError(exc.errno, exc.strerror, str(self.path)) from None
             self.held = True
             return self
         raise RunFolderError(f"could not take the lock {self.path}: another process keeps taking it")
@@ -180,6 +186,13 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
+def _as_path(key: str, value: Any) -> Any:
+    """Paths compare as paths: ``runs/x/`` and ``runs/./x`` name the same folder."""
+    if isinstance(value, str) and key.rsplit(".", 1)[-1] in _PATH_KEYS and value not in ("fashion_mnist", "bundled"):
+        return os.path.normpath(os.path.expanduser(value))
+    return value
+
+
 def config_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
     """(key, checkpoint's value, new value) for every key that differs and alters the trajectory."""
     old, new = dict(_flat(saved)), dict(_flat(now))
@@ -188,7 +201,7 @@ def config_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[tup
         if any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES):
             continue
         a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
-        if not _same(a, b):
+        if not _same(_as_path(key, a), _as_path(key, b)):
             changed.append((key, a, b))
     return changed
 

@@ -10,7 +10,13 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+from mixmim.utils.errors import UserError
+
 # What atomic_write names its temporary files: ".<target name>.<random>.tmp" (tempfile.mkstemp).
+class WriteError(UserError):
+    """A file could not be written (a full disk or quota, reported by the writing library its own way)."""
+
+
 _TEMPORARY = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]{8}\.tmp$")
 _umask_lock = threading.Lock()
 
@@ -44,6 +50,15 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
             os.fsync(handle.fileno())
         public_mode(tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.filename is None and exc.strerror:  # say which file could not be written
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
+    except Exception as exc:  # noqa: BLE001 - the writer's library reports a full disk in its own way
+        tmp.unlink(missing_ok=True)
+        reason = " ".join(str(exc).split())[:200] or exc.__class__.__name__
+        raise WriteError(f"could not write {path} ({exc.__class__.__name__}: {reason})") from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
