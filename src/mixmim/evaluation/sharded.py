@@ -58,6 +58,13 @@ class Shard(Dataset):
         return image, label, 1.0 if valid and not stand_in else 0.0
 
 
+def sum_over_processes(tensor: Tensor) -> Tensor:
+    """``tensor`` summed over the processes of torchrun (itself on one process)."""
+    if world()[1] > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
 def shard_loader(dataset: Dataset, batch_size: int, num_workers: int = 0) -> DataLoader:
     rank, world_size = world()
     return DataLoader(Shard(dataset, rank, world_size), batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -158,9 +165,7 @@ def evaluate_classifier(model: nn.Module, dataset: Dataset, device: torch.device
             total += score_logits(logits, targets.to(device), weight.to(device), num_classes).to(device)
     finally:
         model.train(was_training)
-    if world()[1] > 1:
-        dist.all_reduce(total)
-    total = total.cpu()
+    total = sum_over_processes(total).cpu()
     if int(total[0]) == 0:
         raise ValueError("the evaluation set is empty")
     return Scores(int(total[0]), int(total[1]), int(total[2]), float(total[3]),

@@ -179,11 +179,43 @@ class Trainer:
         """The trained module without DDP's wrapper (FSDP's sharded module as it is)."""
         return D.unwrap(self.wrapped)
 
+    # ------------------------------------------------------------------ the RunContext a task sees
+    @property
+    def is_main(self) -> bool:
+        return self.info.is_main
+
+    @property
+    def rank(self) -> int:
+        return self.info.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.info.world_size
+
+    @contextlib.contextmanager
+    def full_module(self):
+        """The module whole for evaluation: FSDP's root parameters gathered (its blocks gather in their
+        own forward), DDP's wrapper taken off."""
+        if not self.fsdp:
+            yield self.module()
+            return
+        self.wrapped.unshard()
+        try:
+            yield self.wrapped
+        finally:
+            self.wrapped.reshard()
+
+    def full_state_dict(self) -> dict[str, Any]:
+        return D.full_state_dict(self.wrapped, self.config.train.distributed)
+
+    def load_full_state_dict(self, state: dict[str, Any]) -> None:
+        D.load_states(self.wrapped, None, state, None, self.config.train.distributed)
+
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict[str, Any]:
         mode = self.config.train.distributed
         return {
-            "model": D.full_state_dict(self.wrapped, mode),
+            "model": self.full_state_dict(),
             "optimizer": D.optimizer_state(self.wrapped, self.optimizer, mode),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "step": self.step, "epoch": self.step / self.steps_per_epoch,
@@ -492,18 +524,27 @@ def _check_architecture(path: Path, saved: dict, mine: dict) -> None:
         raise CheckpointError(f"checkpoint {path} is of another architecture: {problem}")
 
 
+@contextlib.contextmanager
+def processes(device_request: str = "auto"):
+    """``(info, device)`` of this process: torchrun's process group joined (or one process), left at the end."""
+    info, device = D.setup(device_request)
+    try:
+        yield info, device
+    finally:
+        D.teardown()
+
+
 def train(task: Task, resume: bool = False, overwrite: bool = False, allow_changes: bool = False) -> dict[str, Any]:
     """Set up the processes (torchrun or one), train ``task`` to its step budget or a stop; a summary.
     The run folder is locked for the run (one run per folder); ``allow_changes``
     (``--resume-with-changes``) accepts a resumed config that alters the trajectory."""
     _check_run_dir(task.config.run_dir)
-    info, device = D.setup(task.config.train.device)
-    trainer = None
-    try:
-        with RunLock(task.config.run_dir, enabled=info.is_main):
-            trainer = Trainer(task, info, device, overwrite=overwrite)
-            return trainer.run(resume or allow_changes, allow_changes)
-    finally:
-        if trainer is not None:
-            trainer.close()
-        D.teardown()
+    with processes(task.config.train.device) as (info, device):
+        trainer = None
+        try:
+            with RunLock(task.config.run_dir, enabled=info.is_main):
+                trainer = Trainer(task, info, device, overwrite=overwrite)
+                return trainer.run(resume or allow_changes, allow_changes)
+        finally:
+            if trainer is not None:
+                trainer.close()

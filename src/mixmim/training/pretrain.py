@@ -18,9 +18,9 @@ from mixmim.data.sampler import sample_seed
 from mixmim.interop.export import save_encoder
 from mixmim.methods.factory import create_pretrainer
 from mixmim.training.logs import log
-from mixmim.training.loop import NonFiniteLossError, Trainer, train
+from mixmim.training.loop import NonFiniteLossError, train
 from mixmim.training.optim import decay_groups
-from mixmim.training.task import StepOutput, Task
+from mixmim.training.task import RunContext, StepOutput, Task
 
 __all__ = ["NonFiniteLossError", "PretrainTask", "build_method", "run_pretraining"]
 
@@ -109,29 +109,25 @@ class PretrainTask(Task):
         every = m.every or max(1, total_steps // 10)
         return set(range(every, total_steps + 1, every)) | {total_steps} | ({0} if m.at_start else set())
 
-    def evaluate(self, trainer: Trainer, step: int) -> dict[str, float]:
+    def evaluate(self, run: RunContext, step: int) -> dict[str, float]:
         """The monitor's accuracies of the current encoder (every process takes part)."""
         if self.monitor is None:
             from mixmim.training.monitor import RepresentationMonitor
 
             t = self.config.train
-            self.monitor = RepresentationMonitor(t.monitor, self.config.model.img_size, trainer.device, t.seed,
-                                                 trainer.info.rank, trainer.info.world_size)
-            self._restore_baseline(trainer)
-        if trainer.fsdp:
-            trainer.wrapped.unshard()  # the root's own parameters; blocks unshard in their forward
-        with trainer.autocast():
+            self.monitor = RepresentationMonitor(t.monitor, self.config.model.img_size, run.device, t.seed,
+                                                 run.rank, run.world_size)
+            self._restore_baseline(run)
+        with run.full_module(), run.autocast():  # the encoder's own parameters gathered under FSDP
             values = self.monitor(self.method.encoder, step)
-        if trainer.fsdp:
-            trainer.wrapped.reshard()
         if step == 0:
             log.info("step 0 (starting encoder): %s", _format(values))
         return values
 
-    def _restore_baseline(self, trainer: Trainer) -> None:
+    def _restore_baseline(self, run: RunContext) -> None:
         """On resume, the starting encoder's k-NN accuracy is the first value in metrics.csv."""
-        path = trainer.run_dir / "metrics.csv"
-        if trainer.step == 0 or not path.is_file():
+        path = run.run_dir / "metrics.csv"
+        if run.step == 0 or not path.is_file():
             return
         from mixmim.viz.curves import read_metrics
 
@@ -143,32 +139,32 @@ class PretrainTask(Task):
     def checkpoint_extras(self) -> dict[str, Any]:
         return {"method": self.config.method_name(), "model_name": self.config.model.name}
 
-    def on_checkpoint(self, trainer: Trainer) -> None:
-        self._curves(trainer)
+    def on_checkpoint(self, run: RunContext) -> None:
+        self._curves(run)
 
-    def on_pictures(self, trainer: Trainer) -> None:
-        self.save_pictures(trainer)
+    def on_pictures(self, run: RunContext) -> None:
+        self.save_pictures(run)
 
-    def finish(self, trainer: Trainer, summary: dict[str, Any]) -> None:
-        self.export_encoder(trainer)
-        self.save_pictures(trainer)
+    def finish(self, run: RunContext, summary: dict[str, Any]) -> None:
+        self.export_encoder(run)
+        self.save_pictures(run)
         if self.monitor is not None:
             share = self.monitor.seconds / max(summary["seconds"], 1e-9)
             log.info("monitor: %d evaluation(s), %.1f s, %.1f%% of the run's time; last %s",
-                     len(self.monitor.history), self.monitor.seconds, 100 * share, _format(trainer.evaluated))
+                     len(self.monitor.history), self.monitor.seconds, 100 * share, _format(run.evaluated))
             summary.update(monitor=self.monitor.history, monitor_seconds=self.monitor.seconds)
 
-    def describe(self, trainer: Trainer) -> str:
+    def describe(self, run: RunContext) -> str:
         params = sum(p.numel() for p in self.method.parameters())
         c = self.config
         return (f"{c.name}: {c.method_name()} on {c.model.name} ({params / 1e6:.2f}M parameters), {c.data.source} "
                 f"data ({len(self.data)} images)")
 
-    def _curves(self, trainer: Trainer) -> None:
-        if trainer.info.is_main and (trainer.run_dir / "metrics.csv").is_file():
+    def _curves(self, run: RunContext) -> None:
+        if run.is_main and (run.run_dir / "metrics.csv").is_file():
             from mixmim.viz.curves import save_loss_curves
 
-            save_loss_curves(trainer.run_dir / "metrics.csv", trainer.run_dir / "loss.png", self.config.name)
+            save_loss_curves(run.run_dir / "metrics.csv", run.run_dir / "loss.png", self.config.name)
 
     def _picture_batch(self, device: torch.device) -> torch.Tensor:
         """The same images at every picture: the first of the data set (of a stream: of its first
@@ -185,38 +181,38 @@ class PretrainTask(Task):
         return self.to_device(self.collate(items), device)["image"]
 
     @torch.no_grad()
-    def save_pictures(self, trainer: Trainer) -> None:
+    def save_pictures(self, run: RunContext) -> None:
         from mixmim.viz.reconstruction import picture_note, reconstruction_rows, save_reconstruction_grid
 
-        model = trainer.wrapped if trainer.fsdp else trainer.module()
-        was_training = model.training
-        model.eval()
-        images = self._picture_batch(trainer.device)
-        with torch.random.fork_rng(devices=[trainer.device] if trainer.device.type == "cuda" else []):
-            torch.manual_seed(self.config.train.seed)
-            with trainer.autocast():
-                out = model(images, picture=True)
-        model.train(was_training)
-        if not trainer.info.is_main:
+        images = self._picture_batch(run.device)
+        with run.full_module() as model:
+            was_training = model.training
+            model.eval()
+            with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+                torch.manual_seed(self.config.train.seed)
+                with run.autocast():
+                    out = model(images, picture=True)
+            model.train(was_training)
+        if not run.is_main:
             return
         cell, norm_pix = out.picture.cell, out.picture.norm_pix
         c = self.config
-        title = f"{c.name}: {c.method_name()} on {c.model.name}, step {trainer.step}, loss {float(out.loss):.4f}"
+        title = f"{c.name}: {c.method_name()} on {c.model.name}, step {run.step}, loss {float(out.loss):.4f}"
         # With a normalised-pixel target the usual picture borrows each hidden cell's brightness and
         # contrast from the original; the raw one shows only what the model predicts.
         for raw, name in ((False, "reconstruction.png"), (True, "reconstruction_raw.png")):
             if raw and not norm_pix:
                 continue
             rows = reconstruction_rows(out, images, self.data.mean, self.data.std, raw)
-            save_reconstruction_grid(rows, trainer.run_dir / name, cell=cell, title=title,
+            save_reconstruction_grid(rows, run.run_dir / name, cell=cell, title=title,
                                      note=picture_note(norm_pix, raw))
-        self._curves(trainer)
+        self._curves(run)
 
-    def export_encoder(self, trainer: Trainer) -> None:
-        if not trainer.info.is_main or trainer.fsdp:
+    def export_encoder(self, run: RunContext) -> None:
+        if not run.is_main or (run.world_size > 1 and self.config.train.distributed == "fsdp"):
             return  # sharded weights: the checkpoint holds the full encoder; `mixmim export` writes it
-        save_encoder(self.method.encoder, trainer.run_dir / "encoder",
-                     metadata={"method": self.config.method_name(), "step": trainer.step,
+        save_encoder(self.method.encoder, run.run_dir / "encoder",
+                     metadata={"method": self.config.method_name(), "step": run.step,
                                "model": self.config.model.name}, overwrite=True)  # the run's own export
 
 

@@ -1,6 +1,6 @@
-"""What the training loop may ask of what it trains: the one interface between
-:class:`~mixmim.training.loop.Trainer` and a task (pretraining, fine-tuning, linear probing,
-segmentation).
+"""The two interfaces between the training loop and what it trains (pretraining, fine-tuning, linear
+probing, segmentation): :class:`Task`, what the loop may ask of a task, and :class:`RunContext`, what a
+task may ask of the loop. A task never sees the :class:`~mixmim.training.loop.Trainer` itself.
 
 The loop owns everything a run has in common: processes and devices, DDP/FSDP, the optimiser and the
 learning-rate schedule, gradient accumulation, mixed precision, the resumable data order, NaN
@@ -10,15 +10,50 @@ loss of one micro-batch, the parameter groups, what to evaluate when, and what t
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-if TYPE_CHECKING:  # pragma: no cover
-    from mixmim.training.loop import Trainer
+
+class RunContext(Protocol):
+    """What a task's hooks (:meth:`Task.evaluate`, :meth:`Task.finish`, ...) may ask of the run. The loop
+    implements it; under DDP or FSDP it hides which (a task never wraps, unshards or gathers itself)."""
+
+    device: torch.device
+    run_dir: Path  # where the run writes (only the main process writes files)
+    step: int  # optimiser steps done
+    steps_per_epoch: int
+    micro_batch: int  # images per process and micro-batch
+    stopped: str | None  # what stopped the run early (a signal), None when it ran to its end
+    evaluated: dict[str, float]  # the last values :meth:`Task.evaluate` returned
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes the run's files (rank 0)."""
+
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def world_size(self) -> int: ...
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The run's mixed precision (bf16 or fp16 autocast, or nothing)."""
+
+    def full_module(self) -> contextlib.AbstractContextManager[nn.Module]:
+        """The trained module whole, for evaluation and pictures: under FSDP its root parameters
+        gathered for the block (every process enters it), else the module without DDP's wrapper."""
+
+    def full_state_dict(self) -> dict[str, Tensor]:
+        """The whole module's weights on the CPU (every process calls it; FSDP gathers)."""
+
+    def load_full_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Load whole weights (a full state dict) into the trained module, on every process."""
 
 
 @dataclass
@@ -86,7 +121,7 @@ class Task:
         """Steps after which :meth:`evaluate` runs (0: before the first step)."""
         return set()
 
-    def evaluate(self, trainer: "Trainer", step: int) -> dict[str, float]:
+    def evaluate(self, run: RunContext, step: int) -> dict[str, float]:
         """Values for metrics.csv at ``step`` (every process takes part)."""
         return {}
 
@@ -107,15 +142,15 @@ class Task:
         """Top-level keys of the checkpoint beside the loop's (what readers of the file look for)."""
         return {}
 
-    def on_checkpoint(self, trainer: "Trainer") -> None:
+    def on_checkpoint(self, run: RunContext) -> None:
         """After a periodic checkpoint (curves, pictures)."""
 
-    def on_pictures(self, trainer: "Trainer") -> None:
+    def on_pictures(self, run: RunContext) -> None:
         """Every ``train.picture_every`` steps."""
 
-    def finish(self, trainer: "Trainer", summary: dict[str, Any]) -> None:
+    def finish(self, run: RunContext, summary: dict[str, Any]) -> None:
         """After the last step and the last checkpoint: exports, reports; may add to ``summary``."""
 
-    def describe(self, trainer: "Trainer") -> str:
+    def describe(self, run: RunContext) -> str:
         """One line for the start of the log: what is trained on what."""
         return self.name

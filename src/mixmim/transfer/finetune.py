@@ -28,8 +28,7 @@ from mixmim.data.labelled import eval_transform, make_mixup, train_transform
 from mixmim.evaluation.metrics import write_classification_report, write_json
 from mixmim.evaluation.sharded import Scores, evaluate_classifier
 from mixmim.interop.torch_files import load_torch_file
-from mixmim.training.loop import Trainer
-from mixmim.training.task import StepOutput, Task
+from mixmim.training.task import RunContext, StepOutput, Task
 from mixmim.transfer.classifier import (Classifier, build_classifier, classifier_groups, classifier_payload,
                                         resolve_model)
 from mixmim.transfer.data import collate_labelled, data_stats, load_labelled
@@ -87,17 +86,15 @@ class ClassificationTask(Task):
             return {}
         return {"encoder_family": getattr(encoder, "family", "mixmim"), "encoder_config": encoder.config()}
 
-    def eval_model(self, trainer: Trainer) -> nn.Module:
-        return trainer.wrapped if trainer.fsdp else trainer.module()
+    def score(self, run: RunContext) -> Scores:
+        batch = self.config.eval.batch_size or run.micro_batch
+        with run.full_module() as model:
+            return evaluate_classifier(model, self.data.test, run.device, len(self.classes), batch,
+                                       self.config.train.num_workers, run.autocast)
 
-    def score(self, trainer: Trainer) -> Scores:
-        batch = self.config.eval.batch_size or trainer.micro_batch
-        return evaluate_classifier(self.eval_model(trainer), self.data.test, trainer.device, len(self.classes), batch,
-                                   self.config.train.num_workers, trainer.autocast)
-
-    def evaluate(self, trainer: Trainer, step: int) -> dict[str, float]:
-        scores = self.last_scores = self.score(trainer)
-        epoch = step / trainer.steps_per_epoch
+    def evaluate(self, run: RunContext, step: int) -> dict[str, float]:
+        scores = self.last_scores = self.score(run)
+        epoch = step / run.steps_per_epoch
         row = {"step": step, "epoch": epoch, **scores.as_dict()}
         self.history.append(row)
         log.info("epoch %.2f (step %d): test loss %.4f, top-1 %.2f%%, top-5 %.2f%%", epoch, step, scores.loss,
@@ -105,18 +102,16 @@ class ClassificationTask(Task):
         if self.config.eval.select == "best" and scores.acc1 > self.best.get("acc1", -1.0):
             self.best = {"step": step, "epoch": epoch, "acc1": scores.acc1, "acc5": scores.acc5}
             self.best_scores = scores
-            self._save_model(trainer, "best.pt", {"step": step, "metrics": self.best})
+            self._save_model(run, "best.pt", {"step": step, "metrics": self.best})
         return {"test_loss": scores.loss, "acc1": scores.acc1, "acc5": scores.acc5}
 
-    def _save_model(self, trainer: Trainer, name: str, extra: dict[str, Any]) -> None:
-        from mixmim.training import distributed as D
-
-        state = D.full_state_dict(trainer.wrapped, self.config.train.distributed)  # every process (FSDP)
-        if trainer.info.is_main:
+    def _save_model(self, run: RunContext, name: str, extra: dict[str, Any]) -> None:
+        state = run.full_state_dict()  # every process (FSDP gathers)
+        if run.is_main:
             model = self.model
             payload = classifier_payload(model, self.classes, extra)
             payload["model"] = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-            atomic_write(trainer.run_dir / name, lambda tmp: torch.save(payload, tmp))
+            atomic_write(run.run_dir / name, lambda tmp: torch.save(payload, tmp))
 
     def state_dict(self) -> dict[str, Any]:
         return {"classes": self.classes, "best": self.best, "history": self.history}
@@ -131,38 +126,35 @@ class ClassificationTask(Task):
         self.best = dict(state.get("best") or {})
         self.history = list(state.get("history") or [])
 
-    def finish(self, trainer: Trainer, summary: dict[str, Any]) -> None:
+    def finish(self, run: RunContext, summary: dict[str, Any]) -> None:
         """Report on the weights ``eval.select`` keeps, the last ones or the best epoch's (a stopped run
         reports nothing: ``--resume`` finishes it)."""
-        if trainer.stopped is not None:
+        if run.stopped is not None:
             return
-        scores = self._kept_scores(trainer)
-        self._save_model(trainer, "model.pt", {"step": trainer.step, "select": self.config.eval.select})
-        if not trainer.info.is_main:
+        scores = self._kept_scores(run)
+        self._save_model(run, "model.pt", {"step": run.step, "select": self.config.eval.select})
+        if not run.is_main:
             return
-        files = write_classification_report(trainer.run_dir, scores.confusion, self.classes)
+        files = write_classification_report(run.run_dir, scores.confusion, self.classes)
         last = self.history[-1]["acc1"] if self.history else scores.acc1
         results = {"acc1": scores.acc1, "acc5": scores.acc5, "loss": scores.loss, "select": self.config.eval.select,
-                   "step": trainer.step, "last_acc1": last, "best": self.best or None, "history": self.history,
+                   "step": run.step, "last_acc1": last, "best": self.best or None, "history": self.history,
                    "test_samples": scores.samples, "train_samples": len(self.data.train), "classes": self.classes,
                    "weights": self.weights, "checkpoint": self.config.checkpoint,
                    "files": {k: str(v) for k, v in files.items()}, **self.report_extras()}
-        write_json(trainer.run_dir / "results.json", results)
+        write_json(run.run_dir / "results.json", results)
         summary["results"] = results
 
-    def _kept_scores(self, trainer: Trainer) -> Scores:
+    def _kept_scores(self, run: RunContext) -> Scores:
         """The scores of the kept weights, which are loaded into the model (best: from best.pt)."""
-        best_file = trainer.run_dir / "best.pt"
+        best_file = run.run_dir / "best.pt"
         if self.config.eval.select == "best" and self.best and best_file.is_file():
-            self.load_kept(trainer, load_torch_file(best_file))
-            return self.best_scores if self.best_scores is not None else self.score(trainer)
-        return self.last_scores if self.last_scores is not None else self.score(trainer)
+            self.load_kept(run, load_torch_file(best_file))
+            return self.best_scores if self.best_scores is not None else self.score(run)
+        return self.last_scores if self.last_scores is not None else self.score(run)
 
-    def load_kept(self, trainer: Trainer, payload: dict[str, Any]) -> None:
-        from mixmim.training import distributed as D
-
-        D.load_states(trainer.wrapped, None, {f"encoder.{k}": v for k, v in payload["model"].items()}, None,
-                      self.config.train.distributed)
+    def load_kept(self, run: RunContext, payload: dict[str, Any]) -> None:
+        run.load_full_state_dict({f"encoder.{k}": v for k, v in payload["model"].items()})
 
     def report_extras(self) -> dict[str, Any]:
         return {}
@@ -220,7 +212,7 @@ class FinetuneTask(ClassificationTask):
             images, targets = self.mixup(images, targets)  # draws from NumPy, seeded per micro-batch by the loop
         return StepOutput(self.criterion(model(images).float(), targets))
 
-    def describe(self, trainer: Trainer) -> str:
+    def describe(self, run: RunContext) -> str:
         c = self.config
         return (f"{c.name}: fine-tuning {self.weights} weights of {c.model.name or self.pretrained.family} "
                 f"({c.model.img_size} px) on "

@@ -13,9 +13,8 @@ from mixmim.evaluation.knn import knn_scores
 from mixmim.evaluation.metrics import confusion_matrix, topk_correct, write_classification_report, write_json
 from mixmim.evaluation.sharded import extract_features
 from mixmim.interop.pretrained import build_encoder
-from mixmim.training import distributed as D
 from mixmim.training.logs import setup_logging
-from mixmim.training.loop import resolve_amp
+from mixmim.training.loop import processes, resolve_amp
 from mixmim.transfer.classifier import resolve_model
 from mixmim.transfer.data import data_stats, load_labelled
 from mixmim.utils.files import atomic_write_text
@@ -25,14 +24,11 @@ log = logging.getLogger("mixmim")
 
 def run_knn(config: KNNRunConfig) -> dict[str, Any]:
     """Extract, score, write ``results.json`` and the confusion matrix into the run folder."""
-    info, device = D.setup(config.train.device)
-    try:
+    with processes(config.train.device) as (info, device):
         return _knn(config, info, device)
-    finally:
-        D.teardown()
 
 
-def _knn(config: KNNRunConfig, info: D.DistInfo, device) -> dict[str, Any]:
+def _knn(config: KNNRunConfig, info: Any, device) -> dict[str, Any]:
     import contextlib
 
     import torch

@@ -22,9 +22,8 @@ from mixmim.data.labelled import eval_transform, train_transform
 from mixmim.evaluation.probe import probe_head
 from mixmim.evaluation.sharded import extract_features
 from mixmim.interop.pretrained import build_encoder
-from mixmim.training.loop import Trainer
 from mixmim.training.optim import decay_groups
-from mixmim.training.task import StepOutput
+from mixmim.training.task import RunContext, StepOutput
 from mixmim.transfer.classifier import resolve_model
 from mixmim.transfer.data import data_stats, load_labelled
 from mixmim.transfer.finetune import ClassificationTask
@@ -119,8 +118,8 @@ class ProbeTask(ClassificationTask):
     def step(self, model: nn.Module, batch: dict) -> StepOutput:
         return StepOutput(F.cross_entropy(model(batch["image"]).float(), batch["label"]))
 
-    def _save_model(self, trainer: Trainer, name: str, extra: dict[str, Any]) -> None:
-        if not trainer.info.is_main:
+    def _save_model(self, run: RunContext, name: str, extra: dict[str, Any]) -> None:
+        if not run.is_main:
             return
         from mixmim.utils.files import atomic_write
 
@@ -128,13 +127,13 @@ class ProbeTask(ClassificationTask):
         payload = {"format": PROBE_FORMAT, "head": {k: v.detach().cpu() for k, v in head.state_dict().items()},
                    "classes": self.classes, "checkpoint": self.config.checkpoint, "img_size": self.config.model.img_size,
                    "features": self.config.probe.features, **extra}
-        atomic_write(trainer.run_dir / name, lambda tmp: torch.save(payload, tmp))
+        atomic_write(run.run_dir / name, lambda tmp: torch.save(payload, tmp))
 
-    def load_kept(self, trainer: Trainer, payload: dict[str, Any]) -> None:
+    def load_kept(self, run: RunContext, payload: dict[str, Any]) -> None:
         head = self.model.head if isinstance(self.model, FrozenProbe) else self.model
         head.load_state_dict(payload["head"])
 
-    def describe(self, trainer: Trainer) -> str:
+    def describe(self, run: RunContext) -> str:
         c = self.config
         return (f"{c.name}: linear probe ({c.probe.features} features, {c.optim.name}) of {self.weights} weights of "
                 f"{c.model.name} on {c.data.path or c.data.source}: {len(self.data.train)} training / "
@@ -142,9 +141,9 @@ class ProbeTask(ClassificationTask):
 
     def report_extras(self) -> dict[str, Any]:
         return {"optimizer": self.config.optim.name, "features": self.config.probe.features,
-                "lr": trainer_lr(self.config)}
+                "lr": probe_lr(self.config)}
 
 
-def trainer_lr(config: ProbeRunConfig) -> float:
+def probe_lr(config: ProbeRunConfig) -> float:
     o = config.optim
     return o.lr if o.lr is not None else o.base_lr * config.train.batch_size / o.lr_batch_divisor

@@ -21,7 +21,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
@@ -33,11 +32,10 @@ from mixmim.data.images import IMAGE_EXTENSIONS, BadImage, load_rgb
 from mixmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from mixmim.evaluation.layer_decay import param_groups as layer_decay_groups
 from mixmim.evaluation.metrics import segmentation_scores, write_json
-from mixmim.evaluation.sharded import shard_loader, world
+from mixmim.evaluation.sharded import shard_loader, sum_over_processes
 from mixmim.interop.pretrained import build_encoder
 from mixmim.models.dense import MixMIMBackbone
-from mixmim.training.loop import Trainer
-from mixmim.training.task import StepOutput, Task
+from mixmim.training.task import RunContext, StepOutput, Task
 from mixmim.transfer.classifier import resolve_model
 from mixmim.utils.files import atomic_write
 
@@ -267,37 +265,34 @@ class SegmentTask(Task):
         return ends | {total_steps}
 
     @torch.no_grad()
-    def evaluate(self, trainer: Trainer, step: int) -> dict[str, float]:
+    def evaluate(self, run: RunContext, step: int) -> dict[str, float]:
         """mIoU and pixel accuracy over every pixel whose label is not 255, counts summed over processes."""
-        model = trainer.wrapped if trainer.fsdp else trainer.module()
-        was = model.training
-        model.eval()
-        matrix = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long, device=trainer.device)
-        batch = self.config.eval.batch_size or trainer.micro_batch
-        for images, masks, weight in shard_loader(self.val_set, batch, self.config.train.num_workers):
-            with trainer.autocast():
-                logits = model(images.to(trainer.device))
-            matrix += confusion_of_pixels(logits.float(), masks.to(trainer.device), weight.to(trainer.device),
-                                          self.num_classes)
-        model.train(was)
-        if world()[1] > 1:
-            dist.all_reduce(matrix)
+        matrix = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long, device=run.device)
+        batch = self.config.eval.batch_size or run.micro_batch
+        with run.full_module() as model:
+            was = model.training
+            model.eval()
+            for images, masks, weight in shard_loader(self.val_set, batch, self.config.train.num_workers):
+                with run.autocast():
+                    logits = model(images.to(run.device))
+                matrix += confusion_of_pixels(logits.float(), masks.to(run.device), weight.to(run.device),
+                                              self.num_classes)
+            model.train(was)
+        matrix = sum_over_processes(matrix)
         self.last = {**segmentation_scores(matrix.cpu()), "step": step}
         if self.config.eval.select == "best" and self.last["miou"] > self.best.get("miou", -1.0):
             self.best = dict(self.last)
-            self._save(trainer, "best.pt")
+            self._save(run, "best.pt")
         log.info("step %d: mIoU %.2f%%, pixel accuracy %.2f%%", step, 100 * self.last["miou"],
                  100 * self.last["pixel_acc"])
         return {"miou": self.last["miou"], "pixel_acc": self.last["pixel_acc"]}
 
-    def _save(self, trainer: Trainer, name: str) -> None:
-        from mixmim.training import distributed as D
-
-        state = D.full_state_dict(trainer.wrapped, self.config.train.distributed)
-        if trainer.info.is_main:
-            atomic_write(trainer.run_dir / name, lambda tmp: torch.save(
+    def _save(self, run: RunContext, name: str) -> None:
+        state = run.full_state_dict()  # every process (FSDP gathers)
+        if run.is_main:
+            atomic_write(run.run_dir / name, lambda tmp: torch.save(
                 {"format": "mixmim-upernet/2", "model": state, "num_classes": self.num_classes,
-                 "img_size": self.config.model.img_size, "step": trainer.step}, tmp))
+                 "img_size": self.config.model.img_size, "step": run.step}, tmp))
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "num_classes": self.num_classes}
@@ -310,20 +305,20 @@ class SegmentTask(Task):
             raise ConfigError(f"--resume: {path} was trained for {saved} classes, the data now has {self.num_classes}")
         self.best = dict(state.get("best") or {})
 
-    def finish(self, trainer: Trainer, summary: dict[str, Any]) -> None:
-        if trainer.stopped is not None:
+    def finish(self, run: RunContext, summary: dict[str, Any]) -> None:
+        if run.stopped is not None:
             return
-        self._save(trainer, "model.pt")
+        self._save(run, "model.pt")
         kept = self.best if self.config.eval.select == "best" and self.best else self.last
         results = {"miou": kept.get("miou"), "pixel_acc": kept.get("pixel_acc"), "step": kept.get("step"),
                    "select": self.config.eval.select, "last": self.last, "num_classes": self.num_classes,
                    "train_images": len(self.train_set), "val_images": len(self.val_set),
                    "weights": self.pretrained.source}
-        if trainer.info.is_main:
-            write_json(trainer.run_dir / "results.json", results)
+        if run.is_main:
+            write_json(run.run_dir / "results.json", results)
         summary["results"] = results
 
-    def describe(self, trainer: Trainer) -> str:
+    def describe(self, run: RunContext) -> str:
         c = self.config
         return (f"{c.name}: UperNet on {self.pretrained.source} weights of {c.model.name} ({c.model.img_size} px): "
                 f"{len(self.train_set)} training / {len(self.val_set)} evaluation images, {self.num_classes} classes")
