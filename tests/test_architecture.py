@@ -63,10 +63,12 @@ def upward_imports(package: Path) -> list[str]:
     return found
 
 
-def load_time_cycles(package: Path) -> list[list[str]]:
+def import_cycles(package: Path) -> list[list[str]]:
+    """Files that import each other, at load time or inside a function (a deferred import still ties
+    the two files together: hiding it in a function only hides it from a load-time check)."""
     known = modules(package)
     # A package's __init__ importing its own modules is how packages work: those edges are left out.
-    graph = {m: {t for t in imports(p, top_level_only=True) if t in known and t != m and not t.startswith(m + ".")}
+    graph = {m: {t for t in imports(p) if t in known and t != m and not t.startswith(m + ".")}
              for m, p in known.items()}
     seen: set[str] = set()
     stack: list[str] = []
@@ -95,19 +97,55 @@ def test_no_package_imports_one_above_it():
     assert not upward_imports(PACKAGE)
 
 
-def test_no_two_modules_import_each_other_at_load_time():
-    assert not load_time_cycles(PACKAGE)
+def test_no_two_modules_import_each_other_even_inside_functions():
+    assert not import_cycles(PACKAGE)
+
+
+def task_modules(package: Path = PACKAGE) -> dict[str, Path]:
+    """The modules that define a task of the training loop (a subclass of Task, directly or not)."""
+    bases = {"Task"}
+    found: dict[str, Path] = {}
+    changed = True
+    while changed:  # subclasses of subclasses (ClassificationTask -> FinetuneTask)
+        changed = False
+        for module, path in modules(package).items():
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ClassDef) and any(getattr(b, "id", getattr(b, "attr", None)) in bases
+                                                          for b in node.bases):
+                    found[module] = path
+                    if node.name not in bases:
+                        bases.add(node.name)
+                        changed = True
+    found.pop("mixmim.training.task", None)
+    return found
+
+
+def test_tasks_see_the_loop_only_through_its_run_context():
+    """No task names the Trainer or drives DDP/FSDP itself (training/task.py's RunContext is what it gets)."""
+    tasks = task_modules()
+    assert {"mixmim.training.pretrain", "mixmim.transfer.finetune", "mixmim.transfer.linprobe",
+            "mixmim.transfer.segmentation"} <= set(tasks)
+    banned = ("mixmim.training.loop.Trainer", "mixmim.training.distributed")
+    found = [f"{m} -> {t}" for m, p in tasks.items() for t in imports(p) if t.startswith(banned)]
+    found += [f"{m} uses trainer.{a}" for m, p in tasks.items() for a in ("wrapped", "fsdp", "info")
+              if f"trainer.{a}" in p.read_text()]
+    assert not found
 
 
 def test_the_checks_see_an_upward_import_and_a_circle(tmp_path):
     fake = tmp_path / "mixmim"
     (fake / "models").mkdir(parents=True)
     (fake / "training").mkdir()
-    (fake / "models" / "bad.py").write_text("from mixmim.training.loop import train\n")
+    (fake / "models" / "bad.py").write_text("def f():\n    from mixmim.training.loop import train\n")
     (fake / "training" / "loop.py").write_text("import mixmim.models.bad\n")
     assert sorted(upward_imports(fake)) == ["mixmim.models.bad -> mixmim.training.loop",
                                     "mixmim.models.bad -> mixmim.training.loop.train"]
-    assert load_time_cycles(fake) == [["mixmim.models.bad", "mixmim.training.loop", "mixmim.models.bad"]]
+    assert import_cycles(fake) == [["mixmim.models.bad", "mixmim.training.loop", "mixmim.models.bad"]]
+    (fake / "training" / "task.py").write_text("class Task:\n    pass\n")
+    (fake / "training" / "mine.py").write_text("from mixmim.training.task import Task\n"
+                                               "from mixmim.training.loop import Trainer\n"
+                                               "class Mine(Task):\n    pass\n")
+    assert list(task_modules(fake)) == ["mixmim.training.mine"]
 
 
 def test_the_training_functions_stay_short():
@@ -117,3 +155,14 @@ def test_the_training_functions_stay_short():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 longest.append((node.end_lineno - node.lineno + 1, f"{path.name}:{node.name}"))
     assert max(longest)[0] < 60, sorted(longest)[-3:]
+
+
+def test_the_fine_tuning_setup_enters_each_interop_file_from_one_place():
+    """docs/scripts/setup_walk.py: from a run folder to the classifier, no interop file is entered from two
+    different files (the weights file is detected and read once, by one reader)."""
+    import runpy
+
+    walk = runpy.run_path(str(PACKAGE.parents[1] / "docs" / "scripts" / "setup_walk.py"))["walk"]
+    report = walk()
+    assert {"interop/weights.py", "interop/checkpoint.py", "interop/torch_files.py"} <= set(report["interop_files"])
+    assert report["interop_entered_from_several"] == [], report["entered_from"]

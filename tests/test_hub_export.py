@@ -18,8 +18,9 @@ from conftest import TINY_ENCODERS
 from mixmim.cli import main
 from mixmim.interop.checkpoint import CheckpointManager
 from mixmim.interop.export import load_encoder
-from mixmim.interop.hub import read_hub_meta, save_hub_folder, timm_architecture
-from mixmim.interop.pretrained import build_encoder, read_pretrained
+from mixmim.interop.hub import save_hub_folder, timm_architecture
+from mixmim.interop.pretrained import build_encoder
+from mixmim.interop.weights import open_weights
 from mixmim.models.registry import create_encoder
 
 # The timm architecture each tiny encoder is exported as (a depth timm's BiT names lack: the generic one).
@@ -45,7 +46,7 @@ def test_timm_local_dir_and_read_pretrained_give_the_source_features(name, tmp_p
 
     x = torch.randn(2, 3, 128, 128)
     loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
-    pretrained = read_pretrained(folder)
+    pretrained = open_weights(folder)
     assert pretrained.family == encoder.family and pretrained.source == "export"
     again = build_encoder(pretrained).eval()
     with torch.no_grad():
@@ -78,7 +79,7 @@ def test_a_folder_timm_wrote_reads_into_this_project(arch, kwargs, tmp_path):
     torch.manual_seed(0)
     source = timm.create_model(arch, num_classes=0, **kwargs).eval()
     save_for_hf(source, str(tmp_path / "timm"), safe_serialization=True)
-    pretrained = read_pretrained(tmp_path / "timm")
+    pretrained = open_weights(tmp_path / "timm")
     ours = build_encoder(pretrained).eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
@@ -133,7 +134,7 @@ def test_reexport_resizes_keeps_the_card_and_replaces_the_folder(tmp_path):
     first = save_hub_folder(encoder, tmp_path / "a", card={"model": "mixmim_tiny", "method": "mae", "step": 7})
     assert main(["export", "--checkpoint", str(first), "--output", str(tmp_path / "b"), "--img-size", "128",
                  "--window-size", "16,8,8,4"]) == 0
-    family, config, _ = read_hub_meta(tmp_path / "b")
+    config = open_weights(tmp_path / "b").config
     assert config["img_size"] == [128, 128] and config["window_size"] == [16, 8, 8, 4]
     card = (tmp_path / "b" / "README.md").read_text()
     assert "MAE" in card and "Pretraining steps:** 7" in card and "Resized" in card

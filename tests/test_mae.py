@@ -195,10 +195,11 @@ def test_pretrain_run_writes_checkpoints_metrics_pictures_and_encoder(mae_run):
 
 def test_transfer_commands_accept_the_run_folder(mae_run, tmp_path):
     from mixmim.cli import main
-    from mixmim.interop.pretrained import build_encoder, read_pretrained
+    from mixmim.interop.pretrained import build_encoder
+    from mixmim.interop.weights import open_weights
 
     run_dir, _ = mae_run
-    pretrained = read_pretrained(run_dir)
+    pretrained = open_weights(run_dir)
     assert pretrained.family == "vit" and pretrained.config["embed_dim"] == 32
     encoder = build_encoder(pretrained)
     saved = torch.load(next((run_dir / "checkpoints").glob("*.pt")), weights_only=False)["model"]

@@ -117,7 +117,7 @@ def test_monitor_logs_knn_from_the_start_and_draws_it(tmp_path):
 
     from mixmim.config import load_config
     from mixmim.training.pretrain import run_pretraining
-    from mixmim.viz.curves import read_metrics
+    from mixmim.utils.metrics_csv import read_metrics
 
     rng = np.random.default_rng(0)
     for name, colour in {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}.items():

@@ -21,8 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from mixmim.interop.checkpoint import FORMAT
-    from mixmim.interop.export import CLASSIFIER_FORMAT, save_encoder
+    from mixmim.interop.export import save_encoder
+    from mixmim.interop.meta import CHECKPOINT_FORMAT, CLASSIFIER_FORMAT
     from mixmim.interop.official import convert_official, is_pretraining_state
     from mixmim.interop.torch_files import load_torch_file
     from mixmim.methods.factory import create_pretrainer
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite and out.suffix != ".safetensors":
         raise ValueError(f"--output {out} exists; pass --overwrite to replace it")
     raw = load_torch_file(source, "release checkpoint")
-    if raw.get("format") in (FORMAT, CLASSIFIER_FORMAT):
+    if raw.get("format") in (CHECKPOINT_FORMAT, CLASSIFIER_FORMAT):
         raise ValueError(f"{source} is already a mixmim file ({raw['format']}); convert reads release checkpoints. "
                          "Use `mixmim export --checkpoint` to write its encoder as safetensors")
     state = convert_official(raw)

@@ -7,10 +7,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 from pathlib import Path
-from typing import Any
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,20 +27,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mixmim.interop.pretrained import build_encoder, parse_windows, read_pretrained
+    from mixmim.interop.card import source_card
+    from mixmim.interop.pretrained import build_encoder, parse_windows
+    from mixmim.interop.weights import open_weights
+    from mixmim.utils.provenance import git_commit
 
     if args.img_size is not None and args.img_size < 1:
         raise ValueError(f"--img-size {args.img_size}: expected a positive size in pixels")
+    output = Path(args.output)
     if args.format == "pair":
-        from mixmim.interop.export import _check_pair_target
+        from mixmim.interop.export import check_pair_target
 
-        _check_pair_target(Path(args.output).with_suffix("") if Path(args.output).suffix in (".safetensors", ".json")
-                           else Path(args.output), args.overwrite)
+        check_pair_target(output.with_suffix("") if output.suffix in (".safetensors", ".json") else output,
+                          args.overwrite)
     else:
         from mixmim.interop.hub import check_export_target
 
-        check_export_target(Path(args.output), args.overwrite)  # before any work
-    pretrained = read_pretrained(args.checkpoint, args.model)
+        check_export_target(output, args.overwrite)  # before any work
+    pretrained = open_weights(args.checkpoint, args.model)
     encoder = build_encoder(pretrained, img_size=args.img_size, window_size=parse_windows(args.window_size),
                             num_classes=0)
     n = sum(p.numel() for p in encoder.parameters())
@@ -59,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
     from mixmim.interop.hub import save_hub_folder
 
-    card = source_card(args.checkpoint, pretrained.source, pretrained.model_name)
+    card = source_card(pretrained, export_commit=git_commit())
     card["export_command"] = export_command(args)
     if args.img_size or args.window_size:
         card["resized"] = f"img_size {args.img_size or 'kept'}, windows {args.window_size or 'kept'} at export"
@@ -68,35 +70,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"exported {what} -> {folder}/ (config.json, model.safetensors, README.md); load it with "
           f"timm.create_model('local-dir:{folder}', pretrained=True)")
     return 0
-
-
-def source_card(checkpoint: str | Path, source: str, model_name: str | None) -> dict[str, Any]:
-    """The model card's facts for the weights ``checkpoint`` names: a training checkpoint (or run folder)
-    gives the run's method, data, steps, metrics and resolved config; an export passes its card on."""
-    from mixmim.interop.hub import hub_card, is_hub_folder, run_card
-    from mixmim.utils.provenance import git_commit
-
-    path = Path(checkpoint)
-    base = {"source": str(checkpoint), "model": model_name, "export_commit": git_commit()}
-    if source == "checkpoint":
-        from mixmim.interop.checkpoint import resolve_checkpoint
-        from mixmim.interop.torch_files import load_torch_file
-
-        found = resolve_checkpoint(path)
-        state = load_torch_file(found, mmap=True)  # mmap: the tensors are not read, only the run's facts
-        run_dir = found.parent.parent if found.parent.name == "checkpoints" else None
-        card = run_card(state.get("config") or {}, int(state.get("step", 0)), state.get("method"), run_dir,
-                        command=state.get("command"), commit=state.get("commit"))
-        if run_dir is not None and (run_dir / "config.yaml").is_file() and not card.get("command"):
-            card["config_file"] = str(run_dir / "config.yaml")
-        return {**base, **card, "source": str(found)}
-    if source == "export" and is_hub_folder(path):
-        return {**hub_card(path), **base}
-    if source == "export":  # a pair: its JSON names what trained it, when the run wrote it
-        info = json.loads(path.with_suffix(".json").read_text())
-        kept = {k: info[k] for k in ("method", "step") if info.get(k) is not None}
-        return {**kept, **base}
-    return base
 
 
 def export_command(args: argparse.Namespace) -> str:

@@ -73,9 +73,9 @@ def load_pretrainer(checkpoint: str, model_name: str, img_size: int | None):
     the file read once and without running code from it. The method is built as the run built it
     (:func:`mixmim.training.pretrain.build_method`: image channels, SimMIM's pixel statistics)."""
     from mixmim.config import RunConfig, build_dataclass
-    from mixmim.interop.checkpoint import FORMAT, resolve_checkpoint
-    from mixmim.interop.export import CLASSIFIER_FORMAT
-    from mixmim.interop.hub import is_hub_folder
+    from mixmim.interop.checkpoint import resolve_checkpoint
+    from mixmim.interop.meta import CHECKPOINT_FORMAT, CLASSIFIER_FORMAT
+    from mixmim.interop.meta import is_hub_folder
     from mixmim.interop.official import convert_official
     from mixmim.interop.torch_files import load_torch_file
     from mixmim.methods.factory import create_pretrainer
@@ -86,7 +86,7 @@ def load_pretrainer(checkpoint: str, model_name: str, img_size: int | None):
                          "its checkpoint, or a release pretraining checkpoint")
     path = resolve_checkpoint(checkpoint)
     raw = load_torch_file(path)
-    if raw.get("format") == FORMAT:
+    if raw.get("format") == CHECKPOINT_FORMAT:
         config = raw.get("config")
         if not isinstance(config, dict) or "method" not in config:
             raise ValueError(f"{path} is a checkpoint of a transfer run (finetune, linprobe, segment), which has "

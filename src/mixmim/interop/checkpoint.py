@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 
+from mixmim.interop.meta import CHECKPOINT_FORMAT
 from mixmim.interop.torch_files import CheckpointError, load_torch_file, verify_checksum
 from mixmim.utils.files import WriteError, atomic_write, atomic_write_text, remove_stale_temporaries, sha256_of
 
-FORMAT = "mixmim-checkpoint/1"
+FORMAT = CHECKPOINT_FORMAT
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
 _TARGETS = re.compile(r"^step_\d{8,}\.pt(\.sha256)?$")
 log = logging.getLogger("mixmim")
@@ -51,6 +52,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a mixmim training checkpoint (format {FORMAT})")
     return state
+
+
+def open_weights_file(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """(the file, its dict) for a path a user gives: a run folder means its newest checkpoint whose
+    checksum matches (verified once, then read), a file is read as it is (its checksum checked when it
+    has one). Read weights-only: :func:`mixmim.interop.torch_files.load_torch_file`."""
+    path = Path(path)
+    if path.is_dir():
+        return (found := resolve_checkpoint(path)), load_torch_file(found, verified=True)
+    return path, load_torch_file(resolve_checkpoint(path))
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

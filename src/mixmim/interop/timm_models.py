@@ -51,12 +51,13 @@ def _filter(state: dict, model, source_grid: tuple[int, int] | None = None) -> d
 def _create(variant: str, pretrained: bool = False, **kwargs: Any):
     # Imported here, not at the top: this module is imported right after timm itself (see
     # mixmim._timm_hook), possibly while the encoder module is still importing timm.
-    from mixmim.interop.export import read_encoder_config
+    from mixmim.interop.meta import read_pair_meta
     from mixmim.models.mixmim_vit import MixMIMTransformer
 
     encoder, _ = split_overrides(variant, {})
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
-    saved = read_encoder_config(overlay["file"]) if pretrained and overlay.get("file") else None
+    info = read_pair_meta(overlay["file"]) if pretrained and overlay.get("file") else None
+    saved = info["config"] if info else None
     source_grid = None
     if saved:
         clash = {k: (saved[k], encoder[k]) for k in _ARCHITECTURE

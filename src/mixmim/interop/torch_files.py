@@ -69,17 +69,19 @@ def verify_checksum(path: Path) -> None:
                               f"{digest_file.name}, {path.stat().st_size} bytes on disk)")
 
 
-def load_torch_file(path: str | Path, what: str = "checkpoint", mmap: bool = False) -> dict[str, Any]:
+def load_torch_file(path: str | Path, what: str = "checkpoint", mmap: bool = False,
+                    verified: bool = False) -> dict[str, Any]:
     """The dict saved in ``path``, on the CPU, read with ``weights_only=True`` (and the release
-    globals above); the checksum beside it verified first. Any failure is a one-line
-    :class:`CheckpointError` naming the file: missing, damaged, not a PyTorch file, holding code or
-    objects that are not weights, or not a dict."""
+    globals above); the checksum beside it verified first (``verified``: the caller just did). Any
+    failure is a one-line :class:`CheckpointError` naming the file: missing, damaged, not a PyTorch
+    file, holding code or objects that are not weights, or not a dict."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{what} {path} is a folder, expected a file")
     if not path.is_file():
         raise CheckpointError(f"{what} {path} does not exist")
-    verify_checksum(path)
+    if not verified:
+        verify_checksum(path)
     try:
         with torch.serialization.safe_globals(release_globals()):
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and _is_zip(path))

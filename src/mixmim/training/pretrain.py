@@ -129,7 +129,7 @@ class PretrainTask(Task):
         path = run.run_dir / "metrics.csv"
         if run.step == 0 or not path.is_file():
             return
-        from mixmim.viz.curves import read_metrics
+        from mixmim.utils.metrics_csv import read_metrics
 
         knn = [v for v in read_metrics(path).get("knn", []) if v == v]
         if knn:

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from mixmim.evaluation.layer_decay import param_groups as layer_decay_groups
-from mixmim.interop.export import CLASSIFIER_FORMAT
-from mixmim.interop.pretrained import Pretrained, build_encoder, input_size, read_pretrained
+from mixmim.interop.meta import CLASSIFIER_FORMAT
+from mixmim.interop.pretrained import build_encoder, input_size
+from mixmim.interop.weights import Pretrained, open_weights
 from mixmim.models.registry import FINETUNE_DROP_PATH, encoder_config
 from mixmim.training.optim import decay_groups
 
@@ -36,7 +37,7 @@ class Classifier(nn.Module):
 def resolve_model(config: Any) -> Pretrained:
     """Read the weights ``config.checkpoint`` names and write the encoder's resolved name, input size,
     windows and drop path into ``config.model`` (what config.yaml then shows)."""
-    pretrained = read_pretrained(config.checkpoint, config.model.name)
+    pretrained = open_weights(config.checkpoint, config.model.name)
     m = config.model
     m.name = pretrained.model_name or m.name
     img_size, _ = input_size(pretrained, m.img_size)

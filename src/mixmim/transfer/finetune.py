@@ -79,7 +79,7 @@ class ClassificationTask(Task):
         return collate_labelled(items)
 
     def checkpoint_extras(self) -> dict[str, Any]:
-        """The encoder as built, so read_pretrained rebuilds it from this run's checkpoints."""
+        """The encoder as built, so open_weights rebuilds it from this run's checkpoints."""
         encoder = getattr(self, "model", None)
         encoder = getattr(encoder, "encoder", None)
         if encoder is None or not hasattr(encoder, "config"):

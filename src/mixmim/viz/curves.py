@@ -3,20 +3,9 @@ k-NN / linear-probe accuracy of the encoder against the step, from metrics.csv."
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
-
-def read_metrics(path: str | Path) -> dict[str, list[float]]:
-    columns: dict[str, list[float]] = {}
-    with open(path, newline="") as handle:
-        for row in csv.DictReader(handle):
-            for key, value in row.items():
-                try:
-                    columns.setdefault(key, []).append(float(value))
-                except (TypeError, ValueError):
-                    columns.setdefault(key, []).append(float("nan"))
-    return columns
+from mixmim.utils.metrics_csv import read_metrics
 
 
 def _smooth(values: list[float], weight: float = 0.8) -> list[float]:

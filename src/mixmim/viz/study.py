@@ -68,7 +68,8 @@ def accuracy_vs_time(rows: Sequence[dict[str, Any]], path: str | Path, title: st
 
 def run_curves(runs: dict[str, Path], path: str | Path, column: str, ylabel: str, title: str = "") -> Path | None:
     """``column`` of each run's metrics CSV against the step, one line per run (``runs``: label -> CSV)."""
-    from mixmim.viz.curves import _smooth, read_metrics
+    from mixmim.utils.metrics_csv import read_metrics
+    from mixmim.viz.curves import _smooth
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
