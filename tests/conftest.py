@@ -141,3 +141,46 @@ def crashing_step(number: int):
         yield
     finally:
         loop.Trainer.train_step = real
+
+
+def train_two_steps(tmp_path, config=None, method=None, img_size: int | None = None, decoder: bool = True):
+    """Two optimiser steps through the training loop (its optimiser, schedule, data and seeding) on the
+    bundled photos, for a recipe's ``config`` (its optimiser settings kept, a short warm-up) and/or a
+    ``method`` built elsewhere; the method trained, after checking that every loss is finite and that the
+    encoder's blocks (and the decoder's, with ``decoder``) moved. The one helper behind every "this
+    recipe trains" test."""
+    import csv
+    import math
+
+    from mixmim.config import load_config
+    from mixmim.methods.factory import build_method
+    from mixmim.training.pretrain import run_pretraining
+
+    if config is None:
+        size = img_size or (method.encoder.img_size[0] if method is not None else 128)
+        config = load_config(None, tiny_run(tmp_path, f"model.img_size={size}", "model.window_size=[8,8,4,2]"
+                                            if size == 64 else "model.window_size=[16,8,8,4]"))
+    if method is None:
+        method = build_method(config)
+    multiple = int(method.batch_multiple)
+    t = config.train
+    config.output_dir, config.name = str(tmp_path), "two_steps"
+    config.data.source, config.data.bundled_epoch_size = "bundled", 16
+    needed = max(4, int(method.num_groups))  # MixMIM with k images mixes k per sample
+    t.batch_size, t.accum_steps = multiple * -(-needed // multiple), 1
+    t.max_steps, t.epochs, t.num_workers, t.progress, t.trackers = 2, 100, 0, False, ["csv"]
+    t.checkpoint_every, t.log_every, t.picture_every, t.device, t.amp = 100, 1, 0, "cpu", "fp32"
+    t.monitor.data = None
+    config.optim.lr, config.optim.warmup_steps = 1e-3, 1
+    before = {k: v.detach().clone() for k, v in method.named_parameters() if v.requires_grad}
+    summary = run_pretraining(config, method=method, overwrite=True)
+    assert summary["step"] == 2
+    with open(tmp_path / "two_steps" / "metrics.csv", newline="") as handle:
+        losses = [float(r["loss"]) for r in csv.DictReader(handle) if r.get("loss")]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses), losses
+    changed = {k for k, v in method.named_parameters() if v.requires_grad and not torch.equal(v, before[k])}
+    assert any(k.startswith("encoder.") and "block" in k or k.startswith("encoder.stages") or
+               k.startswith("encoder.layers") for k in changed), sorted(changed)[:8]
+    if decoder and any(k.startswith("decoder") for k in before):
+        assert any(k.startswith("decoder") for k in changed)
+    return method

@@ -7,7 +7,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "mixmim"
 
@@ -166,3 +165,47 @@ def test_the_fine_tuning_setup_enters_each_interop_file_from_one_place():
     report = walk()
     assert {"interop/weights.py", "interop/checkpoint.py", "interop/torch_files.py"} <= set(report["interop_files"])
     assert report["interop_entered_from_several"] == [], report["entered_from"]
+
+
+def test_one_way_from_a_run_config_to_a_method():
+    """build_method is the only builder that reads a run config: the other builders are called only
+    where there is no run config (a release file, the model table) or inside the factory itself."""
+    allowed = {"create_pretrainer": {"mixmim.methods.factory", "mixmim.cli.reconstruct", "mixmim.cli.convert",
+                                     "mixmim.cli.info"},
+               "build_pretrainer": {"mixmim.methods.factory"}}
+    calls: dict[str, set[str]] = {"create_pretrainer": set(), "build_pretrainer": set(), "build_method": set()}
+    for module, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                name = getattr(node.func, "id", getattr(node.func, "attr", None))
+                if name in calls:
+                    calls[name].add(module)
+    for name, where in allowed.items():
+        assert calls[name] <= where, (name, sorted(calls[name] - where))
+    assert {"mixmim.config", "mixmim.training.pretrain", "mixmim.cli.reconstruct", "mixmim.study.study"} <= \
+        calls["build_method"]
+
+
+def test_the_loop_the_check_and_reconstruct_build_the_same_method(tmp_path, monkeypatch):
+    """Every path from a run config goes through build_method (a planted second builder would be seen)."""
+    from conftest import tiny_run
+
+    from mixmim.cli import main
+    from mixmim.methods import factory
+
+    seen = []
+    real = factory.build_method
+
+    def counting(config):
+        seen.append(config.method.name)
+        return real(config)
+
+    monkeypatch.setattr(factory, "build_method", counting)
+    monkeypatch.setattr("mixmim.training.pretrain.build_method", counting)
+    args = tiny_run(tmp_path, "train.max_steps=1", "train.checkpoint_every=1", "train.trackers=[csv]",
+                    "data.channels=1")
+    assert main(["pretrain", *args]) == 0
+    assert len(seen) == 2  # the config check (meta device) and the loop
+    assert main(["reconstruct", "--checkpoint", str(tmp_path / "t"), "--images", "bundled", "--max-images", "2",
+                 "--output", str(tmp_path / "r.png")]) == 0
+    assert len(seen) == 3  # reconstruct: the run's method, built from its saved config

@@ -74,7 +74,7 @@ def test_two_gloo_processes_equal_one_process_with_accumulation(tmp_path, mode):
 
 
 def _initial_state(tmp_path) -> dict:
-    from mixmim.training.pretrain import build_method
+    from mixmim.methods.factory import build_method
 
     config = load_config(None, tiny_run(tmp_path))
     torch.manual_seed(config.train.seed)

@@ -12,7 +12,7 @@ import torch
 
 import mixmim
 import mixmim.methods.mae as mae_module
-from conftest import TINY_DECODER, TINY_ENCODERS, tiny_run
+from conftest import TINY_DECODER, TINY_ENCODERS, tiny_run, train_two_steps
 from mixmim.config import load_config
 from mixmim.methods.mae import MAE, kept_count, random_patch_masks
 from mixmim.methods.patches import masked_mse, normalize_patches, patchify
@@ -121,25 +121,8 @@ def test_weight_decay_follows_mae_code():
     assert no_weight_decay_names(tiny_mae()) == set()
 
 
-def _two_steps(model, batch=4, size=128):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05)
-    before = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
-    images = torch.randn(batch, 3, size, size)
-    losses = []
-    for _ in range(2):
-        loss = model(images).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert all(torch.isfinite(torch.tensor(losses)))
-    changed = [k for k, v in model.named_parameters() if v.requires_grad and not torch.equal(v, before[k])]
-    assert any(k.startswith("encoder.blocks") for k in changed) and any(k.startswith("decoder") for k in changed)
-    return model
-
-
-def test_two_training_steps():
-    _two_steps(tiny_mae())
+def test_two_training_steps(tmp_path):
+    train_two_steps(tmp_path, method=tiny_mae())
 
 
 RECIPES = sorted((CONFIGS / "mae").glob("*.yaml"))
@@ -150,7 +133,7 @@ def test_there_is_a_recipe_per_length():
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
-def test_recipe_has_paper_values_and_trains_two_tiny_steps(path):
+def test_recipe_has_paper_values_and_trains_two_tiny_steps(path, tmp_path):
     paper = load_config(path)
     assert paper.method_name() == "mae" and paper.model.name == "vit_base" and paper.model.img_size == 224
     assert paper.model.options == {"fixed_pos_embed": True}
@@ -158,12 +141,12 @@ def test_recipe_has_paper_values_and_trains_two_tiny_steps(path):
     assert paper.optim.warmup_epochs == 40 and paper.train.batch_size == 4096
     assert paper.train.epochs == int(path.stem.split("_")[-1][:-2])
     assert paper.method_options() == dict(mask_ratio=0.75, decoder_dim=512, decoder_depth=8, decoder_num_heads=16,
-                                          norm_pix_loss=True)
+                                          norm_pix_loss=True, xavier_init=True)  # the typed section: every field
     cfg = load_config(path, VIT_MODEL + VIT_DECODER)
     model = mixmim.create_pretrainer(cfg.method_name(), cfg.model.name, **cfg.model.encoder_overrides(),
                                      **cfg.method_options())
     assert not model.encoder.pos_embed.requires_grad  # MAE's fixed sine-cosine positions
-    _two_steps(model)
+    train_two_steps(tmp_path, cfg, method=model)
 
 
 @pytest.fixture(scope="module")

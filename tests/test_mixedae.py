@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import mixmim
-from conftest import TINY_DECODER, TINY_ENCODERS, tiny_run
+from conftest import TINY_DECODER, TINY_ENCODERS, tiny_run, train_two_steps
 from mixmim.config import load_config
 import mixmim.methods.mixedae as mixedae_module
 from mixmim.methods.homologous import TopK, topk_accuracy
@@ -533,8 +533,8 @@ def test_lr_batch_counts_images_or_encoder_samples():
     dict(reconstruction_weight=0.0),
     dict(mixing_ratio=0.5, mode="full"),
 ], ids=["naive", "masked", "pre_ln_mean", "input_segments", "contrastive_only", "pairs_full"])
-def test_ablations_train(options):
-    _two_steps(tiny_mixedae(**options))
+def test_ablations_train(options, tmp_path):
+    train_two_steps(tmp_path, method=tiny_mixedae(**options))
 
 
 def test_naive_mixing_has_no_recognition_parts():
@@ -574,25 +574,8 @@ def test_weight_decay_follows_mae_code():
     assert no_weight_decay_names(tiny_mixedae(segment_embed="learnable")) == set()
 
 
-def _two_steps(model, batch=8, size=128):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05)
-    before = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
-    images = torch.randn(batch, 3, size, size)
-    losses = []
-    for _ in range(2):
-        out = model(images)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-        losses.append(out.loss.item())
-    assert all(torch.isfinite(torch.tensor(losses)))
-    changed = {k for k, v in model.named_parameters() if v.requires_grad and not torch.equal(v, before[k])}
-    assert any(k.startswith("encoder.blocks") for k in changed)
-    return model
-
-
-def test_two_training_steps():
-    model = _two_steps(tiny_mixedae())
+def test_two_training_steps(tmp_path):
+    model = train_two_steps(tmp_path, method=tiny_mixedae())
     assert isinstance(model.projector, nn.Linear)
 
 
@@ -615,7 +598,7 @@ def test_there_is_a_recipe_per_table_row():
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
-def test_recipe_has_paper_values_and_trains_two_tiny_steps(path):
+def test_recipe_has_paper_values_and_trains_two_tiny_steps(path, tmp_path):
     paper = load_config(path)
     assert paper.model.name == "vit_base" and paper.model.img_size == 224
     assert paper.model.options == {"fixed_pos_embed": True}
@@ -631,7 +614,7 @@ def test_recipe_has_paper_values_and_trains_two_tiny_steps(path):
     cfg = load_config(path, VIT_MODEL + VIT_DECODER)
     model = mixmim.create_pretrainer(cfg.method_name(), cfg.model.name, **cfg.model.encoder_overrides(),
                                      **cfg.method_options())
-    _two_steps(model)
+    train_two_steps(tmp_path, cfg, method=model)
     for key, value in options.items():
         if not key.startswith("decoder"):
             assert getattr(model.config, key) == value, key

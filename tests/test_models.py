@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import mixmim
+from mixmim.methods.options import decoder_defaults
 from mixmim.models.registry import MODELS
 
 
@@ -37,8 +38,9 @@ def test_parameter_counts_follow_the_architecture(name):
     spec = MODELS[name]
     with torch.device("meta"):
         model = mixmim.create_pretrainer("mixmim", name)
+    decoder = decoder_defaults(name)
     enc, total = _analytic_params(spec["embed_dim"], spec["depths"], spec["num_heads"],
-                                  dec_dim=spec["decoder"]["decoder_dim"], dec_depth=spec["decoder"]["decoder_depth"])
+                                  dec_dim=decoder["decoder_dim"], dec_depth=decoder["decoder_depth"])
     assert _count(model.encoder) == enc
     assert _count(model) == total
 

@@ -183,7 +183,8 @@ def test_pretrain_takes_a_recipe_name(capsys):
         {(RECIPES / "ablations" / "table6_filling_zero.yaml").resolve()}
     assert main(["pretrain", "--config", "ablations/table6_filling_zero", "--print-config"]) == 0
     config = yaml.safe_load(capsys.readouterr().out)
-    assert config["name"] == "table6_filling_zero" and config["method"] == {"name": "mixmim", "filling": "zero"}
+    assert config["name"] == "table6_filling_zero" and config["method"]["name"] == "mixmim"
+    assert config["method"]["filling"] == "zero" and config["method"]["mask_ratio"] == 0.5  # every value, resolved
     assert config["optim"]["base_lr"] == 1.5e-4  # from its base, ablations/table9_epochs_300
     assert main(["pretrain", "--config", "supp_table3_filling_zero", "--print-config"]) == 2  # removed: a twin
     assert "is not a recipe name (`mixmim recipes` lists them)" in capsys.readouterr().err

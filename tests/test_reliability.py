@@ -24,7 +24,8 @@ from mixmim.data.images import BadImage, load_rgb
 from mixmim.data.scan import scan_images
 from mixmim.interop.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
 from mixmim.training.logs import DataQualityError
-from mixmim.training.pretrain import NonFiniteLossError, build_method, run_pretraining
+from mixmim.methods.factory import build_method
+from mixmim.training.pretrain import NonFiniteLossError, run_pretraining
 
 
 def _photo(size=(96, 80)) -> Image.Image:

@@ -202,7 +202,7 @@ def test_gpu_profile_resolves_with_every_arm(fake_fashion_mnist, tmp_path):
     study = Study(load_profile("gpu"), tmp_path / "study")
     config = study.run_config(study.arms[1], 0)
     assert config.model.name == "vit_small" and config.model.img_size == 64
-    assert config.model.img_size // config.method["mask_cell"] == 8
+    assert config.model.img_size // config.method.mask_cell == 8
     assert config.train.max_steps * config.train.batch_size <= study.profile.images
     assert {a.name for a in study.arms} == {p.stem for p in (STUDY_CONFIGS / "arms").glob("*.yaml")}
 
@@ -214,7 +214,7 @@ def test_every_arm_builds_on_the_cpu_profile_and_takes_a_step(fake_fashion_mnist
     import torch
 
     from mixmim.study.study import STUDY_CONFIGS, Study, load_profile
-    from mixmim.training.pretrain import build_method
+    from mixmim.methods.factory import build_method
 
     names = sorted(str(p.relative_to(STUDY_CONFIGS / "arms").with_suffix("")) for p in
                    (STUDY_CONFIGS / "arms").rglob("*.yaml"))

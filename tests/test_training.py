@@ -46,7 +46,7 @@ def test_loss_falls_on_bundled_images(tmp_path):
     """Same images, same mask, before and after 24 steps: the reconstruction error must drop."""
     from mixmim.data import build_pretrain_dataset
     from mixmim.interop.checkpoint import load_checkpoint
-    from mixmim.training.pretrain import build_method
+    from mixmim.methods.factory import build_method
 
     config = load_config(None, tiny_run(tmp_path, "train.max_steps=24", "train.batch_size=8", "optim.lr=3e-3",
                                         "train.checkpoint_every=100", "optim.warmup_steps=5"))

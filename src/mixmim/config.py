@@ -26,6 +26,8 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
+from mixmim.methods.options import MethodOptions, MixMIMConfig
+from mixmim.utils.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from mixmim.utils.typed import ConfigError, apply_overrides, build_dataclass, merge, plain, read_yaml
 
 __all__ = ["ConfigError", "build_dataclass", "read_yaml", "load_config", "load_run_config", "dump_config"]
@@ -102,8 +104,8 @@ class DataConfig:
     hf_label_column: str = "label"
     crop_scale: tuple[float, float] = (0.2, 1.0)
     hflip: bool = True  # random horizontal flips, in pretraining and in finetune/linprobe training
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
     bundled_epoch_size: int = 512
     max_bad_fraction: float = 0.01
     val_path: str | None = None
@@ -289,16 +291,18 @@ class RunConfig(_Run):
     name: str = "mixmim"
     output_dir: str = "runs"
     model: ModelConfig = field(default_factory=ModelConfig)
-    method: dict[str, Any] = field(default_factory=lambda: {"name": "mixmim"})
+    method: MethodOptions = field(default_factory=MixMIMConfig)  # `name` picks the method (methods/options.py)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def method_name(self) -> str:
-        return str(self.method.get("name", "mixmim"))
+        return self.method.name
 
     def method_options(self) -> dict[str, Any]:
-        return {k: v for k, v in self.method.items() if k != "name"}
+        """The method's options as set (decoder sizes and SimMIM's pixel statistics left at None are
+        resolved when the method is built)."""
+        return {k: v for k, v in dataclasses.asdict(self.method).items() if k != "name"}
 
 
 @dataclass
@@ -511,8 +515,6 @@ def load_run_config(verb: str, path: str | Path | None = None, overrides: list[s
     an already resolved ``tree``."""
     tree = resolve_tree(verb, path, overrides, base) if tree is None else tree
     config = build_dataclass(VERB_CONFIGS[verb], tree)
-    if verb == "pretrain":
-        config.method = {"name": config.method.get("name", "mixmim"), **config.method_options()}
     validate(config)
     return config
 
@@ -630,36 +632,30 @@ def _validate_data(d: DataConfig) -> None:
 
 
 def _validate_pretraining(config: RunConfig) -> None:
-    from mixmim.methods.factory import METHODS
     from mixmim.models.registry import MODELS
 
     if config.model.name not in MODELS:
         raise ConfigError(f"config key 'model.name': unknown model {config.model.name!r}; known: {', '.join(MODELS)}")
     if config.model.img_size is None or config.model.img_size < 16:
         raise ConfigError(f"config key 'model.img_size': {config.model.img_size} is below the minimum 16")
-    if config.method_name() not in METHODS:
-        raise ConfigError(f"config key 'method.name': unknown method {config.method_name()!r}; "
-                          f"known: {', '.join(METHODS)}")
-    method_cfg = build_dataclass(METHODS[config.method_name()][0], config.method_options(), "method")
-    if hasattr(method_cfg, "validate"):
-        try:
-            method_cfg.validate()
-        except ValueError as exc:
-            raise ConfigError(f"config section 'method': {exc}") from None
+    try:
+        config.method.validate()
+    except ValueError as exc:
+        raise ConfigError(f"config section 'method': {exc}") from None
     _check_buildable(config)
 
 
 def _check_buildable(config: RunConfig) -> None:
-    """Build the model on the meta device (no memory, milliseconds) so that window sizes that do not
-    fit the feature maps, head counts that do not divide the width, etc. fail before any work."""
+    """Build the method on the meta device (no memory, milliseconds), exactly as the run will
+    (:func:`mixmim.methods.factory.build_method`), so that window sizes that do not fit the feature
+    maps, head counts that do not divide the width, etc. fail before any work."""
     import torch
 
-    from mixmim.methods.factory import create_pretrainer
+    from mixmim.methods.factory import build_method
 
     try:
         with torch.device("meta"):
-            method = create_pretrainer(method=config.method_name(), model=config.model.name,
-                                       **config.model.encoder_overrides(), **config.method_options())
+            method = build_method(config)
     except (ValueError, TypeError, AssertionError) as exc:
         if str(exc).startswith("img_size="):
             raise ConfigError(f"config key 'model.img_size': {exc}") from None

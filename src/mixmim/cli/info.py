@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _architecture(spec: dict) -> str:
     """The registry's constructor arguments of a model, compactly (widths, depths, heads, windows...)."""
-    skip = ("family", "timm", "decoder", "drop_path")
+    skip = ("family", "timm")
     return " ".join(f"{k}={tuple(v) if isinstance(v, (list, tuple)) else v}" for k, v in spec.items() if k not in skip)
 
 

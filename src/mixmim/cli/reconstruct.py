@@ -71,15 +71,14 @@ def _collect(inputs: list[str], limit: int) -> list[Path]:
 def load_pretrainer(checkpoint: str, model_name: str, img_size: int | None):
     """(pretrainer module in eval mode, its run config or None) from our run/checkpoint or a release file,
     the file read once and without running code from it. The method is built as the run built it
-    (:func:`mixmim.training.pretrain.build_method`: image channels, SimMIM's pixel statistics)."""
+    (:func:`mixmim.methods.factory.build_method`: image channels, SimMIM's pixel statistics)."""
     from mixmim.config import RunConfig, build_dataclass
     from mixmim.interop.checkpoint import resolve_checkpoint
     from mixmim.interop.meta import CHECKPOINT_FORMAT, CLASSIFIER_FORMAT
     from mixmim.interop.meta import is_hub_folder
     from mixmim.interop.official import convert_official
     from mixmim.interop.torch_files import load_torch_file
-    from mixmim.methods.factory import create_pretrainer
-    from mixmim.training.pretrain import build_method
+    from mixmim.methods.factory import build_method, create_pretrainer
 
     if is_hub_folder(checkpoint) or Path(checkpoint).suffix in (".safetensors", ".json"):
         raise ValueError(f"{checkpoint} is an encoder export (no decoder): reconstruct needs a pretraining run, "

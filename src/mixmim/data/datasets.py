@@ -12,12 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mixmim.data.images import BadImage, DataQualityError, decode, load_rgb, mode_of
+from mixmim.data.images import BadImage, DataQualityError, decode, mode_of
 from mixmim.data.seeding import augment
 from mixmim.data.sources import FolderSource, ImageSource
 
@@ -160,11 +159,3 @@ def collate(items: list[dict]) -> dict:
     return {"image": torch.stack([it["image"] for it in items]),
             "index": torch.tensor([it["index"] for it in items]),
             "skipped": [s for it in items for s in it["skipped"]]}
-
-
-def array_to_uint8(image: torch.Tensor) -> np.ndarray:
-    return (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-
-
-__all__ = ["BundledPhotos", "FashionMNISTImages", "ImageFolderDataset", "SeededDataset", "SourceDataset",
-           "bundled_photo_paths", "collate", "load_rgb"]

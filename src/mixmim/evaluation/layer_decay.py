@@ -123,9 +123,3 @@ def create_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05, la
         layer_decay = 1.0
     return create_optimizer_v2(model, opt=opt, lr=lr, weight_decay=weight_decay, betas=betas,
                                param_group_fn=lambda m: param_groups(m, weight_decay, layer_decay))
-
-
-def apply_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set every group's learning rate to ``lr`` times its ``lr_scale``."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)

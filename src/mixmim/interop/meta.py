@@ -11,12 +11,16 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
+from mixmim.utils.imagenet import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["CARD", "CHECKPOINT_FORMAT", "CLASSIFIER_FORMAT", "CONFIG", "ENCODER_FORMAT", "HUB_FORMAT", "IMAGENET_MEAN",
+           "IMAGENET_STD", "TIMM_BIT", "WEIGHTS", "is_hub_folder", "our_hub_block", "read_hub_config", "read_pair_meta"]
+
 CHECKPOINT_FORMAT = "mixmim-checkpoint/1"  # a training checkpoint (interop/checkpoint.py)
 ENCODER_FORMAT = "mixmim-encoder/1"  # the pair export: <stem>.safetensors + <stem>.json
 CLASSIFIER_FORMAT = "mixmim-classifier/1"  # a fine-tuned encoder with its head (a transfer run's model.pt)
 HUB_FORMAT = "mixmim-hub/1"  # the "mixmim" block of a Hub folder's config.json
 CONFIG, WEIGHTS, CARD = "config.json", "model.safetensors", "README.md"  # a Hub / timm folder
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def is_hub_folder(path: str | Path) -> bool:

@@ -1,6 +1,7 @@
-"""Building a method and its encoder by name: ``build_pretrainer`` (what the training loop and the
-config loader use: the method's options and the encoder's arguments apart) and ``create_pretrainer``
-(the public API: one flat set of keyword arguments, by the release's names)."""
+"""Building a method and its encoder: :func:`build_method` from a run config (what the loop, the config
+check, ``mixmim reconstruct`` and the study use: one way from a config to a method), ``build_pretrainer``
+from a method's options and the encoder's arguments apart, and ``create_pretrainer`` (the public API:
+one flat set of keyword arguments, by the release's names)."""
 
 from __future__ import annotations
 
@@ -8,21 +9,18 @@ import dataclasses
 from typing import Any, Mapping
 
 from mixmim.methods.base import PretrainMethod
-from mixmim.methods.mae import MAE, MAEConfig
-from mixmim.methods.mixedae import MixedAE, MixedAEConfig
-from mixmim.methods.mixmim import MixMIM, MixMIMConfig
-from mixmim.methods.simmim import SimMIM, SimMIMConfig
+from mixmim.methods.mae import MAE
+from mixmim.methods.mixedae import MixedAE
+from mixmim.methods.mixmim import MixMIM
+from mixmim.methods.options import METHOD_OPTIONS
+from mixmim.methods.simmim import SimMIM
 from mixmim.models.registry import MODELS, encoder_args, family_class, family_of, split_overrides
 
 # method name -> (options dataclass, method class). Every method takes any encoder with the
 # GroupedEncoder interface; MAE and MixedAE also need the token-dropping one (plain ViT only) and
 # refuse any other family in one line.
-METHODS: dict[str, tuple[type, type[PretrainMethod]]] = {
-    "mixmim": (MixMIMConfig, MixMIM),
-    "simmim": (SimMIMConfig, SimMIM),
-    "mae": (MAEConfig, MAE),
-    "mixedae": (MixedAEConfig, MixedAE),
-}
+_CLASSES: dict[str, type[PretrainMethod]] = {"mixmim": MixMIM, "simmim": SimMIM, "mae": MAE, "mixedae": MixedAE}
+METHODS: dict[str, tuple[type, type[PretrainMethod]]] = {n: (METHOD_OPTIONS[n], c) for n, c in _CLASSES.items()}
 
 
 def method_names() -> list[str]:
@@ -57,26 +55,31 @@ def _release_aliases(options: Mapping[str, Any]) -> dict[str, Any]:
     return options
 
 
-def method_options(method: str, model: str, options: Mapping[str, Any]) -> Any:
-    """The options dataclass of ``method`` for ``model``: the model's decoder size (registry) for
-    the fields the method has, under ``options``. Unknown options are a TypeError naming them."""
+def method_options(method: str, model: str, options: Mapping[str, Any] | Any) -> Any:
+    """The options dataclass of ``method`` for ``model`` (a dataclass as it is, or a mapping of its
+    fields), decoder sizes left at None set to the model's default decoder. Unknown options are a
+    TypeError naming them."""
     config_cls = method_config_class(method)
-    known = {f.name for f in dataclasses.fields(config_cls)}
-    options = _release_aliases(options)
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise TypeError(f"unknown option(s) for method {method!r}: {', '.join(unknown)}; "
-                        f"method options: {', '.join(sorted(known))}")
-    decoder = {k: v for k, v in MODELS[_known_model(model)]["decoder"].items() if k in known}
-    return config_cls(**{**decoder, **options})
+    if not dataclasses.is_dataclass(options):
+        known = {f.name for f in dataclasses.fields(config_cls)} - {"name"}
+        options = _release_aliases(options)
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"unknown option(s) for method {method!r}: {', '.join(unknown)}; "
+                            f"method options: {', '.join(sorted(known))}")
+        options = config_cls(**options)
+    elif not isinstance(options, config_cls):
+        raise TypeError(f"options of {type(options).__name__} given for method {method!r}")
+    resolve = getattr(options, "with_decoder_of", None)
+    return resolve(_known_model(model)) if resolve is not None else options
 
 
-def build_pretrainer(method: str, options: Mapping[str, Any], model: str,
+def build_pretrainer(method: str, options: Mapping[str, Any] | Any, model: str,
                      encoder_overrides: Mapping[str, Any]) -> PretrainMethod:
-    """Method ``method`` on encoder ``model``: ``options`` are fields of the method's options
-    dataclass, ``encoder_overrides`` arguments of the encoder's constructor. The encoder is built
-    once, from the registry's arguments, the method's own defaults for that family (e.g. MAE's fixed
-    sine-cosine positions on a ViT) and then ``encoder_overrides``."""
+    """Method ``method`` on encoder ``model``: ``options`` are the method's options (its dataclass, or a
+    mapping of its fields), ``encoder_overrides`` arguments of the encoder's constructor. The encoder is
+    built once, from the registry's arguments, the method's own defaults for that family (e.g. MAE's
+    fixed sine-cosine positions on a ViT) and then ``encoder_overrides``."""
     method_cls = METHODS[_known_method(method)][1]
     config = method_options(method, model, options)
     family = family_of(_known_model(model))
@@ -88,6 +91,26 @@ def build_pretrainer(method: str, options: Mapping[str, Any], model: str,
     registry_args, _ = split_overrides(model, {})
     kwargs = {**registry_args, **method_cls.encoder_defaults.get(family, {}), **encoder_overrides}
     return method_cls(family_class(family)(**kwargs), config)
+
+
+def build_method(config: Any) -> PretrainMethod:
+    """The method of a pretraining run config (``model``, ``method``, ``data`` sections) on its encoder,
+    activation checkpointing as asked. The encoder takes ``data.channels`` image channels unless
+    ``model.options.in_chans`` says otherwise; SimMIM, which undoes the input normalisation for its
+    colour targets, gets the data's statistics unless ``method.pixel_mean``/``pixel_std`` are set.
+    The one way from a run config to a method: the loop, the config check (on the meta device),
+    ``mixmim reconstruct`` and the study all build through it."""
+    m, d, options = config.model, config.data, config.method
+    overrides = m.encoder_overrides()
+    overrides.setdefault("in_chans", d.channels)
+    if getattr(options, "pixel_mean", "absent") is None and d.normalize != "dataset":
+        from mixmim.data import normalization
+
+        options = options.with_pixel_stats(*normalization(d, d.channels))
+    method = build_pretrainer(options.name, options, m.name, overrides)
+    if m.grad_checkpointing:
+        method.encoder.set_grad_checkpointing(True)
+    return method
 
 
 def create_pretrainer(method: str = "mixmim", model: str = "mixmim_base", **overrides: Any) -> PretrainMethod:

@@ -21,15 +21,15 @@ With a ``vit_*`` model the factory builds MAE's encoder: fixed 2-D sine-cosine p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from mixmim.methods.base import Picture, PretrainMethod, PretrainOutput, VersionedState, default_in_chans
-from mixmim.methods.decoding import DecoderOptions, build_decoder
-from mixmim.methods.masking import as_grid_masks, check_ratio, kept_count, random_patch_masks
+from mixmim.methods.decoding import build_decoder
+from mixmim.methods.masking import as_grid_masks, kept_count, random_patch_masks
+from mixmim.methods.options import MAEConfig
 from mixmim.methods.patches import masked_mse, patch_targets
 from mixmim.models.base import resize_groups
 from mixmim.models.token_dropping import TokenDroppingEncoder
@@ -66,20 +66,6 @@ def mae_init_(encoder: nn.Module) -> None:
         nn.init.normal_(encoder.cls_token, std=0.02)
 
 
-@dataclass
-class MAEConfig(DecoderOptions):
-    """Options of MAE; the defaults are the paper's (75% masking, 8 x 512 decoder, normalised pixels:
-    :class:`~mixmim.methods.decoding.DecoderOptions`). ``xavier_init``: re-initialise the encoder as
-    MAE does (:func:`mae_init_`); turn it off to continue from weights already in the encoder."""
-
-    mask_ratio: float = 0.75
-    xavier_init: bool = True
-
-    def validate(self) -> None:
-        check_ratio(self.mask_ratio)
-        self.validate_decoder()
-
-
 class MAE(VersionedState, PretrainMethod):
     """images -> MSE on the hidden patches; the encoder runs on the kept patches only."""
 
@@ -92,7 +78,7 @@ class MAE(VersionedState, PretrainMethod):
 
     def __init__(self, encoder: nn.Module, config: MAEConfig | None = None, in_chans: int | None = None):
         super().__init__()
-        self.config = config or MAEConfig()
+        self.config = (config or MAEConfig()).with_decoder_of(None)  # sizes left at None: MAE's decoder
         self.config.validate()
         require_token_dropping(encoder, "MAE")
         c = self.config

@@ -17,10 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-
-def check_ratio(ratio: float, name: str = "mask_ratio") -> None:
-    if not (0.0 < float(ratio) < 1.0):
-        raise ValueError(f"{name}={ratio} is outside (0, 1)")
+from mixmim.methods.options import check_ratio  # noqa: F401 - re-exported for the methods
 
 
 def as_grid_masks(mask: Tensor, grid: tuple[int, int], batch: int, where: str) -> Tensor:

@@ -31,7 +31,6 @@ Every ablation of Table 3 and appendix Table 7 that is a switch is a field of :c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -39,29 +38,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mixmim.methods.base import Picture, PretrainMethod, PretrainOutput, VersionedState, default_in_chans
-from mixmim.methods.decoding import DecoderOptions, build_decoder, check_positive_ints
+from mixmim.methods.decoding import build_decoder
 from mixmim.methods.homologous import TopK
 from mixmim.methods.mae import MAE_NORM_EPS, mae_init_, require_token_dropping
 from mixmim.methods.masking import balanced_assignment
+from mixmim.methods.options import MixedAEConfig, group_size
 from mixmim.methods.patches import masked_mse, patch_targets, patchify, unpatchify
 from mixmim.models.base import resize_groups
 
-Mode = Literal["compose", "full"]
-AttentionKind = Literal["homologous", "global", "masked"]
-SegmentKind = Literal["sincos", "learnable", "none"]
-
-
-def group_size(mixing_ratio: float) -> int:
-    """1/r, the number of images mixed together; r must lie in (0, 0.5] with 1/r an integer
-    (section 3.1: "r in (0, 0.5] is the mixing ratio")."""
-    r = float(mixing_ratio)
-    if not 0.0 < r <= 0.5:
-        raise ValueError(f"mixing_ratio={mixing_ratio} is outside (0, 0.5] (MixedAE section 3.1)")
-    k = round(1.0 / r)
-    if abs(k * r - 1.0) > 1e-6:
-        raise ValueError(f"mixing_ratio={mixing_ratio}: 1/r must be an integer (each image supplies r of the "
-                         "patches of a mixed sample of 1/r images)")
-    return k
 
 
 def segment_sincos(count: int, dim: int) -> Tensor:
@@ -117,88 +101,6 @@ def homologous_contrastive_loss(features: Tensor, sources: Tensor, temperature: 
     return (per_query * valid).sum() / valid.sum().clamp(min=1)
 
 
-@dataclass
-class MixedAEConfig(DecoderOptions):
-    """Options of MixedAE; the defaults are the paper's choices (section 4.1, appendix B).
-
-    - ``mixing_ratio`` r (Table 3a): 1/r images per group, r in (0, 0.5]. ``mode``: ``compose``
-      (one mixed sample per group) or ``full`` (1/r independently mixed samples per group).
-      ``mask_cell``: side of a mixing cell in pixels (32, appendix B; 16 mixes single patches).
-    - ``attention``: ``homologous`` (eq. 6, TopK), ``global`` (plain ViT attention: the naive
-      baseline of section 3.1), ``masked`` (attention only within each image, told the mixing mask:
-      the "Naive + Masked SA" baseline of appendix Table 7a). ``topk_ratio``: K / L (Table 3d; None:
-      K = rL; 1.0 means no sampling). ``global_layers``: how many first blocks keep global attention
-      (Table 3e: 0, 1, 2, 3).
-    - ``segment_embed`` (Table 7c): ``sincos`` (fixed, appendix B), ``learnable`` (one trained
-      vector per member, as BERT's segment embeddings), ``none``. ``segment_embed_every_layer``:
-      added to the input of every block (appendix B) or once, beside the positions (section 3.2).
-      ``segment_embed_accumulate``: every block's input gets it added into the residual stream, so
-      block i reads i copies (True, the literal reading of "added to the input of each Transformer
-      layer"), or every block reads ``x + e`` and none keeps it (False: one copy at every block, as
-      Swin's per-block relative position bias that appendix B cites).
-    - Homologous contrastive loss: ``contrastive_weight`` lambda (eq. 8; 0 turns it off, Table 3f),
-      ``contrastive_dim`` (projector output), ``contrastive_temperature`` tau,
-      ``contrastive_features`` (Table 3b: after or before the final LayerNorm),
-      ``contrastive_positives`` (Table 3c: each positive separately, or their mean).
-    - ``reconstruction_weight``: 0 trains with the contrastive loss only (appendix Table 7b).
-    - ``measure_topk``: report the TopK sampling accuracy of every homologous block (Figure 6) in
-      the metrics as ``topk_acc_layer<i>`` (blocks counted from 1).
-    - ``xavier_init``: initialise the encoder as MAE's code (appendix B).
-    - ``decoder_cls_token``: give every decoder sequence of a mixed sample the sample's encoded class
-      token, as MAE's decoder does (off by default: see the module docstring).
-    - ``lr_batch``: what the learning-rate rule ``lr = base_lr x batch / 256`` counts (section 4.1):
-      ``images`` per step (the paper's "batch size 4096 for compose", default) or encoder
-      ``samples`` (B r in compose mode, B in full mode); :meth:`MixedAE.lr_batch` tells the loop.
-    """
-
-    mixing_ratio: float = 0.25
-    mode: Mode = "compose"
-    mask_cell: int = 32
-    attention: AttentionKind = "homologous"
-    topk_ratio: float | None = None
-    global_layers: int = 1
-    segment_embed: SegmentKind = "sincos"
-    segment_embed_every_layer: bool = True
-    contrastive_weight: float = 0.1
-    contrastive_dim: int = 128
-    contrastive_temperature: float = 0.25
-    contrastive_features: Literal["post_norm", "pre_norm"] = "post_norm"
-    contrastive_positives: Literal["separate", "mean"] = "separate"
-    reconstruction_weight: float = 1.0
-    measure_topk: bool = True
-    xavier_init: bool = True
-    decoder_cls_token: bool = False
-    segment_embed_accumulate: bool = True
-    lr_batch: Literal["images", "samples"] = "images"
-
-    def validate(self) -> None:
-        group_size(self.mixing_ratio)
-        choices = {"mode": ("compose", "full"), "attention": ("homologous", "global", "masked"),
-                   "segment_embed": ("sincos", "learnable", "none"), "lr_batch": ("images", "samples"),
-                   "contrastive_features": ("post_norm", "pre_norm"), "contrastive_positives": ("separate", "mean")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
-        check_positive_ints(self, ("mask_cell", "contrastive_dim"))
-        self.validate_decoder()
-        if isinstance(self.global_layers, bool) or not isinstance(self.global_layers, int) or self.global_layers < 0:
-            raise ValueError(f"global_layers={self.global_layers!r}: expected a count of blocks (0 or more)")
-        if self.topk_ratio is not None and not 0.0 < float(self.topk_ratio) <= 1.0:
-            raise ValueError(f"topk_ratio={self.topk_ratio} is outside (0, 1] (K = topk_ratio x L)")
-        if float(self.contrastive_temperature) <= 0:
-            raise ValueError(f"contrastive_temperature={self.contrastive_temperature} must be positive")
-        if float(self.contrastive_weight) < 0 or float(self.reconstruction_weight) < 0:
-            raise ValueError("contrastive_weight and reconstruction_weight must not be negative")
-        if float(self.contrastive_weight) == 0 and float(self.reconstruction_weight) == 0:
-            raise ValueError("contrastive_weight=0 and reconstruction_weight=0 leave nothing to train")
-        if self.attention == "masked" and self.segment_embed != "none":
-            raise ValueError(f"attention='masked' is told which image each patch is from (appendix Table 7a); "
-                             f"segment_embed={self.segment_embed!r} needs segment_embed='none'")
-        if self.attention == "masked" and self.decoder_cls_token:
-            raise ValueError("attention='masked' keeps one class token copy per image inside the encoder and returns "
-                             "none; decoder_cls_token=True needs attention='homologous' or 'global'")
-
-
 class MixedAE(VersionedState, PretrainMethod):
     """images -> eq. 8 loss, reconstructions and the TopK sampling accuracy per block."""
 
@@ -209,7 +111,7 @@ class MixedAE(VersionedState, PretrainMethod):
 
     def __init__(self, encoder: nn.Module, config: MixedAEConfig | None = None, in_chans: int | None = None):
         super().__init__()
-        self.config = config or MixedAEConfig()
+        self.config = (config or MixedAEConfig()).with_decoder_of(None)  # sizes left at None: MAE's decoder
         self.config.validate()
         require_token_dropping(encoder, "MixedAE")
         c = self.config

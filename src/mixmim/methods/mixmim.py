@@ -21,114 +21,19 @@ random draws).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mixmim.methods.base import Picture, PretrainMethod, PretrainOutput, default_in_chans
-from mixmim.methods.decoding import DecoderOptions, build_decoder
-from mixmim.methods.masking import as_grid_masks, block_groups, check_ratio, partner_sources, random_groups, token_cells
+from mixmim.methods.decoding import build_decoder
+from mixmim.methods.masking import as_grid_masks, block_groups, partner_sources, random_groups, token_cells
+from mixmim.methods.options import MixMIMConfig
 from mixmim.methods.patches import masked_mse, patch_targets
 from mixmim.models.base import resize_groups
 
 
-Filling = Literal["mix", "zero", "learnable", "shuffle", "zoomin"]
-Pretext = Literal["masked_attention", "mix_embedding", "none"]
-FILLINGS: tuple[str, ...] = ("mix", "zero", "learnable", "shuffle", "zoomin")
-PRETEXTS: tuple[str, ...] = ("masked_attention", "mix_embedding", "none")
-
-
-@dataclass
-class MixMIMConfig(DecoderOptions):
-    """Options of the MixMIM method; the defaults are the paper's choices (the decoder's and the
-    target's: :class:`~mixmim.methods.decoding.DecoderOptions`).
-
-    - ``filling`` (Table 6 / supplement Table 3): what fills the cells hidden from an image. ``mix``:
-      the other image's tokens (the method). ``zero``: zero tokens; ``learnable``: one shared
-      learnable token; ``shuffle``: the image's own hidden tokens, cell by cell in random order;
-      ``zoomin``: tokens of a random crop of the same image zoomed to full size (``zoomin_factor``).
-      The non-mix fillings hold one image, so attention is plain and one sequence per image is
-      reconstructed, scored on the filled cells.
-    - ``dual_reconstruction`` (Table 7 / supplement Table 6): False decodes only group 0, i.e.
-      image i from its own cells of sample i, although the sample still holds two images.
-    - ``pretext`` (section 2.3, Table 10): ``masked_attention`` restricts attention to the token's
-      own image; ``mix_embedding`` adds one learnable vector per image and stage at the start of
-      each stage and lets attention cross; ``none`` is plain attention over the mixed image
-      ("w/o unmixing" in the encoder; the decoder still unmixes).
-    - masking (Table 8): ``mask_type`` random or block (BEiT-style blocks on the cell grid),
-      ``mask_ratio`` with an optional uniform ``mask_ratio_range``, ``mask_per_sample`` (False: one
-      mask for the batch, as the release), ``mask_cell`` the cell side in pixels (a multiple of the
-      encoder stride, 32 by default: section 3).
-    - ``num_images`` (supplement Table 4): k images per sample, each cell from exactly one of them,
-      1/k each (counts differ by at most one cell); k-way group attention and k-way unmixing.
-      ``mask_ratio`` has no meaning then and must stay at its default. ``mask_token_ratio`` ("2 images with
-      [MASK]", supplement Table 4): this fraction of every image's cells is replaced by the learnable
-      [MASK] token at the encoder input (0.5 with two images: 25% / 25% / 50%).
-    """
-
-    mask_ratio: float = 0.5
-    mask_ratio_range: tuple[float, float] | None = None
-    mask_type: Literal["random", "block"] = "random"
-    mask_per_sample: bool = False
-    num_images: int = 2
-    mask_cell: int = 32
-    filling: Filling = "mix"
-    dual_reconstruction: bool = True
-    pretext: Pretext = "masked_attention"
-    mask_token_ratio: float = 0.0
-    zoomin_factor: float = 2.0
-
-    def __post_init__(self) -> None:
-        # YAML and the run config's method section give lists; keep the declared tuple.
-        if isinstance(self.mask_ratio_range, list):
-            self.mask_ratio_range = tuple(self.mask_ratio_range)
-
-    def validate(self) -> None:
-        self.validate_decoder()
-        check_ratio(self.mask_ratio)
-        if self.mask_ratio_range is not None:
-            if len(self.mask_ratio_range) != 2:
-                raise ValueError(f"mask_ratio_range={list(self.mask_ratio_range)} must be [low, high]")
-            low, high = self.mask_ratio_range
-            check_ratio(low, "mask_ratio_range[0]")
-            check_ratio(high, "mask_ratio_range[1]")
-            if low > high:
-                raise ValueError(f"mask_ratio_range={list(self.mask_ratio_range)} must be [low, high]")
-            if self.num_images != 2:
-                raise ValueError(f"mask_ratio_range={list(self.mask_ratio_range)} needs num_images=2; with "
-                                 f"num_images={self.num_images} every image supplies 1/k of the cells")
-        if self.mask_type not in ("random", "block"):
-            raise ValueError(f"mask_type={self.mask_type!r}: expected 'random' or 'block'")
-        if not 2 <= self.num_images <= 8:
-            raise ValueError(f"num_images={self.num_images}: expected 2 to 8")
-        if self.num_images != 2 and self.mask_ratio != 0.5:
-            raise ValueError(f"mask_ratio={self.mask_ratio} has no meaning with num_images={self.num_images}: every "
-                             f"image supplies 1/{self.num_images} of the cells (MixMAE supplement Table 4)")
-        if self.mask_type == "block" and self.num_images != 2:
-            raise ValueError(f"mask_type='block' draws two groups; num_images={self.num_images} needs 'random'")
-        if self.filling not in FILLINGS:
-            raise ValueError(f"filling={self.filling!r}: expected one of {', '.join(FILLINGS)}")
-        if self.pretext not in PRETEXTS:
-            raise ValueError(f"pretext={self.pretext!r}: expected one of {', '.join(PRETEXTS)}")
-        if isinstance(self.mask_cell, bool) or not isinstance(self.mask_cell, int) or self.mask_cell < 1:
-            raise ValueError(f"mask_cell={self.mask_cell!r}: expected a positive number of pixels")
-        if not 0.0 <= float(self.mask_token_ratio) < 1.0:
-            raise ValueError(f"mask_token_ratio={self.mask_token_ratio} is outside [0, 1)")
-        if not float(self.zoomin_factor) >= 1.0:
-            raise ValueError(f"zoomin_factor={self.zoomin_factor} must be at least 1 (a zoom in)")
-        if self.filling != "mix":
-            # One image per sample: nothing to mix k ways, fill with [MASK] or tell apart.
-            if self.num_images != 2:
-                raise ValueError(f"filling={self.filling!r} holds one image; num_images={self.num_images} needs 'mix'")
-            if self.mask_token_ratio:
-                raise ValueError(f"filling={self.filling!r} already fills the hidden cells; "
-                                 f"mask_token_ratio={self.mask_token_ratio} needs 'mix'")
-            if self.pretext == "mix_embedding":
-                raise ValueError(f"pretext='mix_embedding' tells mixed images apart; filling={self.filling!r} "
-                                 "holds one image")
 
 
 class MixMIM(PretrainMethod):
@@ -139,7 +44,7 @@ class MixMIM(PretrainMethod):
 
     def __init__(self, encoder: nn.Module, config: MixMIMConfig | None = None, in_chans: int | None = None):
         super().__init__()
-        self.config = config or MixMIMConfig()
+        self.config = (config or MixMIMConfig()).with_decoder_of(None)  # sizes left at None: MAE's decoder
         self.config.validate()
         self.encoder = encoder
         self.cell = encoder.stride

@@ -21,86 +21,19 @@ layer scale) at float64 rounding (``tests/test_golden_authors.py``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mixmim.methods.base import Picture, PretrainMethod, PretrainOutput, default_in_chans
-from mixmim.methods.masking import as_grid_masks, check_ratio
+from mixmim.methods.masking import as_grid_masks
+from mixmim.methods.options import SimMIMConfig
 from mixmim.methods.patches import at_least_float32, normalize_patches, patchify, unpatchify
-from mixmim.methods.simmim_heads import HEADS, build_head
-from mixmim.methods.simmim_masks import MASK_TYPES, sample_cells
+from mixmim.methods.simmim_heads import build_head
+from mixmim.methods.simmim_masks import sample_cells
 from mixmim.models.base import resize_groups
 
-LOSSES: tuple[str, ...] = ("l1", "smooth_l1", "l2", "bins")
-LOSS_AREAS: tuple[str, ...] = ("masked", "full")
-# ImageNet's normalisation, DataConfig's default: how to get 8-bit colours back for the bin targets.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass
-class SimMIMConfig:
-    """Options of SimMIM; the defaults are the paper's (section 4.1.1: random masking of 32x32 cells
-    at ratio 0.6, linear head, target at the input resolution, l1 loss on the masked pixels). Each
-    ablation of section 4.1 is one field:
-
-    - ``mask_type`` (Table 1): ``random``, ``square`` (one k x k square of cells at a random place,
-      k nearest to ``sqrt(mask_ratio * L)``) or ``block`` (BEiT's block-wise masking);
-      ``mask_cell`` is the masked patch size in pixels (4 to 64 in Table 1; a multiple of the
-      encoder's first stride that divides the image); ``mask_ratio`` the masked fraction.
-    - ``head`` (Table 2): ``linear``, ``mlp`` (2 layers), ``inverse_swin_t``, ``inverse_swin_b``;
-      ``head_window``: the window of the inverse Swin heads (6, as the encoder at 192 px).
-    - ``target_downsample`` (Table 3): the target is the image downsampled d times (1, 2, 4, 8,
-      16, 32: 192^2 to 6^2 at 192 px).
-    - ``loss_area`` (Table 4): ``masked`` (prediction) or ``full`` (prediction + reconstruction).
-    - ``loss`` (Table 5): ``l1``, ``l2``, ``smooth_l1`` (PyTorch's, beta 1, on normalised pixels) or
-      ``bins``: every channel's 8-bit value in one of ``num_bins`` equal bins (2 to 256, Table 13),
-      predicted by cross-entropy. ``pixel_mean``/``pixel_std`` undo the input normalisation for
-      it (keep them equal to ``data.mean``/``data.std``: one value per image channel).
-    - ``norm_pix_loss``: MAE's per-patch normalised target (not in the SimMIM paper; regression only).
-    """
-
-    mask_type: Literal["random", "square", "block"] = "random"
-    mask_ratio: float = 0.6
-    mask_cell: int = 32
-    mask_per_sample: bool = True
-    head: Literal["linear", "mlp", "inverse_swin_t", "inverse_swin_b"] = "linear"
-    head_window: int = 6
-    target_downsample: int = 1
-    loss_area: Literal["masked", "full"] = "masked"
-    loss: Literal["l1", "smooth_l1", "l2", "bins"] = "l1"
-    num_bins: int = 8
-    norm_pix_loss: bool = False
-    pixel_mean: tuple[float, ...] = IMAGENET_MEAN
-    pixel_std: tuple[float, ...] = IMAGENET_STD
-
-    def __post_init__(self) -> None:
-        # YAML and the run config's method section give lists; keep the declared tuples.
-        self.pixel_mean, self.pixel_std = tuple(self.pixel_mean), tuple(self.pixel_std)
-
-    def validate(self) -> None:
-        check_ratio(self.mask_ratio)
-        for name, value, choices in (("mask_type", self.mask_type, MASK_TYPES), ("head", self.head, HEADS),
-                                     ("loss_area", self.loss_area, LOSS_AREAS), ("loss", self.loss, LOSSES)):
-            if value not in choices:
-                raise ValueError(f"{name}={value!r}: expected one of {', '.join(choices)}")
-        for name, value in (("mask_cell", self.mask_cell), ("head_window", self.head_window),
-                            ("target_downsample", self.target_downsample)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r}: expected a positive whole number")
-        if self.loss == "bins":
-            if isinstance(self.num_bins, bool) or not isinstance(self.num_bins, int) or not 2 <= self.num_bins <= 256:
-                raise ValueError(f"num_bins={self.num_bins!r}: expected 2 to 256 bins of 8-bit colour values")
-            if self.norm_pix_loss:
-                raise ValueError("norm_pix_loss normalises a regression target; loss='bins' classifies colours")
-        if (len(self.pixel_mean) not in (1, 3) or len(self.pixel_std) != len(self.pixel_mean)
-                or min(self.pixel_std) <= 0):
-            raise ValueError(f"pixel_mean={list(self.pixel_mean)} / pixel_std={list(self.pixel_std)}: expected one value "
-                             "per image channel each (1 or 3), positive deviations")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -175,7 +108,7 @@ class SimMIM(PretrainMethod):
 
     def __init__(self, encoder: nn.Module, config: SimMIMConfig | None = None, in_chans: int | None = None):
         super().__init__()
-        self.config = config or SimMIMConfig()
+        self.config = (config or SimMIMConfig()).with_pixel_stats()  # None: ImageNet's normalisation
         self.config.validate()
         c = self.config
         self.encoder = encoder

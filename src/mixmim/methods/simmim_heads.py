@@ -26,7 +26,7 @@ from timm.layers import Mlp
 from timm.models.swin_transformer import SwinTransformerBlock
 from torch import Tensor, nn
 
-HEADS: tuple[str, ...] = ("linear", "mlp", "inverse_swin_t", "inverse_swin_b")
+from mixmim.methods.options import HEADS
 
 # The Swin-T / Swin-B of the Swin paper: width of stage 1, blocks and heads per stage (forward order).
 INVERSE_SWIN: dict[str, dict[str, Sequence[int] | int]] = {

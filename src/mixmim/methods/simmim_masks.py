@@ -21,9 +21,9 @@ import math
 import torch
 from torch import Tensor
 
-from mixmim.methods.masking import block_groups, check_ratio
+from mixmim.methods.masking import block_groups
+from mixmim.methods.options import MASK_TYPES, check_ratio
 
-MASK_TYPES: tuple[str, ...] = ("random", "square", "block")
 BEIT_MIN_BLOCK_PIXELS = 16 * 16 * 16  # BEiT: at least 16 patches of 16x16 pixels per block
 
 

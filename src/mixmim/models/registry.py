@@ -3,7 +3,7 @@
 Families (one module each, all with the :class:`~mixmim.models.base.GroupedEncoder` interface):
 
 - ``mixmim``: the MixMIM hierarchical encoder (MixMIM paper section 2.2: C = channels, H = heads,
-  B = blocks per stage, windows 14/14/14/7, decoder 512 wide with 8 blocks and 16 heads).
+  B = blocks per stage, windows 14/14/14/7).
   ``mixmim_tiny`` and ``mixmim_small`` are this project's small models for CPU demos and tests.
 - ``vit``, ``swin``, ``pvt_v2``, ``resnetv2``: timm's models with the group restriction added
   (MixMIM Table 3 and Table 13); each names the timm model whose state dict it loads unchanged.
@@ -11,7 +11,6 @@ Families (one module each, all with the :class:`~mixmim.models.base.GroupedEncod
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import inspect
 from typing import Any
@@ -27,55 +26,39 @@ FAMILIES: dict[str, str] = {
     "resnetv2": "mixmim.models.resnet:ResNetV2Encoder",
 }
 
-_MAE_DECODER = dict(decoder_dim=512, decoder_depth=8, decoder_num_heads=16)
-
-# name -> family, the timm model of the same architecture (None: not in timm), constructor arguments,
-# decoder defaults and the drop path used when fine-tuning.
+# name -> family, the timm model of the same architecture (None: not in timm) and the constructor
+# arguments: architecture only (a method's decoder sizes: mixmim.methods.options; the drop path of
+# fine-tuning: mixmim.transfer.classifier).
 MODELS: dict[str, dict[str, Any]] = {
-    "mixmim_tiny": dict(family="mixmim", embed_dim=64, depths=(2, 2, 6, 2), num_heads=(2, 4, 8, 16),
-                        decoder=dict(decoder_dim=256, decoder_depth=4, decoder_num_heads=8), drop_path=0.1),
-    "mixmim_small": dict(family="mixmim", embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24),
-                         decoder=_MAE_DECODER, drop_path=0.1),
-    "mixmim_base": dict(family="mixmim", embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
-                        decoder=_MAE_DECODER, drop_path=0.1),
-    "mixmim_large": dict(family="mixmim", embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48),
-                         decoder=_MAE_DECODER, drop_path=0.2),
-    "mixmim_huge": dict(family="mixmim", embed_dim=352, depths=(2, 2, 18, 2), num_heads=(11, 22, 44, 88),
-                        decoder=_MAE_DECODER, drop_path=0.3),
+    "mixmim_tiny": dict(family="mixmim", embed_dim=64, depths=(2, 2, 6, 2), num_heads=(2, 4, 8, 16)),
+    "mixmim_small": dict(family="mixmim", embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
+    "mixmim_base": dict(family="mixmim", embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
+    "mixmim_large": dict(family="mixmim", embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)),
+    "mixmim_huge": dict(family="mixmim", embed_dim=352, depths=(2, 2, 18, 2), num_heads=(11, 22, 44, 88)),
     # Plain ViT, patch 16 (MixMIM Table 3 "ViT-B"; MAE, MixedAE and SimMIM section 4.2).
-    "vit_tiny": dict(family="vit", timm="vit_tiny_patch16_224", embed_dim=192, depth=12, num_heads=3,
-                     decoder=_MAE_DECODER, drop_path=0.1),
-    "vit_small": dict(family="vit", timm="vit_small_patch16_224", embed_dim=384, depth=12, num_heads=6,
-                      decoder=_MAE_DECODER, drop_path=0.1),
-    "vit_base": dict(family="vit", timm="vit_base_patch16_224", embed_dim=768, depth=12, num_heads=12,
-                     decoder=_MAE_DECODER, drop_path=0.1),
-    "vit_large": dict(family="vit", timm="vit_large_patch16_224", embed_dim=1024, depth=24, num_heads=16,
-                      decoder=_MAE_DECODER, drop_path=0.2),
+    "vit_tiny": dict(family="vit", timm="vit_tiny_patch16_224", embed_dim=192, depth=12, num_heads=3),
+    "vit_small": dict(family="vit", timm="vit_small_patch16_224", embed_dim=384, depth=12, num_heads=6),
+    "vit_base": dict(family="vit", timm="vit_base_patch16_224", embed_dim=768, depth=12, num_heads=12),
+    "vit_large": dict(family="vit", timm="vit_large_patch16_224", embed_dim=1024, depth=24, num_heads=16),
     # Swin Transformer as published: window 7, shifted windows every other block (MixMIM Table 3).
     "swin_tiny": dict(family="swin", timm="swin_tiny_patch4_window7_224", embed_dim=96, depths=(2, 2, 6, 2),
-                      num_heads=(3, 6, 12, 24), window_size=7, decoder=_MAE_DECODER, drop_path=0.1),
+                      num_heads=(3, 6, 12, 24), window_size=7),
     "swin_base": dict(family="swin", timm="swin_base_patch4_window7_224", embed_dim=128, depths=(2, 2, 18, 2),
-                      num_heads=(4, 8, 16, 32), window_size=7, decoder=_MAE_DECODER, drop_path=0.1),
+                      num_heads=(4, 8, 16, 32), window_size=7),
     "swin_large": dict(family="swin", timm="swin_large_patch4_window7_224", embed_dim=192, depths=(2, 2, 18, 2),
-                       num_heads=(6, 12, 24, 48), window_size=7, decoder=_MAE_DECODER, drop_path=0.2),
+                       num_heads=(6, 12, 24, 48), window_size=7),
     # PVT v2 with spatial-reduction attention (MixMIM Table 3 "PVT-L", MixMAE introduction).
     "pvt_v2_b2": dict(family="pvt_v2", timm="pvt_v2_b2", embed_dims=(64, 128, 320, 512), depths=(3, 4, 6, 3),
-                      num_heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4), decoder=_MAE_DECODER, drop_path=0.1),
+                      num_heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4)),
     "pvt_v2_b5": dict(family="pvt_v2", timm="pvt_v2_b5", embed_dims=(64, 128, 320, 512), depths=(3, 6, 40, 3),
-                      num_heads=(1, 2, 5, 8), mlp_ratios=(4, 4, 4, 4), decoder=_MAE_DECODER, drop_path=0.3),
+                      num_heads=(1, 2, 5, 8), mlp_ratios=(4, 4, 4, 4)),
     # ResNet-v2 as in BiT with mixed convolution (MixMIM supplement section 9, Table 13).
-    "resnetv2_50": dict(family="resnetv2", timm="resnetv2_50x1_bit", layers=(3, 4, 6, 3), width_factor=1,
-                        decoder=_MAE_DECODER, drop_path=0.1),
-    "resnetv2_50x3": dict(family="resnetv2", timm="resnetv2_50x3_bit", layers=(3, 4, 6, 3), width_factor=3,
-                          decoder=_MAE_DECODER, drop_path=0.1),
-    "resnetv2_101x3": dict(family="resnetv2", timm="resnetv2_101x3_bit", layers=(3, 4, 23, 3), width_factor=3,
-                           decoder=_MAE_DECODER, drop_path=0.1),
+    "resnetv2_50": dict(family="resnetv2", timm="resnetv2_50x1_bit", layers=(3, 4, 6, 3), width_factor=1),
+    "resnetv2_50x3": dict(family="resnetv2", timm="resnetv2_50x3_bit", layers=(3, 4, 6, 3), width_factor=3),
+    "resnetv2_101x3": dict(family="resnetv2", timm="resnetv2_101x3_bit", layers=(3, 4, 23, 3), width_factor=3),
 }
 
-_META = ("family", "timm", "decoder", "drop_path")
-
-# Drop path used when fine-tuning (MixMIM section 3 / Table 12; timm's and MAE's habits elsewhere).
-FINETUNE_DROP_PATH = {name: spec["drop_path"] for name, spec in MODELS.items()}
+_META = ("family", "timm")
 
 
 def model_names(family: str | None = None) -> list[str]:
@@ -107,19 +90,13 @@ def encoder_args(model_or_family: str) -> tuple[str, ...]:
     return tuple(p for p in params if p != "self")
 
 
-# Kept for the MixMIM family's callers: its constructor arguments.
-ENCODER_ARGS = ("img_size", "num_classes", "patch_size", "in_chans", "embed_dim", "depths", "num_heads", "window_size",
-                "mlp_ratio", "qkv_bias", "drop_rate", "attn_drop_rate", "drop_path_rate", "learnable_pos_embed",
-                "attention_impl")
-
-
 def split_overrides(model: str, overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(encoder kwargs, everything else) for ``model`` with ``overrides`` applied."""
     spec = _spec(model)
     accepted = encoder_args(model)
     encoder = {k: v for k, v in spec.items() if k not in _META}
     encoder.setdefault("num_classes", 0)
-    rest = dict(spec["decoder"])
+    rest: dict[str, Any] = {}
     for key, value in overrides.items():
         (encoder if key in accepted else rest)[key] = value
     return encoder, rest
@@ -127,8 +104,7 @@ def split_overrides(model: str, overrides: dict[str, Any]) -> tuple[dict[str, An
 
 def create_encoder(model: str = "mixmim_base", **overrides: Any) -> nn.Module:
     """The encoder alone (no head)."""
-    encoder_kwargs, rest = split_overrides(model, overrides)
-    extra = [k for k in rest if k not in _spec(model)["decoder"]]
+    encoder_kwargs, extra = split_overrides(model, overrides)
     if extra:
         raise TypeError(f"unknown encoder option(s) {', '.join(map(repr, extra))} for {model}; known: "
                         f"{', '.join(encoder_args(model))}")
@@ -162,7 +138,3 @@ def name_for_config(family: str, config: dict[str, Any]) -> str | None:
 
 def _plain(value: Any) -> Any:
     return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
-
-
-def fields_of(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]

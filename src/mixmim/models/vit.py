@@ -139,10 +139,7 @@ class ViTEncoder(GroupedEncoder, VisionTransformer):
         for blk, blk_plan in zip(self.blocks, plans):
             if layer_embed is not None:
                 x = x + layer_embed
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(blk, x, blk_plan, use_reentrant=False)
-            else:
-                x = blk(x, attn_mask=blk_plan)
+            x = self.run_block(blk, x, blk_plan)
             if layer_embed is not None and not accumulate:
                 x = x - layer_embed  # the block's update stays, the embedding leaves the stream
         return x
@@ -245,10 +242,3 @@ class ViTEncoder(GroupedEncoder, VisionTransformer):
                 layer_embed = torch.cat([layer_embed.new_zeros(b, self.num_prefix_tokens, layer_embed.shape[-1]),
                                          layer_embed.expand(b, -1, -1)], dim=1)
         return self._run_blocks(self.pos_drop(x), list(plans), layer_embed, accumulate)
-
-    def compile_blocks(self, **compile_kwargs: Any) -> None:
-        for blk in self.blocks:
-            blk.compile(**compile_kwargs)
-
-    def repeated_blocks(self) -> list[nn.Module]:
-        return list(self.blocks)

@@ -279,14 +279,13 @@ class Study:
         import torch
 
         from mixmim.interop.export import save_encoder
-        from mixmim.models.registry import create_encoder
+        from mixmim.methods.factory import build_method
 
         stem = config.run_dir / "encoder"
         if not stem.with_suffix(".safetensors").is_file():
             torch.manual_seed(seed)
-            overrides = {k: v for k, v in config.model.encoder_overrides().items() if k != "drop_path_rate"}
-            save_encoder(create_encoder(config.model.name, **overrides), stem, metadata={"method": "random",
-                                                                                       "seed": seed})
+            # The arm's encoder exactly as its pretraining would build it (the one way from a config).
+            save_encoder(build_method(config).encoder, stem, metadata={"method": "random", "seed": seed})
         return stem.with_suffix(".safetensors")
 
     def _evaluate(self, config, weights: Path, seed: int, todo: list[str]):
@@ -416,10 +415,6 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float
 
 def dataclass_dict(obj: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(obj)))
-
-
-def dump_yaml(obj: Any) -> str:
-    return yaml.safe_dump(dataclass_dict(obj), sort_keys=False)
 
 
 # Orderings the papers report, as (table, tiers from better to worse); a tuple is a tier of arms the

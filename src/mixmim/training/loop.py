@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from mixmim.config import ConfigError, dump_config
+from mixmim.config import ConfigError, build_dataclass, dump_config
 from mixmim.data.sampler import ResumableSampler, sample_seed, steps_per_epoch
 from mixmim.interop.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
 from mixmim.models.resize import state_mismatch
@@ -364,7 +364,8 @@ class Trainer:
                 log.warning("--resume: no checkpoint in %s, starting from step 0", self.checkpoints.folder)
             else:
                 state = self.load(latest)
-                changes = check_resume_config(latest, state.get("config") or {}, self.config.to_dict(), allow_changes)
+                changes = check_resume_config(latest, self._as_config(state.get("config") or {}), self.config.to_dict(),
+                                              allow_changes)
                 self.config_changes += [{"step": self.step, "key": k, "from": a, "to": b} for k, a, b in changes]
                 log.info("resumed from %s at step %d", latest, self.step)
         elif self.checkpoints.all_steps():
@@ -387,6 +388,14 @@ class Trainer:
             values = self.task.evaluate(self, 0)
             if values:
                 self.metrics.write(0, {"epoch": 0.0, **values})
+
+    def _as_config(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint's config with every default filled in as this version fills it, so that a field
+        added since (or a section written out in full) is not taken for a change."""
+        try:
+            return build_dataclass(type(self.config), saved).to_dict()
+        except (ConfigError, TypeError, ValueError):
+            return saved
 
     def _progress_bar(self):
         if not (self.info.is_main and self.config.train.progress):

@@ -16,31 +16,13 @@ from mixmim.config import RunConfig
 from mixmim.data import build_pretrain_dataset, build_stream
 from mixmim.data.sampler import sample_seed
 from mixmim.interop.export import save_encoder
-from mixmim.methods.factory import create_pretrainer
+from mixmim.methods.factory import build_method
 from mixmim.training.logs import log
 from mixmim.training.loop import NonFiniteLossError, train
 from mixmim.training.optim import decay_groups
 from mixmim.training.task import RunContext, StepOutput, Task
 
-__all__ = ["NonFiniteLossError", "PretrainTask", "build_method", "run_pretraining"]
-
-
-def build_method(config: RunConfig) -> nn.Module:
-    """The method of a run config on its encoder (activation checkpointing as asked). The encoder takes
-    ``data.channels`` image channels unless ``model.options.in_chans`` says otherwise; SimMIM, which
-    undoes the input normalisation for its colour targets, gets the data's statistics unless
-    ``method.pixel_mean``/``pixel_std`` are set."""
-    m, d = config.model, config.data
-    overrides, options = m.encoder_overrides(), config.method_options()
-    overrides.setdefault("in_chans", d.channels)
-    if config.method_name() == "simmim" and "pixel_mean" not in options and d.normalize != "dataset":
-        from mixmim.data import normalization
-
-        options["pixel_mean"], options["pixel_std"] = normalization(d, d.channels)
-    method = create_pretrainer(method=config.method_name(), model=m.name, **overrides, **options)
-    if m.grad_checkpointing:
-        method.encoder.set_grad_checkpointing(True)
-    return method
+__all__ = ["NonFiniteLossError", "PretrainTask", "run_pretraining"]
 
 
 class PretrainTask(Task):

@@ -61,6 +61,13 @@ def convert(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        tagged = _tagged(args)
+        if tagged and isinstance(value, dict):  # a section whose `name` picks its dataclass
+            name = value.get("name", next(iter(tagged)))
+            if name not in tagged:
+                raise ConfigError(f"config key '{key}.name': expected one of {', '.join(map(repr, tagged))}, "
+                                  f"got {name!r}")
+            return build_dataclass(tagged[name], value, key)
         for arg in args:
             if arg is type(None):
                 continue
@@ -114,6 +121,22 @@ def convert(value: Any, tp: Any, key: str) -> Any:
             return value
         raise fail
     return value
+
+
+def _tagged(args: tuple) -> dict[str, type]:
+    """``{name: dataclass}`` when every option of a union is a dataclass with a ``name: Literal[...]``
+    field (a tagged union: the method section), else empty."""
+    out: dict[str, type] = {}
+    for arg in args:
+        if arg is type(None):
+            continue
+        if not dataclasses.is_dataclass(arg):
+            return {}
+        hint = typing.get_type_hints(arg).get("name")
+        if typing.get_origin(hint) is not Literal:
+            return {}
+        out.update({tag: arg for tag in typing.get_args(hint)})
+    return out
 
 
 def build_dataclass(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
