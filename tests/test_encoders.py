@@ -4,7 +4,6 @@ timm's weights it gives timm's logits, and every method runs on it unchanged."""
 
 from __future__ import annotations
 
-import importlib
 
 import pytest
 import torch
@@ -13,27 +12,12 @@ import mixmim
 from conftest import TINY_DECODER, TINY_ENCODERS
 from mixmim.methods.masking import random_groups
 from mixmim.models.base import resize_groups
-from mixmim.models.registry import FAMILIES, MODELS, family_of
+from mixmim.models.registry import MODELS, family_of
 
 NAMES = list(TINY_ENCODERS)
 
 
-def _available(name: str) -> bool:
-    module = FAMILIES[family_of(name)].split(":")[0]
-    try:
-        importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name == module:
-            return False
-        raise
-    return True
-
-
-def needs(name: str):
-    return pytest.param(name, marks=pytest.mark.skipif(not _available(name), reason=f"{name}: family not built yet"))
-
-
-ENCODERS = [needs(n) for n in NAMES]
+ENCODERS = list(NAMES)
 
 
 def _tiny(name: str, **extra):
@@ -124,8 +108,7 @@ def test_two_pretraining_steps(name, method):
 TIMM_PAIRS = [(name, spec["timm"]) for name, spec in MODELS.items() if spec.get("timm")]
 
 
-@pytest.mark.parametrize("name,timm_name", [pytest.param(n, t, marks=pytest.mark.skipif(
-    not _available(n), reason=f"{n}: family not built yet")) for n, t in TIMM_PAIRS])
+@pytest.mark.parametrize("name,timm_name", TIMM_PAIRS)
 def test_timm_weights_give_timm_logits(name, timm_name):
     """create_classifier(NAME, 1000) loads the timm model's state dict with strict=True and gives its
     logits (float32, relative error 1e-4); randomly initialised weights, as none can be downloaded."""
@@ -144,7 +127,7 @@ def test_timm_weights_give_timm_logits(name, timm_name):
 SMALL_NAMED = ["mixmim_tiny", "vit_tiny", "swin_tiny", "pvt_v2_b2", "resnetv2_50"]
 
 
-@pytest.mark.parametrize("name", [needs(n) for n in SMALL_NAMED])
+@pytest.mark.parametrize("name", SMALL_NAMED)
 def test_export_reloads_and_timm_loads_it_unchanged(name, tmp_path):
     """An export is this project's encoder again (load_encoder) and, for timm families, a plain timm
     checkpoint: timm.create_model(<the JSON's timm_model>) loads it and computes the same features."""
@@ -204,10 +187,6 @@ def test_finetune_probe_and_knn_accept_every_family(name, class_folder, tmp_path
 
 
 def _repeated_blocks(encoder):
-    from mixmim.models.base import GroupedEncoder
-
-    if encoder.family == "vit" and type(encoder).repeated_blocks is GroupedEncoder.repeated_blocks:
-        pytest.skip("models/vit.py does not list its blocks yet (repeated_blocks, owned by the methods helper)")
     return encoder.repeated_blocks()
 
 

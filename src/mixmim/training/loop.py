@@ -383,7 +383,7 @@ class Trainer:
                  self.config.train.accum_steps, self.schedule.peak, self.amp, self.device)
         self.stopped: str | None = None
         self.first_loss = self.last_loss = None
-        self._window = {"loss": 0.0, "steps": 0, "start": time.perf_counter()}
+        self._window = {"loss": 0.0, "steps": 0, "start": time.perf_counter(), "paused": 0.0}
         if self.step == 0 and 0 in self.evaluations:
             values = self.task.evaluate(self, 0)
             if values:
@@ -421,7 +421,7 @@ class Trainer:
                 self._count(loss)
             if self.progress is not None:
                 self.progress.update(self.step - self.progress.n)
-            self._log_if_due()
+            self._log_if_due(self._evaluate_if_due())
             if D.any_true(stop.requested(), self.device):
                 self.stopped = stop.signal_name or "a signal on another process"
                 return False
@@ -445,25 +445,33 @@ class Trainer:
         self.first_loss = loss if self.first_loss is None else self.first_loss
         self.last_loss = loss
 
-    def _log_if_due(self) -> None:
+    def _evaluate_if_due(self) -> dict[str, float]:
+        """The task's evaluation at the steps it asked for (every process takes part); its time is kept
+        out of the window's images/s."""
+        if self.step not in self.evaluations:
+            return {}
+        start = time.perf_counter()
+        self.evaluated = self.task.evaluate(self, self.step)
+        self._window["paused"] += time.perf_counter() - start
+        return self.evaluated
+
+    def _log_if_due(self, evaluated: dict[str, float]) -> None:
+        """A metrics row every ``train.log_every`` steps, at the end, and with every evaluation."""
         w, t = self._window, self.config.train
-        evaluate = self.step in self.evaluations
-        if not w["steps"] or not (self.step % t.log_every == 0 or self.step == self.total_steps or evaluate):
+        if not w["steps"] or not (self.step % t.log_every == 0 or self.step == self.total_steps or evaluated):
             return
-        elapsed = time.perf_counter() - w["start"]
+        elapsed = time.perf_counter() - w["start"] - w["paused"]
         values = {"epoch": self.step / self.steps_per_epoch, "loss": D.all_mean(w["loss"] / w["steps"], self.device),
                   "lr": self.current_lr, "img_per_s": w["steps"] * self.global_batch / max(elapsed, 1e-9)}
         values.update({k: D.all_mean(sum(v) / len(v), self.device) for k, v in sorted(self.method_metrics.items()) if v})
         self.method_metrics.clear()
-        if evaluate:
-            self.evaluated = self.task.evaluate(self, self.step)
-            values.update(self.evaluated)
+        values.update(evaluated)
         self.metrics.write(self.step, values)
         if self.progress is not None:
             self.progress.set_postfix(epoch=f"{values['epoch']:.2f}", loss=f"{values['loss']:.4f}",
                                       lr=f"{self.current_lr:.2e}", img_s=f"{values['img_per_s']:.1f}",
                                       **{k: f"{v:.1f}" for k, v in self.evaluated.items()})
-        self._window = {"loss": 0.0, "steps": 0, "start": time.perf_counter()}
+        self._window = {"loss": 0.0, "steps": 0, "start": time.perf_counter(), "paused": 0.0}
 
     def _periodic(self) -> None:
         t = self.config.train
