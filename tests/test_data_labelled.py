@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from mixmim.data.labelled import cached, eval_transform, load_splits, make_loader, train_transform
+from mixmim.data.labelled import cached, collate_labelled, eval_transform, load_splits, train_transform
 from test_shards import CLASSES, labelled_folder
 
 
@@ -80,19 +80,13 @@ def test_cached_evaluation_set_is_bit_identical_and_kept_as_bytes(tmp_path):
         assert torch.equal(cache[(i, 123)]["image"], image)
 
 
-def test_loaders_reshuffle_and_reseed_every_epoch_reproducibly(tmp_path):
-    labelled_folder(tmp_path / "data", bad=False)
-    tf = train_transform(32, auto_augment=None, re_prob=0.0)
-    train = load_splits(tmp_path / "data", tf, None, seed=0).train
 
-    def epochs(loader):
-        return [torch.cat([images for images, _ in loader]) for _ in range(2)]
 
-    first = epochs(make_loader(train, 4, True, seed=5))
-    again = epochs(make_loader(train, 4, True, seed=5))
-    assert all(torch.equal(a, b) for a, b in zip(first, again))
-    assert not torch.equal(first[0], first[1])
-    images, labels = next(iter(make_loader(train, 4, False)))
-    assert images.shape == (4, 3, 32, 32) and labels.dtype == torch.long
-    batch = next(iter(make_loader(train, 4, False, pairs=False)))
-    assert set(batch) == {"image", "label", "index", "skipped"} and batch["index"].tolist() == [0, 1, 2, 3]
+def test_one_collate_for_class_ids_soft_targets_and_masks():
+    items = [{"image": torch.zeros(3, 4, 4), "label": k, "index": k, "skipped": [(f"f{k}", "bad")] if k else []}
+             for k in range(3)]
+    batch = collate_labelled(items)
+    assert batch["label"].dtype == torch.long and batch["label"].tolist() == [0, 1, 2]
+    assert batch["index"].tolist() == [0, 1, 2] and batch["skipped"] == [("f1", "bad"), ("f2", "bad")]
+    masks = [{**it, "label": torch.full((4, 4), it["index"])} for it in items]
+    assert collate_labelled(masks)["label"].shape == (3, 4, 4)

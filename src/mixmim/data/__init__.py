@@ -24,10 +24,11 @@ SOURCES = ("folder", "shards", "hf", "stream", "fashion_mnist", "bundled")
 
 
 def open_source(path: str | Path, kind: str = "auto", hf_image_column: str = "image",
-                hf_label_column: str | None = "label") -> ImageSource:
+                hf_label_column: str | None = "label", labelled: bool = False) -> ImageSource:
     """The images at ``path``: ``kind`` folder / shards / hf, or ``auto`` (also what ``folder`` does, so that
     ``--data DIR`` takes any of them): a ``.tar`` file or a folder of ``*.tar`` is shards, a folder written
-    by ``datasets`` (or of Parquet files) is a Hugging Face dataset (its training split), else a folder."""
+    by ``datasets`` (or of Parquet files) is a Hugging Face dataset (its training split), else a folder
+    (``labelled``: one sub-folder per class). The one place that tells which kind of data a path holds."""
     from mixmim.data.shards import ShardSource, shard_files
 
     if kind not in ("auto", "folder", "shards", "hf"):
@@ -48,7 +49,7 @@ def open_source(path: str | Path, kind: str = "auto", hf_image_column: str = "im
         splits = load_hf_splits(path)
         split = "train" if "train" in splits else next(iter(splits))
         return HFSource(splits[split], hf_image_column, hf_label_column, f"{path}:{split}")
-    return FolderSource(path)
+    return FolderSource(path, labelled=labelled)
 
 
 def _given(value) -> tuple[float, ...] | None:

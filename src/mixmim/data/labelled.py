@@ -27,12 +27,11 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data import Mixup, create_transform
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from mixmim.data.images import IMAGE_EXTENSIONS, BadImage, mode_of
-from mixmim.data.sampler import sample_seed
 from mixmim.data.seeding import augment
-from mixmim.data.sources import ArraySource, FolderSource, ImageSource, SubsetSource
+from mixmim.data.sources import ArraySource, ImageSource, SubsetSource
 from mixmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger("mixmim")
@@ -214,25 +213,18 @@ def labelled_sources(data: str | Path, val_fraction: float = 0.2, seed: int = 0,
         raise FileNotFoundError(f"data folder {root} does not exist (or pass 'fashion_mnist')")
     if root.is_file() and root.suffix.lower() in IMAGE_EXTENSIONS:
         raise ValueError(f"--data {root} is an image file, expected a folder with one sub-folder per class")
+    # Split layouts (train + held-out parts of one set) are found here; what kind a path holds is
+    # open_source's to tell.
     pair: tuple[ImageSource, ImageSource] | None = None
+    held = next((root / n for n in ("val", "test") if (root / n).is_dir()), None)
     if shard_splits(root):
         train_shards, held_shards = shard_splits(root)
         pair = ShardSource(train_shards), ShardSource(held_shards)
-    elif shard_files(root):
-        whole = ShardSource(shard_files(root))
-    elif is_hf_dataset(root):
-        splits = load_hf_splits(root)
-        sources = {k: HFSource(v, hf_image_column, hf_label_column, f"{root}:{k}") for k, v in splits.items()}
-        if "train" in sources and "test" in sources:
-            pair = sources["train"], sources["test"]
-        else:
-            whole = next(iter(sources.values()))
-    else:
-        held = next((root / n for n in ("val", "test") if (root / n).is_dir()), None)
-        if (root / "train").is_dir() and held is not None:
-            pair = FolderSource(root / "train", labelled=True), FolderSource(held, labelled=True)
-        else:
-            whole = FolderSource(root, labelled=True)
+    elif is_hf_dataset(root) and {"train", "test"} <= set(splits := load_hf_splits(root)):
+        pair = (HFSource(splits["train"], hf_image_column, hf_label_column, f"{root}:train"),
+                HFSource(splits["test"], hf_image_column, hf_label_column, f"{root}:test"))
+    elif (root / "train").is_dir() and held is not None and not shard_files(root):
+        pair = _whole(root / "train", hf_image_column, hf_label_column), _whole(held, hf_image_column, hf_label_column)
     if pair is not None:
         train, test = pair
         for part in pair:
@@ -241,6 +233,7 @@ def labelled_sources(data: str | Path, val_fraction: float = 0.2, seed: int = 0,
         if test.classes != train.classes:
             raise ValueError(f"{test.describe()} has classes {test.classes}, {train.describe()} has {train.classes}")
         return train, test
+    whole = _whole(root, hf_image_column, hf_label_column)
     if whole.classes is None:
         raise ValueError(f"{whole.describe()} has no labels (no .cls members, label column or class folders)")
     train_idx, test_idx = _held_out(whole, val_fraction, seed)
@@ -252,19 +245,9 @@ def _whole(data: str | Path, hf_image_column: str, hf_label_column: str) -> Imag
     from mixmim.data import open_source
 
     root = Path(data).expanduser()
-    if not root.exists():
-        raise FileNotFoundError(f"data folder {root} does not exist")
     if root.is_file() and root.suffix.lower() in IMAGE_EXTENSIONS:
         raise ValueError(f"--data {root} is an image file, expected a folder with one sub-folder per class")
-    from mixmim.data.shards import shard_files
-
-    if shard_files(root) or not root.is_dir():
-        return open_source(root, "auto", hf_image_column, hf_label_column)
-    from mixmim.data.hf import is_hf_dataset
-
-    if is_hf_dataset(root):
-        return open_source(root, "hf", hf_image_column, hf_label_column)
-    return FolderSource(root, labelled=True)
+    return open_source(root, "auto", hf_image_column, hf_label_column, labelled=True)
 
 
 def load_splits(data: str | Path, train_tf: Callable | None, test_tf: Callable | None,
@@ -292,57 +275,14 @@ def load_splits(data: str | Path, train_tf: Callable | None, test_tf: Callable |
 
 
 # ---------------------------------------------------------------------------------------------- loading
-class SeededOrder(Sampler):
-    """``(index, seed)`` keys: a seeded permutation per pass for training (a new one, and new augmentation
-    seeds, every time the loader is iterated: each epoch), the data set's order with seed = index for
-    evaluation."""
-
-    def __init__(self, size: int, shuffle: bool, seed: int = 0):
-        self.size, self.shuffle, self.seed, self.epoch = size, shuffle, seed, 0
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __iter__(self):
-        if not self.shuffle:
-            yield from ((i, i) for i in range(self.size))
-            return
-        epoch, self.epoch = self.epoch, self.epoch + 1
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
-        for position, index in enumerate(order.tolist()):
-            yield index, sample_seed(self.seed, epoch, position)
-
-
 def collate_labelled(items: list[dict]) -> dict:
-    """Dict items -> ``{"image": (B, C, H, W), "label": (B,), "index": (B,), "skipped": [...]}``."""
+    """Dict items -> ``{"image": (B, C, H, W), "label", "index": (B,), "skipped": [...]}``: integer labels as
+    a (B,) long tensor, tensor labels (soft targets, segmentation masks) stacked."""
+    labels = [it["label"] for it in items]
     return {"image": torch.stack([it["image"] for it in items]),
-            "label": torch.tensor([it["label"] for it in items], dtype=torch.long),
+            "label": torch.stack(labels) if torch.is_tensor(labels[0]) else torch.tensor(labels, dtype=torch.long),
             "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
             "skipped": [s for it in items for s in it["skipped"]]}
-
-
-def collate_pairs(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dict items -> ``(images, labels)``, the batches the current transfer tasks unpack."""
-    batch = collate_labelled(items)
-    return batch["image"], batch["label"]
-
-
-def make_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int = 0, seed: int = 0,
-                pairs: bool = True) -> DataLoader:
-    """Shuffled, last partial batch dropped (Mixup pairs within a batch) for training; in order for eval.
-    Keys are ``(index, seed)`` (:class:`SeededOrder`), so an epoch's augmentation is a function of
-    ``seed`` and the epoch, whatever the number of workers. ``pairs``: batches ``(images, labels)``;
-    else the dicts of :func:`collate_labelled`."""
-    if train:
-        batch_size = min(batch_size, len(dataset))
-    keyed = isinstance(dataset, (LabelledDataset, CachedLabelled))
-    if not keyed:  # any other map-style data set: torchvision's way
-        generator = torch.Generator().manual_seed(seed)
-        return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=num_workers,
-                          generator=generator, persistent_workers=False, pin_memory=torch.cuda.is_available())
-    return DataLoader(dataset, batch_size=batch_size, sampler=SeededOrder(len(dataset), train, seed), drop_last=train,
-                      num_workers=num_workers, collate_fn=collate_pairs if pairs else collate_labelled,
-                      persistent_workers=False, pin_memory=torch.cuda.is_available())
 
 
 def make_mixup(num_classes: int, mixup: float = 0.8, cutmix: float = 1.0,

@@ -12,12 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
 from torch.utils.data import Dataset
 
 from mixmim.config import ConfigError, DataConfig
 from mixmim.data import normalization
-from mixmim.data.labelled import FASHION_MNIST, LabelledDataset, load_splits
+from mixmim.data.labelled import FASHION_MNIST, LabelledDataset, collate_labelled, load_splits
+
+__all__ = ["LABELLED_SOURCES", "LabelledData", "collate_labelled", "data_stats", "load_labelled"]
 
 LABELLED_SOURCES = ("folder", "shards", "hf", FASHION_MNIST)
 
@@ -53,12 +54,3 @@ def load_labelled(data: DataConfig, train_tf: Callable | None, eval_tf: Callable
         raise ConfigError(f"data {spec}: {len(splits.classes)} class ({', '.join(splits.classes)}); classification "
                           "needs at least two classes")
     return LabelledData(splits.train, splits.test, list(splits.classes))
-
-
-def collate_labelled(items: list[dict]) -> dict:
-    """Stack a micro-batch of labelled items (images and labels, integer or soft; the skipped files)."""
-    return {"image": torch.stack([it["image"] for it in items]),
-            "label": torch.as_tensor([it["label"] for it in items]) if not torch.is_tensor(items[0]["label"])
-            else torch.stack([it["label"] for it in items]),
-            "index": torch.tensor([it["index"] for it in items]),
-            "skipped": [s for it in items for s in it["skipped"]]}
