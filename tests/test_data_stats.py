@@ -4,14 +4,13 @@ and one-channel data (Fashion-MNIST, grey folders)."""
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from mixmim.cli import main as cli
-from mixmim.data import build_pretrain_dataset
+from mixmim.data import DataConfig, build_pretrain_dataset
 from mixmim.data.fashion_mnist import default_root
 from mixmim.data.stats import dataset_stats
 from mixmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -53,7 +52,7 @@ def test_stats_verb_prints_values_to_paste_and_counts_unreadable_files(tmp_path,
 @pytest.mark.skipif(not (default_root() / "t10k-images-idx3-ubyte.gz").exists() and
                     not (default_root() / "t10k-images-idx3-ubyte").exists(), reason="Fashion-MNIST is not installed")
 def test_fashion_mnist_in_one_channel(capsys):
-    cfg = SimpleNamespace(source="fashion_mnist", path=None, crop_scale=(0.2, 1.0), hflip=True, mean=IMAGENET_MEAN,
+    cfg = DataConfig(source="fashion_mnist", path=None, crop_scale=(0.2, 1.0), hflip=True, mean=IMAGENET_MEAN,
                           std=IMAGENET_STD, channels=1, normalize="imagenet")
     ds = build_pretrain_dataset(cfg, 32)
     assert ds[(0, 0)]["image"].shape == (1, 32, 32) and len(ds.mean) == 1

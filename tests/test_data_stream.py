@@ -5,18 +5,17 @@ worker count continues exactly; GPU decoding falls back to the CPU with one warn
 from __future__ import annotations
 
 import warnings
-from types import SimpleNamespace
 
 import pytest
 import torch
+from test_shards import labelled_folder
 from torch.utils.data import DataLoader
 
-from mixmim.data import build_pretrain_dataset, build_stream
+from mixmim.data import DataConfig, build_pretrain_dataset, build_stream
 from mixmim.data.datasets import collate
 from mixmim.data.shards import write_shards
 from mixmim.data.stream import ShardStream
 from mixmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD, pretrain_transform
-from test_shards import labelled_folder
 
 
 @pytest.fixture
@@ -65,7 +64,7 @@ def test_too_few_shards_for_the_readers_is_one_line(shards):
 
 
 def test_build_stream_counts_an_epoch_from_the_manifest(shards):
-    cfg = SimpleNamespace(path=str(shards[0].parent), crop_scale=(0.2, 1.0), hflip=True, mean=IMAGENET_MEAN,
+    cfg = DataConfig(path=str(shards[0].parent), crop_scale=(0.2, 1.0), hflip=True, mean=IMAGENET_MEAN,
                           std=IMAGENET_STD)
     stream = build_stream(cfg, 16, batch_size=2, global_batch=4, rank=1, world_size=2)
     assert len(stream) == 24 // 4 * 2 and stream.counts == [c for c in stream.counts if c > 0]
@@ -77,7 +76,7 @@ def test_gpu_decoding_without_cuda_warns_once_and_decodes_on_the_cpu(tmp_path, m
     labelled_folder(tmp_path / "data", per_class=2, bad=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(gpu, "_warned", False)
-    cfg = SimpleNamespace(source="folder", path=str(tmp_path / "data"), crop_scale=(0.2, 1.0), hflip=True,
+    cfg = DataConfig(source="folder", path=str(tmp_path / "data"), crop_scale=(0.2, 1.0), hflip=True,
                           mean=IMAGENET_MEAN, std=IMAGENET_STD, decode="gpu")
     with pytest.warns(RuntimeWarning, match="CUDA is not available"):
         ds = build_pretrain_dataset(cfg, 16)
@@ -132,6 +131,7 @@ def test_pretraining_on_a_stream_resumes_where_a_crash_stopped_it(shards, tmp_pa
     import csv
 
     from conftest import crashing_step, tiny_run
+
     from mixmim.config import load_config
     from mixmim.training.pretrain import run_pretraining
 

@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import io
 import random
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from mixmim.data import build_pretrain_dataset, normalization
+from mixmim.data import DataConfig, build_pretrain_dataset, normalization
 from mixmim.data.images import decode, open_image
-from mixmim.data.transforms import (IMAGENET_GREY_MEAN, IMAGENET_MEAN, IMAGENET_STD, pretrain_transform,
-                                    v2_pretrain_transform)
+from mixmim.data.transforms import (
+    IMAGENET_GREY_MEAN,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    pretrain_transform,
+    v2_pretrain_transform,
+)
 
 
 def photo(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -142,23 +146,23 @@ def test_one_channel_decodes_grey():
 
 
 def test_normalization_of_a_run():
-    cfg = SimpleNamespace(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    cfg = DataConfig(mean=IMAGENET_MEAN, std=IMAGENET_STD)
     assert normalization(cfg, 3) == (IMAGENET_MEAN, IMAGENET_STD)
     assert normalization(cfg, 1)[0] == IMAGENET_GREY_MEAN and abs(IMAGENET_GREY_MEAN[0] - 0.4589) < 1e-4
-    assert normalization(SimpleNamespace(normalize="none"), 1) == ((0.0,), (1.0,))
-    assert normalization(SimpleNamespace(mean=(0.3,), std=(0.2,)), 1) == ((0.3,), (0.2,))
+    assert normalization(DataConfig(normalize="none"), 1) == ((0.0,), (1.0,))
+    assert normalization(DataConfig(mean=(0.3,), std=(0.2,)), 1) == ((0.3,), (0.2,))
     with pytest.raises(ValueError, match="one per channel"):
-        normalization(SimpleNamespace(mean=(0.3,), std=(0.2,)), 3)
+        normalization(DataConfig(mean=(0.3,), std=(0.2,)), 3)
     with pytest.raises(ValueError, match="pick one"):
-        normalization(SimpleNamespace(mean=(0.3,), std=(0.2,), normalize="none"), 1)
+        normalization(DataConfig(mean=(0.3,), std=(0.2,), normalize="none"), 1)
     # normalize=dataset with statistics: the measurement a run stored in its config, used as it is
-    assert normalization(SimpleNamespace(mean=(0.3,), std=(0.2,), normalize="dataset"), 1) == ((0.3,), (0.2,))
+    assert normalization(DataConfig(mean=(0.3,), std=(0.2,), normalize="dataset"), 1) == ((0.3,), (0.2,))
     with pytest.raises(ValueError, match="data.normalize='typo'"):
-        normalization(SimpleNamespace(normalize="typo"), 3)
+        normalization(DataConfig(normalize="typo"), 3)
 
 
 def test_bundled_photos_in_one_channel_with_their_own_statistics():
-    cfg = SimpleNamespace(source="bundled", path=None, crop_scale=(0.2, 1.0), hflip=True, mean=IMAGENET_MEAN,
+    cfg = DataConfig(source="bundled", path=None, crop_scale=(0.2, 1.0), hflip=True, mean=IMAGENET_MEAN,
                           std=IMAGENET_STD, bundled_epoch_size=8, channels=1, normalize="dataset")
     ds = build_pretrain_dataset(cfg, 32)
     assert len(ds.mean) == 1 and 0.2 < ds.mean[0] < 0.7 and 0.1 < ds.std[0] < 0.4

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import mixmim.config
+import mixmim.config.validation
 from mixmim.cli import main
 from mixmim.config import RECIPES, list_recipes, load_config, read_recipe, recipe_path
 
@@ -78,7 +78,7 @@ def resolved(path: Path) -> dict:
 
 @pytest.fixture
 def no_build(monkeypatch):
-    monkeypatch.setattr(mixmim.config, "validate", lambda config: None)
+    monkeypatch.setattr(mixmim.config.validation, "validate", lambda config: None)
 
 
 def test_every_old_recipe_is_kept_or_has_a_twin():
