@@ -182,7 +182,7 @@ def test_one_way_from_a_run_config_to_a_method():
                     calls[name].add(module)
     for name, where in allowed.items():
         assert calls[name] <= where, (name, sorted(calls[name] - where))
-    assert {"mixmim.config.validation", "mixmim.training.pretrain", "mixmim.cli.reconstruct", "mixmim.study.study"} <= \
+    assert {"mixmim.config.validation", "mixmim.training.pretrain", "mixmim.cli.reconstruct", "mixmim.study.runner"} <= \
         calls["build_method"]
 
 

@@ -70,7 +70,7 @@ def test_quick_study_runs_end_to_end_caches_and_reports(fake_fashion_mnist, tmp_
 
 
 def test_summary_spread_and_paper_orderings():
-    from mixmim.study.study import orderings, summarise
+    from mixmim.study import orderings, summarise
 
     rows = [{"arm": "mixmim", "seed": s, "metric": "knn", "value": v} for s, v in enumerate((0.80, 0.82, 0.84))]
     rows += [{"arm": "random", "seed": s, "metric": "knn", "value": v} for s, v in enumerate((0.70, 0.71, 0.72))]
@@ -87,7 +87,7 @@ def test_summary_spread_and_paper_orderings():
 def test_paper_orderings_with_tied_tiers_and_missing_arms():
     """Table 6 ties zero and learnable: each is compared with the tiers around it, not with each other;
     arms that did not run are left out of the ordering instead of hiding it."""
-    from mixmim.study.study import orderings, summarise
+    from mixmim.study import orderings, summarise
 
     values = {"mixmim": 0.80, "mixmim_zero": 0.70, "mixmim_learnable": 0.85, "mixmim_shuffle": 0.60}
     summary = summarise([{"arm": a, "seed": 0, "metric": "linprobe", "value": v} for a, v in values.items()])
@@ -101,7 +101,7 @@ def test_paper_orderings_with_tied_tiers_and_missing_arms():
 
 def test_one_seed_arms_borrow_the_spread_of_the_multi_seed_arms():
     """Two one-seed arms 0.01 apart are not an ordering when the seeds of another arm spread by 0.02."""
-    from mixmim.study.study import orderings, summarise
+    from mixmim.study import orderings, summarise
 
     rows = [{"arm": "random", "seed": s, "metric": "knn", "value": v} for s, v in enumerate((0.50, 0.52, 0.54))]
     rows += [{"arm": "mixmim", "seed": 0, "metric": "knn", "value": 0.70},
@@ -197,7 +197,7 @@ def test_the_monitor_decodes_its_images_once(class_folder, monkeypatch):
 def test_gpu_profile_resolves_with_every_arm(fake_fashion_mnist, tmp_path):
     """The GPU profile (not run on a CPU) resolves, names only arms that exist, and builds every arm's
     config; its encoder is the ViT-S it documents, with an 8 x 8 mixing grid."""
-    from mixmim.study.study import STUDY_CONFIGS, Study, load_profile
+    from mixmim.study import STUDY_CONFIGS, Study, load_profile
 
     study = Study(load_profile("gpu"), tmp_path / "study")
     config = study.run_config(study.arms[1], 0)
@@ -213,7 +213,7 @@ def test_every_arm_builds_on_the_cpu_profile_and_takes_a_step(fake_fashion_mnist
     every arm but the pos/ diagnostics learns its position table, MAE's and MixedAE's included."""
     import torch
 
-    from mixmim.study.study import STUDY_CONFIGS, Study, load_profile
+    from mixmim.study import STUDY_CONFIGS, Study, load_profile
     from mixmim.methods.factory import build_method
 
     names = sorted(str(p.relative_to(STUDY_CONFIGS / "arms").with_suffix("")) for p in
@@ -237,7 +237,7 @@ def test_every_arm_builds_on_the_cpu_profile_and_takes_a_step(fake_fashion_mnist
 
 def test_the_study_runs_seed_major(fake_fashion_mnist, tmp_path):
     """Each arm's seed 0 before any arm's seed 1: a study stopped part-way has every arm's first seeds."""
-    from mixmim.study.study import Study, load_profile
+    from mixmim.study import Study, load_profile
 
     study = Study(load_profile("cpu"), tmp_path / "study", arms=["random", "mixmim", "mae"])
     order = [(arm.name, seed) for arm, seed in study.schedule()]
@@ -249,7 +249,7 @@ def test_reused_results_need_no_run_on_disk(fake_fashion_mnist, tmp_path, monkey
     """Rows of an earlier report (its runs and checkpoints deleted) are taken with their commit and not
     pretrained again; a seed with a metric missing still is; rows of other arms or profiles are not taken."""
     from mixmim.config import ConfigError
-    from mixmim.study.study import METRICS, Study, load_profile
+    from mixmim.study import METRICS, Study, load_profile
 
     study = Study(load_profile("quick"), tmp_path / "study", arms=["mixmim"])
     arm = study.arms[0]
@@ -278,7 +278,7 @@ def test_report_curves_take_each_arms_first_seed_on_disk(fake_fashion_mnist, tmp
     labelled so, or from the copy an earlier report kept; an arm with neither, or not pretrained, has no
     curve. The kept copy holds the drawn columns of the run's rows and is preferred only when the run
     is gone."""
-    from mixmim.study.study import Study, curve_runs, keep_curves, load_profile
+    from mixmim.study import Study, curve_runs, keep_curves, load_profile
 
     study = Study(load_profile("cpu"), tmp_path / "study", arms=["random", "mixmim", "mae", "simmim"])
     for arm, seed in (("mixmim", 3), ("mixmim", 4), ("random", 0), ("simmim", 0)):
@@ -326,7 +326,7 @@ def test_results_are_keyed_by_the_settings_that_made_them(fake_fashion_mnist, tm
     the study's learnable positions) does not silently take the old result, --reuse skips such rows,
     and a metric's fingerprint ignores the settings of the other metrics."""
     from mixmim.config import ConfigError
-    from mixmim.study.study import METRICS, Study, load_profile
+    from mixmim.study import METRICS, Study, load_profile
 
     study = Study(load_profile("quick"), tmp_path / "study", arms=["mixmim"])
     arm = study.arms[0]

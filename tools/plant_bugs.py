@@ -42,7 +42,7 @@ M, X, S, A, V = ("src/mixmim/methods/mae.py", "src/mixmim/methods/mixmim.py", "s
                  "src/mixmim/methods/mixedae.py", "src/mixmim/models/vit.py")
 KNN, METRICS, LD = ("src/mixmim/evaluation/knn.py", "src/mixmim/evaluation/metrics.py",
                     "src/mixmim/evaluation/layer_decay.py")
-STUDY, MONITOR = "src/mixmim/study/study.py", "src/mixmim/training/monitor.py"
+STUDY, MONITOR = "src/mixmim/study/runner.py", "src/mixmim/training/monitor.py"  # plants moved since: see locate
 SWIN, MIXCONV = "src/mixmim/models/swin.py", "src/mixmim/models/mixed_conv.py"
 MASKING, SMASKS, HEADS = ("src/mixmim/methods/masking.py", "src/mixmim/methods/simmim_masks.py",
                           "src/mixmim/methods/simmim_heads.py")
@@ -341,7 +341,7 @@ AFTER = [
     plant("monitor-top5", "study", MONITOR, 'topk_correct(scores, test_y, (1,))[0]', 'topk_correct(scores, test_y, (5,))[0]',
           "the monitor reports top-5 as k-NN accuracy"),
     plant("study-pretrains-cached-seed", "study", STUDY,
-          "        if not todo:  # every result cached: the run (and its checkpoints) need not exist any more\n            return\n",
+          "        if not todo:  # every result cached: the run (and its checkpoints) need not exist any more\n            return True\n",
           "", "a seed whose results are all cached is pretrained again"),
     plant("study-reuse-overwrites", "study", STUDY, "            if not target.is_file():", "            if True:",
           "--reuse writes over a cached result"),
@@ -375,12 +375,23 @@ AFTER = [
 ]
 
 
+def locate(tree: Path, p: dict) -> Path | None:
+    """The file the plant's ``old`` text is in: the file it names, or (the code moved since the plant
+    was written) the one file under src/ that holds the text once."""
+    named = tree / p["file"]
+    if named.is_file() and named.read_text().count(p["old"]) == 1:
+        return named
+    found = [f for f in sorted((tree / "src").rglob("*.py")) + sorted((tree / "src").rglob("*.yaml"))
+             if f.read_text().count(p["old"]) == 1]
+    return found[0] if len(found) == 1 else None
+
+
 def run_plant(tree: Path, p: dict, python: str) -> dict:
-    path = tree / p["file"]
+    path = locate(tree, p)
+    if path is None:
+        return dict(p, caught=None, error=f"'old' does not occur exactly once in {p['file']} or one other file")
+    p = dict(p, file=path.relative_to(tree).as_posix())
     text = path.read_text()
-    count = text.count(p["old"])
-    if count != 1:
-        return dict(p, caught=None, error=f"'old' occurs {count} times in {p['file']}")
     path.write_text(text.replace(p["old"], p["new"]))
     try:
         files = [f for f in AREA_TESTS[p["area"]] if (tree / f).is_file()]

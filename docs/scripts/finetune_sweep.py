@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from mixmim.data.fashion_mnist import CLASSES, read_fashion_mnist
-from mixmim.study.study import Study, load_profile
+from mixmim.study import Study, load_profile
 from mixmim.transfer.run import load_transfer_config, run_transfer
 
 # One change from the rule at a time (config overrides on 600 labels); "rule" is the rule itself.

@@ -1,5 +1,5 @@
 """``mixmim study``: pretrain every arm of a study under the same budget, evaluate them the same way,
-write the report (see :mod:`mixmim.study.study`).
+write the report (see :mod:`mixmim.study`).
 
     mixmim study                          # the CPU profile (about four hours on two cores)
     mixmim study --profile quick          # minutes; what the test suite runs
@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from mixmim.study.study import Study, load_profile, write_report
+    from mixmim.study import Study, load_profile, write_report
     from mixmim.training.logs import setup_logging
 
     profile = load_profile(args.profile)

@@ -19,110 +19,27 @@ a report (``docs/study/`` for the committed one).
   profile ask for that metric (:meth:`Study.settings`): a cached result of other settings is an error,
   not a silent hit, and ``--reuse`` skips such rows (results from before the fingerprint have none and
   are taken as they are).
+
+The runner: :class:`Study` pretrains (or resumes) every arm and seed, evaluates each through the verbs a
+user runs, and caches every result (:mod:`~mixmim.study.spec` reads the YAML, :mod:`~mixmim.study.statistics`
+and :mod:`~mixmim.study.report` turn the rows into the report).
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import hashlib
 import json
 import logging
-import math
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from mixmim.config import RECIPES, ConfigError, TrainConfig, build_dataclass, load_config, read_yaml
+from mixmim.config import ConfigError, TrainConfig, load_config
+from mixmim.study.spec import METRICS, Arm, Profile, _merge, dataclass_dict, load_arm, seeds_of
 from mixmim.utils.provenance import git_commit
 
 log = logging.getLogger("mixmim")
-
-STUDY_CONFIGS = RECIPES / "study"  # profiles and arms, shipped with the package
-METRICS = ("knn", "linprobe", "finetune_1pct", "finetune_10pct")
-
-
-@dataclass
-class FinetuneSettings:
-    """Full fine-tuning of the encoder on a labelled fraction of the training set, as ``mixmim finetune``
-    runs it without a recipe (the small-data rule, :mod:`mixmim.transfer.small_data`); ``overrides``
-    are dotted config overrides on top (none by default)."""
-
-    fraction: float
-    overrides: list[str] = field(default_factory=list)
-
-
-@dataclass
-class EvaluationSettings:
-    """How every arm is measured."""
-
-    bank_size: int = 10000  # class-balanced training images for the k-NN bank and the probe
-    test_size: int | None = None  # None: the full test split
-    knn_k: int = 20
-    knn_temperature: float = 0.07
-    linprobe_epochs: int = 50
-    linprobe_batch_size: int = 256
-    finetune: list[FinetuneSettings] = field(default_factory=list)
-    batch_size: int = 256  # feature extraction
-
-
-@dataclass
-class Profile:
-    """A study's fixed parts: run config tree for pretraining, budget, seeds, evaluation, arms."""
-
-    name: str = ""
-    description: str = ""
-    run: dict[str, Any] = field(default_factory=dict)  # a mixmim run config tree (model, method, data, optim, train)
-    methods: dict[str, Any] = field(default_factory=dict)  # method name -> run tree merged under every arm of it
-    images: int = 100_000  # pretraining budget per arm, in images seen
-    seeds: int = 3  # for arms with ``seeds: all``
-    arms: list[str] = field(default_factory=list)
-    evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
-
-
-@dataclass
-class Arm:
-    """One row of the study: a method and its options (merged onto the profile's ``run``)."""
-
-    name: str
-    description: str = ""
-    paper: str = ""  # the table row it stands for
-    pretrain: bool = True
-    seeds: str = "one"  # "all": the profile's seeds; "one": seed 0
-    metrics: list[str] = field(default_factory=lambda: list(METRICS))  # a subset for cheap sweeps
-    run: dict[str, Any] = field(default_factory=dict)
-
-
-def load_profile(name_or_path: str) -> Profile:
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = STUDY_CONFIGS / "profiles" / f"{name_or_path}.yaml"
-    tree = read_yaml(path)
-    return build_dataclass(Profile, {"name": path.stem, **tree})
-
-
-def load_arm(name: str, folder: Path | None = None) -> Arm:
-    path = (folder or STUDY_CONFIGS / "arms") / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in (folder or STUDY_CONFIGS / "arms").glob("*.yaml"))
-        raise ConfigError(f"study arm {name!r}: {path} does not exist; known arms: {', '.join(known)}")
-    return build_dataclass(Arm, {"name": name, **read_yaml(path)})
-
-
-def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(a)
-    for key, value in b.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def seeds_of(arm: Arm, profile: Profile) -> list[int]:
-    return list(range(profile.seeds)) if arm.seeds == "all" else [0]
-
 
 class Study:
     """Runs (or resumes) a study in ``output``; results land in ``output/results/<arm>/seed<k>/*.json``."""
@@ -333,8 +250,10 @@ class Study:
             start = time.perf_counter()
             labels = round(self.train_images * settings.fraction)
             tree = _merge(common, {"name": metric, "data": {"limit_train": labels}})
-            cfg = load_transfer_config("finetune", None, [*_as_overrides(tree), *settings.overrides],
-                                       base={"finetune": {"rule": "small_data"}})
+            # The tree as the base the user's keys sit on (the small-data rule fills the rest), the
+            # profile's own overrides on top: no round trip through dotted strings.
+            cfg = load_transfer_config("finetune", None, list(settings.overrides),
+                                       base=_merge({"finetune": {"rule": "small_data"}}, tree))
             r = run_transfer(cfg, overwrite=True).get("results")
             if r is None:
                 yield metric, None, 0.0, {}
@@ -396,183 +315,7 @@ def _percent(fraction: float) -> str:
     return f"{value:g}"
 
 
-def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
-    """arm -> metric -> {mean, std (sample, ddof 1; 0 for one seed), n, seconds}."""
-    table: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for r in rows:
-        table.setdefault(r["arm"], {}).setdefault(r["metric"], []).append(r)
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    for arm, metrics in table.items():
-        for metric, items in metrics.items():
-            values = [float(i["value"]) for i in items]
-            mean = sum(values) / len(values)
-            std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-            out.setdefault(arm, {})[metric] = {"mean": mean, "std": std, "n": len(values),
-                                               "pretrain_seconds": sum(i.get("pretrain_seconds", 0.0) for i in items)
-                                               / len(items)}
-    return out
-
-
-def dataclass_dict(obj: Any) -> dict[str, Any]:
-    return json.loads(json.dumps(dataclasses.asdict(obj)))
-
-
-# Orderings the papers report, as (table, tiers from better to worse); a tuple is a tier of arms the
-# paper ties (MixMIM Table 6: zero and learnable both 84.1).
-PAPER_ORDERINGS = [
-    ("MixMIM Table 6 (filling)", ["mixmim", ("mixmim_zero", "mixmim_learnable"), "mixmim_zoomin", "mixmim_shuffle"]),
-    ("MixMIM Table 7 (dual reconstruction)", ["mixmim", "mixmim_single"]),
-    ("MixMIM Table 10 (how the encoder tells images apart)", ["mixmim", "mixmim_mix_embedding",
-                                                               "mixmim_no_unmixing"]),
-    ("pretraining pays", ["mixmim", "random"]),
-]
-
-
-def _verdict(better: dict[str, float], worse: dict[str, float], yardstick: float) -> str:
-    spread = max(better["std"], worse["std"])
-    if min(better["n"], worse["n"]) < 2:  # a one-seed arm's spread is unknown, not zero
-        spread = max(spread, yardstick)
-    gap = better["mean"] - worse["mean"]
-    return "holds" if gap > spread else "reversed" if -gap > spread else "within spread"
-
-
-def orderings(summary: dict[str, dict[str, dict[str, float]]]) -> list[dict[str, Any]]:
-    """For each paper ordering and metric, over the arms that ran (at least two tiers): does each pair
-    of arms in neighbouring tiers keep the paper's order by more than the larger of the two spreads
-    (``holds``), reverse it by more (``reversed``), or neither (``within spread``)? An arm with one
-    seed has no spread of its own: it is given the largest spread of the arms with several seeds on
-    that metric (the yardstick). Arms of one tier are not compared with each other."""
-    out = []
-    for table, order in PAPER_ORDERINGS:
-        for metric in METRICS:
-            yardstick = max((cells[metric]["std"] for cells in summary.values()
-                             if metric in cells and cells[metric]["n"] > 1), default=0.0)
-            tiers = [[a for a in ((t,) if isinstance(t, str) else t) if metric in summary.get(a, {})]
-                     for t in order]
-            tiers = [t for t in tiers if t]
-            if len(tiers) < 2:
-                continue
-            pairs = [(b, w) for upper, lower in zip(tiers, tiers[1:]) for b in upper for w in lower]
-            verdicts = [_verdict(summary[b][metric], summary[w][metric], yardstick) for b, w in pairs]
-            out.append({"table": table, "metric": metric, "order": " > ".join(" = ".join(t) for t in tiers),
-                        "pairs": [f"{b} > {w}" for b, w in pairs], "verdicts": verdicts,
-                        "yardstick": yardstick})
-    return out
-
-
-def write_report(study: Study, rows: list[dict[str, Any]], folder: str | Path) -> Path:
-    """``results.json`` (per arm, seed and metric, with the commit and the command), ``results.md``
-    (mean +- spread per arm and metric, the papers' orderings), the plots and the curves' data
-    (``curves/``, see :func:`curve_runs`), in ``folder``."""
-    from mixmim.utils.files import atomic_write_text
-    from mixmim.viz.study import accuracy_vs_time, run_curves
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    commit = study.commit
-    payload = {"commit": commit, "command": study.command, "profile": study.profile.name,
-               "results": [{k: r[k] for k in ("arm", "seed", "metric", "value")} |
-                           {k: r[k] for k in ("seconds", "pretrain_seconds", "images_seen", "commit",
-                                                      "settings", "reused_from", "renamed_from")
-                            if k in r} for r in rows]}
-    atomic_write_text(folder / "results.json", json.dumps(payload, indent=2) + "\n")
-    summary = summarise(rows)
-    lines = [f"# Study results: profile `{study.profile.name}`",
-             "", f"Code at commit `{commit}`; command: `{study.command}`.", "",
-             f"Pretraining budget per arm: {study.profile.images} images (steps = images / the arm's batch). "
-             "Values: top-1 accuracy (%) on the test split, mean +- sample standard deviation over seeds "
-             "(n = number of seeds).", "",
-             "| arm | n | " + " | ".join(METRICS) + " | pretraining (min) |",
-             "| --- | --- | " + " | ".join("---" for _ in METRICS) + " | --- |"]
-    for arm in study.arms:
-        cells = summary.get(arm.name, {})
-        n = max((c["n"] for c in cells.values()), default=0)
-        values = [f"{100 * cells[m]['mean']:.2f} +- {100 * cells[m]['std']:.2f}" if m in cells else "-"
-                  for m in METRICS]
-        minutes = max((c["pretrain_seconds"] for c in cells.values()), default=0.0) / 60
-        lines.append(f"| `{arm.name}` | {n} | " + " | ".join(values) + f" | {minutes:.1f} |")
-    checks = orderings(summary)
-    if checks:
-        lines += ["", "## The papers' orderings at this scale", "",
-                  "A pair `A > B` *holds* when A's mean exceeds B's by more than the larger spread of the two, "
-                  "is *reversed* when B's exceeds A's by that much, and is *within spread* otherwise. An arm run "
-                  "with one seed has no spread of its own and is given the largest spread of the arms run with "
-                  "several seeds on that metric.", "",
-                  "| paper | metric | order | verdict per pair |", "| --- | --- | --- | --- |"]
-        lines += [f"| {c['table']} | {c['metric']} | {c['order']} | "
-                  + ", ".join(v if len(c["pairs"]) == 1 else f"{p}: {v}" for p, v in zip(c["pairs"], c["verdicts"]))
-                  + " |" for c in checks]
-    atomic_write_text(folder / "results.md", "\n".join(lines) + "\n")
-    accuracy_vs_time(rows, folder / "accuracy_vs_time.png", title="accuracy against pretraining time")
-    runs = curve_runs(study, kept=folder / "curves")
-    keep_curves(runs, study, folder / "curves")
-    # Each method's own objective: comparable between MixMIM's variants and MAE (normalised-pixel MSE),
-    # not with SimMIM (l1) or MixedAE (+ its contrastive term).
-    run_curves(runs, folder / "loss_curves.png", "loss", "training loss, each method's own (smoothed)",
-               "pretraining loss, seed 0")
-    run_curves(runs, folder / "monitor_knn.png", "knn", "k-NN top-1 (%)", "k-NN during pretraining, seed 0")
-    return folder
-
-
-def curve_runs(study: Study, kept: Path | None = None) -> dict[str, Path]:
-    """Label -> metrics CSV of each pretrained arm's first seed that has one, for the report's curves:
-    the run's own ``metrics.csv`` while the run is on disk, else the copy an earlier report kept in
-    ``kept/<arm>/seed<k>.csv`` (so a report redrawn after the runs were deleted, as with ``--reuse``,
-    keeps its curves). Seed 0 unless that seed has neither; other seeds are labelled so."""
-    runs = {}
-    for arm in study.arms:
-        if not arm.pretrain:
-            continue
-        for seed in seeds_of(arm, study.profile):
-            found = [p for p in (study.output / "runs" / arm.name / f"seed{seed}" / "metrics.csv",
-                                 kept / arm.name / f"seed{seed}.csv" if kept is not None else None)
-                     if p is not None and p.is_file()]
-            if found:
-                runs[arm.name if seed == 0 else f"{arm.name} (seed {seed})"] = found[0]
-                break
-    return runs
-
-
-CURVE_COLUMNS = ("step", "loss", "knn")  # what the report's curves draw; the rest of metrics.csv is not kept
-
-
-def keep_curves(runs: dict[str, Path], study: Study, kept: Path) -> None:
-    """Copy the curves drawn from runs on disk into ``kept`` (step, loss and k-NN columns only), so the
-    committed report holds the data of its own pictures."""
-    import csv
-    import io
-
-    from mixmim.utils.files import atomic_write_text
-
-    for source in runs.values():
-        try:
-            relative = source.relative_to(study.output / "runs")
-        except ValueError:  # already a kept copy
-            continue
-        with open(source, newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=CURVE_COLUMNS, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows({k: row.get(k, "") for k in CURVE_COLUMNS} for row in rows
-                         if row.get("loss") or row.get("knn"))
-        target = kept / relative.parent.parent / f"{relative.parent.name}.csv"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(target, out.getvalue())
-
-
 def _verb_defaults(verb: str) -> dict[str, Any]:
     from mixmim.config import VERB_DEFAULTS
 
     return VERB_DEFAULTS[verb]
-
-
-def _as_overrides(tree: dict[str, Any], prefix: str = "") -> list[str]:
-    """A config tree as dotted ``key=value`` overrides (values in YAML flow style)."""
-    out = []
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out += _as_overrides(value, f"{prefix}{key}.")
-        else:
-            out.append(f"{prefix}{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
-    return out
