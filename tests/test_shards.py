@@ -117,7 +117,7 @@ def test_index_is_cached_beside_the_shards_and_rebuilt_when_a_shard_changes(tmp_
     ShardSource(out)
     assert (out / ".mixmim-index.json").is_file()
     calls = []
-    import mixmim.data.shards as shards_module
+    import mixmim.data.shards.index as shards_module  # where load_index looks index_shard up
 
     real = shards_module.index_shard
     monkeypatch.setattr(shards_module, "index_shard", lambda p: calls.append(p.name) or real(p))
