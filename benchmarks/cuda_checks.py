@@ -89,7 +89,7 @@ def train(device: torch.device, model_name: str = "mixmim_base", img_size: int =
     first, last = sum(losses[:fifth]) / fifth, sum(losses[-fifth:]) / fifth
     return {"model": model_name, "img_size": img_size, "steps": steps, "batch": batch, "amp": amp, "losses": losses,
             "first_mean": first, "last_mean": last, "seconds": time.perf_counter() - start,
-            "pass": bool(all(l == l for l in losses) and last < first)}
+            "pass": bool(all(v == v for v in losses) and last < first)}
 
 
 def peak(device: torch.device, amp: str = "bf16", size: int = 8192, repeats: int = 20) -> dict:

@@ -27,7 +27,8 @@ def rows_of(path: Path) -> list[str]:
     if "results" in data and isinstance(data["results"], list):  # pretrain_throughput.py
         for r in data["results"]:
             if "images_per_s" not in r:
-                lines.append(f"| {r.get('model')} | {r.get('variant')} | {r.get('batch')} | skipped or failed | | | | |")
+                cells = f"| {r.get('model')} | {r.get('variant')} | {r.get('batch')} |"
+                lines.append(f"{cells} skipped or failed | | | | |")
                 continue
             mfu = r.get("mfu")
             mem = r.get("peak_memory_bytes", 0) / 2**30
@@ -55,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     if not paths:
         print("usage: summarize_results.py RESULT.json ...", file=sys.stderr)
         return 2
-    table = ["| model | variant | batch | img/s | x base | peak memory | MFU | 300-epoch IN-1K GPU-hours (extrapolated) |",
+    table = ["| model | variant | batch | img/s | x base | peak memory | MFU | 300-epoch IN-1K GPU-hours "
+             "(extrapolated) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     notes = []
     for path in paths:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 def finetune_overrides(workspace: Path, encoder: str, name: str, *extra: str) -> list[str]:
     """The fine-tuning run the test compares across world sizes (shared with the test)."""
-    return [f"checkpoint={workspace / f'{encoder}.safetensors'}", "data.source=folder", f"data.path={workspace / 'data'}",
+    return [f"checkpoint={workspace / f'{encoder}.safetensors'}", "data.source=folder",
+            f"data.path={workspace / 'data'}",
             "data.val_fraction=0.2", f"output_dir={workspace}", f"name={name}", "train.batch_size=8",
             "train.epochs=2", "train.num_workers=0", "train.progress=false", "train.log_every=1",
             "train.checkpoint_every=3", "train.trackers=[csv]", "finetune.head_init=trunc_normal",
@@ -24,13 +25,12 @@ def finetune_overrides(workspace: Path, encoder: str, name: str, *extra: str) ->
 
 def main(workspace: Path) -> None:
     import torch
+    import torch.distributed as dist
 
     from mixmim.evaluation.sharded import evaluate_classifier
     from mixmim.training import distributed as D
     from mixmim.transfer.classifier import build_classifier, resolve_model
     from mixmim.transfer.run import load_transfer_config, run_transfer
-
-    import torch.distributed as dist
 
     dist.init_process_group("gloo")  # one group for every run below (train() leaves a caller's group alone)
     for encoder in ("mixmim", "vit"):

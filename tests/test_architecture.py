@@ -7,7 +7,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "mixmim"
 
 # Bottom to top; a package imports only from layers below its own (docs/architecture.md draws them).
@@ -182,14 +181,14 @@ def test_one_way_from_a_run_config_to_a_method():
                     calls[name].add(module)
     for name, where in allowed.items():
         assert calls[name] <= where, (name, sorted(calls[name] - where))
-    assert {"mixmim.config.validation", "mixmim.training.pretrain", "mixmim.cli.reconstruct", "mixmim.study.runner"} <= \
+    assert {"mixmim.config.validation", "mixmim.training.pretrain", "mixmim.cli.reconstruct",
+            "mixmim.study.runner"} <= \
         calls["build_method"]
 
 
 def test_the_loop_the_check_and_reconstruct_build_the_same_method(tmp_path, monkeypatch):
     """Every path from a run config goes through build_method (a planted second builder would be seen)."""
     from conftest import tiny_run
-
     from mixmim.cli import main
     from mixmim.methods import factory
 

@@ -8,7 +8,6 @@ import warnings
 
 import pytest
 import torch
-from test_shards import labelled_folder
 from torch.utils.data import DataLoader
 
 from mixmim.data import DataConfig, build_pretrain_dataset, build_stream
@@ -16,6 +15,7 @@ from mixmim.data.datasets import collate
 from mixmim.data.shards import write_shards
 from mixmim.data.stream import ShardStream
 from mixmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD, pretrain_transform
+from test_shards import labelled_folder
 
 
 @pytest.fixture
@@ -131,7 +131,6 @@ def test_pretraining_on_a_stream_resumes_where_a_crash_stopped_it(shards, tmp_pa
     import csv
 
     from conftest import crashing_step, tiny_run
-
     from mixmim.config import load_config
     from mixmim.training.pretrain import run_pretraining
 

@@ -7,9 +7,9 @@ from PIL import Image
 
 from conftest import TINY_ENCODER
 from mixmim.evaluation.layer_decay import create_optimizer
-from mixmim.transfer.segmentation import UperNet
 from mixmim.models.dense import MixMIMBackbone, mask_rcnn
 from mixmim.models.mixmim_vit import MixMIMTransformer
+from mixmim.transfer.segmentation import UperNet
 
 
 def _encoder():
@@ -57,7 +57,8 @@ def test_mask_rcnn_forward_backward_on_two_images():
 def test_upernet_trains_one_step():
     model = UperNet(_encoder(), num_classes=4, channels=32)
     opt = create_optimizer(model, lr=1e-3, layer_decay=0.85)
-    head_scale = {g["lr_scale"] for g in opt.param_groups if any(p is model.head.classifier.weight for p in g["params"])}
+    weight = model.head.classifier.weight
+    head_scale = {g["lr_scale"] for g in opt.param_groups if any(p is weight for p in g["params"])}
     assert head_scale == {1.0}
     x = torch.randn(2, 3, 128, 128)
     y = torch.randint(0, 4, (2, 128, 128))

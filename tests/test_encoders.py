@@ -4,7 +4,6 @@ timm's weights it gives timm's logits, and every method runs on it unchanged."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 

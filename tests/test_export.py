@@ -86,7 +86,8 @@ def test_export_cli_from_release_checkpoint_resized(tmp_path):
     torch.save({"model": release}, tmp_path / "release.pth")
     assert main(["export", "--checkpoint", str(tmp_path / "release.pth"), "--output", str(tmp_path / "o")]) == 2
     assert main(["export", "--checkpoint", str(tmp_path / "release.pth"), "--model", "mixmim_tiny",
-                 "--img-size", "64", "--window-size", "8,8,4,2", "--output", str(tmp_path / "o"), "--format", "pair"]) == 0
+                 "--img-size", "64", "--window-size", "8,8,4,2", "--output", str(tmp_path / "o"), "--format",
+                 "pair"]) == 0
     small = load_encoder(tmp_path / "o.safetensors")
     assert small.img_size == (64, 64) and small.window_sizes == [[8, 8], [8, 8], [4] * 6, [2, 2]]
     table = small.layers[0].blocks[0].attn.relative_position_bias_table

@@ -5,7 +5,6 @@ import torch
 
 import mixmim
 
-
 # Tolerances at the precision this code reaches on the CPU (loss 0, reconstruction 1.1e-6, logits
 # 1.5e-7 at the time of writing) with a small margin: a change such as the decoder's LayerNorm eps
 # 1e-5 -> 1e-6 (reconstruction error 5e-6) fails them.

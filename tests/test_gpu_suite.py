@@ -66,10 +66,9 @@ def test_flop_count_takes_a_batch_every_method_accepts():
     an explicit count on a batch of 4)."""
     import argparse
 
+    import pretrain_throughput as bench
     import torch
     from torch.utils.flop_counter import FlopCounterMode
-
-    import pretrain_throughput as bench
 
     args = argparse.Namespace(model="vit_tiny", img_size=64, amp="fp32")
     per_image = bench._count_flops("mixedae", args, torch.device("cpu"))

@@ -201,13 +201,15 @@ def test_overwrite_removes_only_the_earlier_runs_files(world, tmp_path):
     (run / "checkpoints" / "my_backup.pt").write_bytes(b"mine")
     assert cli(["pretrain", *tiny_run(tmp_path, "train.max_steps=2", "train.checkpoint_every=2", name="run"),
                 "--overwrite"]) == 0
-    assert (run / "notes.md").read_text() == "my notes" and (run / "checkpoints" / "my_backup.pt").read_bytes() == b"mine"
+    assert (run / "notes.md").read_text() == "my notes"
+    assert (run / "checkpoints" / "my_backup.pt").read_bytes() == b"mine"
     assert [s for s, _ in CheckpointManager(run / "checkpoints").all_steps()] == [2]
 
 
 def test_shards_overwrite_never_touches_archives_it_did_not_write(world, tmp_path, capsys):
     out = tmp_path / "shards"
-    assert cli(["shards", "--data", str(world["classes"]), "--output", str(out), "--no-progress", "--workers", "1"]) == 0
+    assert cli(["shards", "--data", str(world["classes"]), "--output", str(out), "--no-progress", "--workers",
+                "1"]) == 0
     ours = sorted(p.name for p in out.glob("*.tar"))
     (out / "backup.tar").write_bytes(b"the user's archive")
     _one_line_error(capsys, cli(["shards", "--data", str(world["classes"]), "--output", str(out), "--overwrite",
@@ -276,7 +278,8 @@ def test_a_resume_that_changes_the_trajectory_is_refused_naming_the_keys(tmp_pat
     code = cli(["pretrain", *args, "optim.lr=5e-3", "method.mask_ratio=0.6", "train.max_steps=9", "--resume"])
     line = _one_line_error(capsys, code, "optim.lr", "method.mask_ratio", "train.max_steps", "--resume-with-changes")
     assert "0.002 -> 0.005" in line
-    assert (tmp_path / "t" / "config.yaml").read_text() == config and (tmp_path / "t" / "metrics.csv").read_text() == metrics
+    assert (tmp_path / "t" / "config.yaml").read_text() == config
+    assert (tmp_path / "t" / "metrics.csv").read_text() == metrics
     # Changes that do not alter what is computed are accepted as they are.
     assert cli(["pretrain", *args, "train.max_steps=6", "train.log_every=2", "train.num_workers=1", "--resume"]) == 0
     assert cli(["pretrain", *args, "optim.lr=5e-3", "train.max_steps=9", "--resume-with-changes"]) == 0
@@ -292,7 +295,8 @@ def test_a_resume_whose_checkpoints_are_all_damaged_stops_and_changes_nothing(wo
     for _, path in CheckpointManager(run / "checkpoints").all_steps():
         path.write_bytes(path.read_bytes()[:300])
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    code = cli(["pretrain", *tiny_run(tmp_path, "train.max_steps=3", "train.checkpoint_every=3", name="run"), "--resume"])
+    code = cli(["pretrain", *tiny_run(tmp_path, "train.max_steps=3", "train.checkpoint_every=3", name="run"),
+                "--resume"])
     _one_line_error(capsys, code, "every checkpoint", "damaged")
     after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "log.txt"}
     assert after == {p: b for p, b in before.items() if p.name != "log.txt"}
@@ -637,7 +641,8 @@ def test_what_a_resume_may_change():
 
     saved = {"checkpoint": "runs/pre/", "data": {"path": "photos", "source": "folder"}, "optim": {"betas": [0.9, 0.95],
              "lr": 1e-3}, "train": {"num_workers": 8, "trackers": ["csv"], "seed": 0, "monitor": {"every": 5}}}
-    same = {"checkpoint": "runs/./pre", "data": {"path": "./photos", "source": "folder"}, "optim": {"betas": (0.9, 0.95),
+    same = {"checkpoint": "runs/./pre", "data": {"path": "./photos", "source": "folder"}, "optim": {"betas": (0.9,
+                                                                                                              0.95),
             "lr": 0.001}, "train": {"num_workers": 2, "trackers": ["csv", "wandb"], "seed": 0, "monitor": {"every": 9}}}
     assert config_changes(saved, same) == []
     other = {**same, "data": {"path": "others", "source": "folder"}, "train": {**same["train"], "seed": 1}}

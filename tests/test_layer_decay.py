@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from conftest import TINY_ENCODER
 from mixmim.evaluation.layer_decay import create_optimizer, layer_ids, param_groups
 from mixmim.models.mixmim_vit import MixMIMTransformer
-from conftest import TINY_ENCODER
 
 
 def _classifier(**kw):

@@ -12,12 +12,11 @@ import torch
 from torch import nn
 
 import mixmim
+import mixmim.methods.mixedae as mixedae_module
 from conftest import TINY_DECODER, TINY_ENCODERS, tiny_run, train_two_steps
 from mixmim.config import load_config
-import mixmim.methods.mixedae as mixedae_module
 from mixmim.methods.homologous import TopK, topk_accuracy
-from mixmim.methods.mixedae import (MixedAE, balanced_assignment, group_size, homologous_contrastive_loss,
-                                    segment_sincos)
+from mixmim.methods.mixedae import MixedAE, balanced_assignment, group_size, homologous_contrastive_loss, segment_sincos
 from mixmim.methods.patches import normalize_patches, patchify
 from mixmim.models.vit import GroupAttention
 

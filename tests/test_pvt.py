@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_ENCODERS
 from timm.models.pvt_v2 import MlpWithDepthwiseConv
 
+from conftest import TINY_ENCODERS
 from mixmim.methods.masking import random_groups
 from mixmim.models import pvt
 from mixmim.models.base import resize_groups

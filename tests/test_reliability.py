@@ -23,8 +23,8 @@ from mixmim.config import ConfigError, load_config
 from mixmim.data.images import BadImage, load_rgb
 from mixmim.data.scan import scan_images
 from mixmim.interop.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
-from mixmim.training.logs import DataQualityError
 from mixmim.methods.factory import build_method
+from mixmim.training.logs import DataQualityError
 from mixmim.training.pretrain import NonFiniteLossError, run_pretraining
 
 
@@ -42,7 +42,7 @@ def make_messy_folder(root: Path) -> dict[str, str]:
     photo.convert("RGBA").save(root / "a" / "rgba.png")
     photo.convert("P").save(root / "a" / "palette.png")
     photo.convert("CMYK").save(root / "a" / "cmyk.jpg")
-    Image.fromarray((np.arange(80 * 96, dtype=np.uint16).reshape(80, 96) * 8)).save(root / "a" / "b" / "deep16.png")
+    Image.fromarray(np.arange(80 * 96, dtype=np.uint16).reshape(80, 96) * 8).save(root / "a" / "b" / "deep16.png")
     photo.save(root / "a" / "b" / "pic.webp")
     photo.save(root / "a" / "b" / "pic.BMP")
     _photo((5, 7)).save(root / "tiny.png")  # smaller than any crop
@@ -120,7 +120,8 @@ def test_too_many_bad_files_are_one_line_on_the_command_line(tmp_path):
     data = tmp_path / "data"
     make_messy_folder(data)
     done = subprocess.run([sys.executable, "-m", "mixmim", "pretrain", *tiny_run(tmp_path, "data.source=folder",
-                                                                              f"data.path={data}", "train.max_steps=8")],
+                                                                              f"data.path={data}",
+                                                                              "train.max_steps=8")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert "mixmim pretrain: error:" in done.stderr and "max_bad_fraction" in done.stderr.splitlines()[-1]
@@ -152,7 +153,8 @@ def test_window_that_does_not_fit_is_refused_before_work():
 def test_checkpoint_of_another_architecture_lists_the_keys(tmp_path):
     run_pretraining(load_config(None, tiny_run(tmp_path, "train.max_steps=3")))
     other = load_config(None, tiny_run(tmp_path, "train.max_steps=6", "model.embed_dim=32"))
-    with pytest.raises(CheckpointError, match=r"another architecture: shape differs for .*encoder\.absolute_pos_embed \(1, 1024, 16\) vs \(1, 1024, 32\)"):
+    with pytest.raises(CheckpointError, match=r"another architecture: shape differs for .*encoder\.absolute_pos_embed "
+                                              r"\(1, 1024, 16\) vs \(1, 1024, 32\)"):
         run_pretraining(other, resume=True)
 
 

@@ -3,8 +3,14 @@
 import pytest
 import torch
 
-from mixmim.methods.simmim_masks import (block_cells, block_min_cells, random_cells, sample_cells, square_cells,
-                                         square_side)
+from mixmim.methods.simmim_masks import (
+    block_cells,
+    block_min_cells,
+    random_cells,
+    sample_cells,
+    square_cells,
+    square_side,
+)
 
 
 def test_random_masks_round_up_as_simmim():

@@ -213,8 +213,8 @@ def test_every_arm_builds_on_the_cpu_profile_and_takes_a_step(fake_fashion_mnist
     every arm but the pos/ diagnostics learns its position table, MAE's and MixedAE's included."""
     import torch
 
-    from mixmim.study import STUDY_CONFIGS, Study, load_profile
     from mixmim.methods.factory import build_method
+    from mixmim.study import STUDY_CONFIGS, Study, load_profile
 
     names = sorted(str(p.relative_to(STUDY_CONFIGS / "arms").with_suffix("")) for p in
                    (STUDY_CONFIGS / "arms").rglob("*.yaml"))
@@ -333,7 +333,8 @@ def test_results_are_keyed_by_the_settings_that_made_them(fake_fashion_mnist, tm
     before = {m: study.settings(arm, m) for m in METRICS}
     assert len(set(before.values())) == len(METRICS)  # each metric its own
     study.profile.evaluation.finetune[1].overrides.append("train.epochs=2")
-    assert study.settings(arm, "knn") == before["knn"] and study.settings(arm, "finetune_1pct") == before["finetune_1pct"]
+    assert study.settings(arm, "knn") == before["knn"] and study.settings(arm,
+                                                                          "finetune_1pct") == before["finetune_1pct"]
     assert study.settings(arm, "finetune_10pct") != before["finetune_10pct"]
 
     monkeypatch.setattr(Study, "_pretrain", lambda self, config: (None, 0.0))

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from mixmim.training.logs import MetricsLog
 from mixmim.training import trackers as T
+from mixmim.training.logs import MetricsLog
 
 CONFIG = {"name": "r", "train": {"batch_size": 8, "lr": 1e-3}, "model": {"depths": [1, 1, 2, 1]}}
 

@@ -34,8 +34,8 @@ def test_run_writes_everything_a_user_looks_at(tmp_path):
     assert steps == ["step_00000003.pt", "step_00000006.pt"]
     assert sorted(losses(run)) == [1, 2, 3, 4, 5, 6]
     # the exported encoder rebuilds and matches the trained one
-    from mixmim.interop.export import load_encoder
     from mixmim.interop.checkpoint import load_checkpoint
+    from mixmim.interop.export import load_encoder
 
     encoder = load_encoder(run / "encoder.safetensors")
     state = load_checkpoint(run / "checkpoints" / "step_00000006.pt")["model"]
@@ -129,12 +129,11 @@ def test_schedule_warms_up_then_follows_the_cosine():
 
 
 def test_optimizer_is_adamw_with_the_papers_lr_rule_and_betas():
+    from conftest import TINY
     from mixmim import create_pretrainer
     from mixmim.config import OptimConfig
     from mixmim.training.optim import build_optimizer
     from mixmim.training.schedule import peak_lr
-
-    from conftest import TINY
 
     model = create_pretrainer("mixmim", "mixmim_tiny", **TINY)
     optimizer = build_optimizer(model, OptimConfig(), peak_lr(OptimConfig(), 512), torch.device("cpu"))

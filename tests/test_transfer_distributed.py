@@ -58,7 +58,8 @@ def workspace(tmp_path_factory) -> Path:
 
     save_encoder(create_encoder("mixmim_tiny", **{**TINY_ENCODER, "img_size": 64, "window_size": (8, 8, 4, 2)}),
                  root / "mixmim")
-    save_encoder(create_encoder("vit_tiny", img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2), root / "vit")
+    save_encoder(create_encoder("vit_tiny", img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2),
+                 root / "vit")
     return root
 
 
@@ -120,7 +121,8 @@ def test_distributed_evaluation_counts_what_one_process_counts(two_processes):
     assert two["confusion"] == one.confusion.tolist() and sum(map(sum, two["confusion"])) == 7
     assert two["loss"] == pytest.approx(one.loss, rel=1e-5)
     knn = run_transfer(load_transfer_config("knn", None, [
-        f"checkpoint={ws / 'vit.safetensors'}", "data.source=folder", f"data.path={ws / 'data'}", "data.val_fraction=0.2",
+        f"checkpoint={ws / 'vit.safetensors'}", "data.source=folder", f"data.path={ws / 'data'}",
+        "data.val_fraction=0.2",
         f"output_dir={ws}", "name=knn_1p", "train.batch_size=4", "train.num_workers=0", "train.progress=false",
         "knn.k=5"]))["results"]
     assert (two["knn"]["acc1"], two["knn"]["test_samples"], two["knn"]["processes"]) == (knn["acc1"], 7, 2)

@@ -66,7 +66,8 @@ def transform_losses(task: FinetuneTask) -> dict[str, dict[str, float]]:
         y = torch.tensor([int(it[1]) for it in items])
         with torch.no_grad():
             logits = model(x)
-        out[name] = {"loss": F.cross_entropy(logits, y).item(), "acc1": 100.0 * (logits.argmax(1) == y).float().mean().item(),
+        out[name] = {"loss": F.cross_entropy(logits, y).item(),
+                     "acc1": 100.0 * (logits.argmax(1) == y).float().mean().item(),
                      "images": len(y)}
     data.transform = keep
     return out

@@ -5,7 +5,8 @@ pretrained encoder (seed 0) and the same encoder randomly initialised, fine-tune
 600-image subset (1% of the labels) with the rule and with one of its choices changed at a time, each
 evaluated once at the end on the full 10 000-image test split; beside them the linear probe and k-NN
 on the same 600 images; the MixMIM encoder fine-tuned on 6 000 labels (the study's 10%) against
-probes on 6 000 and on the study's 10 000 images. Then the user's case of the issue: a folder of 600 Fashion-MNIST PNGs in class
+probes on 6 000 and on the study's 10 000 images. Then the user's case of the issue: a folder of 600
+Fashion-MNIST PNGs in class
 sub-folders, `mixmim finetune`, `mixmim linprobe` and `mixmim knn` with their defaults on the same
 checkpoint, evaluated on the folder's held-out 20%.
 
@@ -102,7 +103,8 @@ def main() -> int:
     jobs = []  # what decides the rule first, the variants after; the report is rewritten after every run
     for weights_name, weights in (("mixmim", mixmim_run), ("random", random_encoder)):
         jobs.append((weights_name, "fine-tune: rule", "finetune", weights, data))
-        jobs += [(weights_name, verb, verb, weights, data + extra) for verb, extra in (("linprobe", probe), ("knn", []))]
+        jobs += [(weights_name, verb, verb, weights, data + extra) for verb, extra in (("linprobe", probe), ("knn",
+                                                                                                             []))]
         if weights_name == "mixmim":  # the study's 10% fine-tuning against its probe (10 000 images)
             jobs += [("mixmim", "6000 labels: fine-tune: rule", "finetune", weights, tenth),
                      ("mixmim", "6000 labels: linprobe", "linprobe", weights, tenth + probe),

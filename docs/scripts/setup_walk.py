@@ -29,13 +29,13 @@ ROOT = Path(__file__).resolve().parents[2]
 def walk() -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import tiny_run
-
     from mixmim.cli import main
     from mixmim.config import load_run_config
     from mixmim.transfer.classifier import build_classifier, resolve_model
 
     tmp = Path(tempfile.mkdtemp())
-    assert main(["pretrain", *tiny_run(tmp, "train.max_steps=1", "train.checkpoint_every=1", "train.trackers=[csv]")]) == 0
+    assert main(["pretrain", *tiny_run(tmp, "train.max_steps=1", "train.checkpoint_every=1",
+                                       "train.trackers=[csv]")]) == 0
     config = load_run_config("finetune", tree={"checkpoint": str(tmp / "t"), "data": {"source": "bundled"}})
     package = Path(mixmim.__file__).resolve().parent
     sequence: list[str] = []

@@ -8,9 +8,9 @@ Prints smp's version, the U-Net's output shape, and whether the four maps its en
 equal timm's ``features_only`` maps of the same export.
 """
 
-import torch
 import segmentation_models_pytorch as smp
 import timm
+import torch
 
 import mixmim
 from mixmim.interop.hub import save_hub_folder

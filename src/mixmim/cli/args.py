@@ -6,8 +6,9 @@ line wins over the recipe; an option not given changes nothing."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 # flag -> (dest, config key, type, help); the value is written as key=value
 COMMON: list[tuple[str, str, Any, str]] = [

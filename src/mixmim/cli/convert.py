@@ -59,8 +59,8 @@ def run(args: argparse.Namespace) -> int:
     with torch.device("meta"):  # the shapes only: a wrong --model costs nothing
         problem = state_mismatch(state, build().state_dict())
     if problem:
-        raise ValueError(f"{source} does not fit {args.model} at {args.img_size} px ({problem}); pass the right --model "
-                         "and --img-size")
+        raise ValueError(f"{source} does not fit {args.model} at {args.img_size} px ({problem}); pass the right "
+                         "--model and --img-size")
     module = build()
     module.load_state_dict(state)
     if out.suffix == ".safetensors":

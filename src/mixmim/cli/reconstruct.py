@@ -74,8 +74,7 @@ def load_pretrainer(checkpoint: str, model_name: str, img_size: int | None):
     (:func:`mixmim.methods.factory.build_method`: image channels, SimMIM's pixel statistics)."""
     from mixmim.config import RunConfig, build_dataclass
     from mixmim.interop.checkpoint import resolve_checkpoint
-    from mixmim.interop.meta import CHECKPOINT_FORMAT, CLASSIFIER_FORMAT
-    from mixmim.interop.meta import is_hub_folder
+    from mixmim.interop.meta import CHECKPOINT_FORMAT, CLASSIFIER_FORMAT, is_hub_folder
     from mixmim.interop.official import convert_official
     from mixmim.interop.torch_files import load_torch_file
     from mixmim.methods.factory import build_method, create_pretrainer
@@ -132,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
     if args.img_size is not None and args.img_size < 1:
         raise ValueError(f"--img-size {args.img_size}: expected a positive size in pixels")
     if Path(args.output).is_dir():
-        raise ValueError(f"--output {args.output} is a folder; name the picture file (e.g. {Path(args.output) / 'reconstruction.png'})")
+        raise ValueError(f"--output {args.output} is a folder; name the picture file (e.g. "
+                         f"{Path(args.output) / 'reconstruction.png'})")
     method, config = load_pretrainer(args.checkpoint, args.model, args.img_size)
     pictures = _pictures(args.images, args.max_images)
     groups = method.num_groups

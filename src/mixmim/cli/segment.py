@@ -28,5 +28,6 @@ def run(args: argparse.Namespace) -> int:
     if r is None:
         return 0
     print(f"segmentation ({r['weights']} weights, {r['num_classes']} classes): mIoU {100 * r['miou']:.2f}%  "
-          f"pixel accuracy {100 * r['pixel_acc']:.2f}% ({r['select']}, {r['val_images']} images) -> {summary['run_dir']}")
+          f"pixel accuracy {100 * r['pixel_acc']:.2f}% ({r['select']}, {r['val_images']} images) -> "
+          f"{summary['run_dir']}")
     return 0

@@ -21,12 +21,41 @@ the value and what is expected. Nothing here imports torch.
 - :mod:`~mixmim.config.validation`: the checks before any work.
 """
 
-from mixmim.config.recipes import (RECIPES, TRANSFER_RECIPES, dump_config, list_recipes, load_config,
-                                   load_run_config, merge_trees, read_recipe, recipe_path, recipe_verb, resolve_tree)
-from mixmim.config.runs import (DEMO, VERB_CONFIGS, VERB_DEFAULTS, FinetuneRunConfig, KNNRunConfig, ProbeRunConfig,
-                                RunConfig, SegmentRunConfig)
-from mixmim.config.sections import (EvalConfig, FinetuneConfig, KNNConfig, ModelConfig, MonitorConfig, OptimConfig,
-                                    ProbeConfig, SegmentConfig, TrainConfig, TransferModelConfig)
+from mixmim.config.recipes import (
+                                   RECIPES,
+                                   TRANSFER_RECIPES,
+                                   dump_config,
+                                   list_recipes,
+                                   load_config,
+                                   load_run_config,
+                                   merge_trees,
+                                   read_recipe,
+                                   recipe_path,
+                                   recipe_verb,
+                                   resolve_tree,
+)
+from mixmim.config.runs import (
+                                   DEMO,
+                                   VERB_CONFIGS,
+                                   VERB_DEFAULTS,
+                                   FinetuneRunConfig,
+                                   KNNRunConfig,
+                                   ProbeRunConfig,
+                                   RunConfig,
+                                   SegmentRunConfig,
+)
+from mixmim.config.sections import (
+                                   EvalConfig,
+                                   FinetuneConfig,
+                                   KNNConfig,
+                                   ModelConfig,
+                                   MonitorConfig,
+                                   OptimConfig,
+                                   ProbeConfig,
+                                   SegmentConfig,
+                                   TrainConfig,
+                                   TransferModelConfig,
+)
 from mixmim.config.validation import check_steps, validate
 from mixmim.data.config import DataConfig
 from mixmim.utils.typed import ConfigError, build_dataclass, read_yaml

@@ -58,9 +58,10 @@ def recipe_path(name_or_path: str | Path) -> Path:
     if len(matches) == 1:
         return matches[0]
     if len(matches) > 1:
-        raise ConfigError(f"config {name_or_path!r} names {len(matches)} recipes: "
-                          f"{', '.join(str(m.relative_to(RECIPES).with_suffix('')) for m in matches)}; give one of them")
-    raise ConfigError(f"config file {name_or_path} does not exist and is not a recipe name (`mixmim recipes` lists them)")
+        names = ", ".join(str(m.relative_to(RECIPES).with_suffix("")) for m in matches)
+        raise ConfigError(f"config {name_or_path!r} names {len(matches)} recipes: {names}; give one of them")
+    raise ConfigError(f"config file {name_or_path} does not exist and is not a recipe name (`mixmim recipes` "
+                      "lists them)")
 
 
 def read_recipe(name_or_path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:

@@ -8,8 +8,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from mixmim.config.sections import (EvalConfig, FinetuneConfig, KNNConfig, ModelConfig, OptimConfig, ProbeConfig,
-                                    SegmentConfig, TrainConfig, TransferModelConfig)
+from mixmim.config.sections import (
+    EvalConfig,
+    FinetuneConfig,
+    KNNConfig,
+    ModelConfig,
+    OptimConfig,
+    ProbeConfig,
+    SegmentConfig,
+    TrainConfig,
+    TransferModelConfig,
+)
 from mixmim.data.config import DataConfig
 from mixmim.methods.options import MethodOptions, MixMIMConfig
 from mixmim.utils.typed import plain

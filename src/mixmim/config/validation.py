@@ -34,7 +34,8 @@ def validate(config: Any) -> None:
         from mixmim.models.registry import MODELS
 
         if config.model.name not in MODELS:
-            raise ConfigError(f"config key 'model.name': unknown model {config.model.name!r}; known: {', '.join(MODELS)}")
+            raise ConfigError(f"config key 'model.name': unknown model {config.model.name!r}; known: "
+                              f"{', '.join(MODELS)}")
     if isinstance(config, FinetuneRunConfig):
         f = config.finetune
         _at_least([("finetune.mixup", f.mixup, 0), ("finetune.cutmix", f.cutmix, 0), ("finetune.re_prob", f.re_prob, 0),
@@ -47,7 +48,8 @@ def validate(config: Any) -> None:
     if not isinstance(config, RunConfig) and config.model.img_size is not None:
         _at_least([("model.img_size", config.model.img_size, 16)])
     if isinstance(config, SegmentRunConfig):
-        _at_least([("segment.num_classes", config.segment.num_classes, 2), ("segment.channels", config.segment.channels, 1)])
+        _at_least([("segment.num_classes", config.segment.num_classes, 2), ("segment.channels",
+                                                                            config.segment.channels, 1)])
     if isinstance(config, KNNRunConfig):
         _at_least([("knn.k", config.knn.k, 1)])
         if config.knn.temperature <= 0:
@@ -55,7 +57,8 @@ def validate(config: Any) -> None:
 
 
 def _validate_train(t: TrainConfig) -> None:
-    _at_least([("train.epochs", t.epochs, 1), ("train.batch_size", t.batch_size, 1), ("train.accum_steps", t.accum_steps, 1),
+    _at_least([("train.epochs", t.epochs, 1), ("train.batch_size", t.batch_size, 1), ("train.accum_steps",
+                                                                                      t.accum_steps, 1),
                ("train.checkpoint_every", t.checkpoint_every, 1), ("train.keep_checkpoints", t.keep_checkpoints, 1),
                ("train.log_every", t.log_every, 1), ("train.num_workers", t.num_workers, 0),
                ("train.max_steps", t.max_steps, 1), ("train.nan_patience", t.nan_patience, 1)])

@@ -7,11 +7,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from mixmim.data.config import DataConfig
-
-from mixmim.data.datasets import (BundledPhotos, FashionMNISTImages, SeededDataset, SourceDataset)
+from mixmim.data.datasets import BundledPhotos, FashionMNISTImages, SeededDataset, SourceDataset
 from mixmim.data.sources import FolderSource, ImageSource
-from mixmim.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, NORMALIZE, PretrainTransform, check_stats,
-                                    imagenet_stats, pretrain_transform)
+from mixmim.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    NORMALIZE,
+    PretrainTransform,
+    check_stats,
+    imagenet_stats,
+    pretrain_transform,
+)
 
 SOURCES = ("folder", "shards", "hf", "stream", "fashion_mnist", "bundled")
 

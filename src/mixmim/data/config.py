@@ -59,7 +59,8 @@ class DataConfig:
     def validate(self) -> None:
         """One line naming the first key whose value cannot be used."""
         if not (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
-            raise ConfigError(f"config key 'data.crop_scale': {list(self.crop_scale)} must satisfy 0 < low <= high <= 1")
+            raise ConfigError(f"config key 'data.crop_scale': {list(self.crop_scale)} must satisfy "
+                              "0 < low <= high <= 1")
         if not 0 <= self.max_bad_fraction <= 1:
             raise ConfigError(f"config key 'data.max_bad_fraction': {self.max_bad_fraction} must lie in [0, 1]")
         if not 0 < self.val_fraction < 1:
@@ -67,8 +68,8 @@ class DataConfig:
         if not 0 < self.crop_pct <= 1:
             raise ConfigError(f"config key 'data.crop_pct': {self.crop_pct} must lie in (0, 1]")
         if len(self.mean) != len(self.std) or min(self.std) <= 0:
-            raise ConfigError(f"config keys 'data.mean'/'data.std': {list(self.mean)} / {list(self.std)} need one value per "
-                              "channel each, positive deviations")
+            raise ConfigError(f"config keys 'data.mean'/'data.std': {list(self.mean)} / {list(self.std)} need one "
+                              "value per channel each, positive deviations")
         _at_least([("data.limit_train", self.limit_train, 1), ("data.limit_test", self.limit_test, 1)])
         if self.source == "folder" and not self.path:
             raise ConfigError("config key 'data.path': data.source=folder needs the image folder's path")

@@ -9,8 +9,8 @@ Items are dicts ``{"image": Tensor(C, H, W), "index": int, "skipped": [(name, re
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from PIL import Image

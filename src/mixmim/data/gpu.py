@@ -20,7 +20,7 @@ a GPU to be tested: :class:`GpuDecoder` runs on any device ``decode_jpeg`` suppo
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torchvision.transforms import InterpolationMode

@@ -16,7 +16,6 @@ import io
 import struct
 import warnings
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -27,7 +26,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MODES = {1: "L", 3: "RGB"}  # channels -> PIL mode
 ORIENTATION = 0x0112  # EXIF tag; values 5-8 rotate by 90 degrees (width and height swap)
 
-Source = Union[str, Path, bytes, bytearray, memoryview]
+Source = str | Path | bytes | bytearray | memoryview
 # What PIL raises on a corrupt or truncated file (as well as its own errors).
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error, Image.DecompressionBombError)
 

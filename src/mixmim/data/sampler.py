@@ -43,7 +43,8 @@ class ResumableSampler(Sampler):
         self.epoch, self.start_step = epoch, start_step
 
     def __len__(self) -> int:
-        return (steps_per_epoch(self.num_samples, self.global_batch) - self.start_step) * (self.global_batch // self.world_size)
+        return (steps_per_epoch(self.num_samples,
+                                self.global_batch) - self.start_step) * (self.global_batch // self.world_size)
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)

@@ -9,8 +9,8 @@ all of them: a folder (:class:`FolderSource`), WebDataset shards read through an
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -67,7 +67,8 @@ class FolderSource(ImageSource):
         self.root = Path(root).expanduser()
         if labelled:
             if not self.root.is_dir():
-                raise (ValueError(f"image folder {self.root} is a file, expected a folder with one sub-folder per class")
+                raise (ValueError(f"image folder {self.root} is a file, expected a folder with one sub-folder "
+                                  "per class")
                        if self.root.exists() else FileNotFoundError(f"image folder {self.root} does not exist"))
             dirs = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
             if not dirs:

@@ -25,8 +25,8 @@ from __future__ import annotations
 import json
 import math
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info

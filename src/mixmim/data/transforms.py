@@ -18,8 +18,8 @@ same antialiased bicubic kernel, so with draft mode off it reproduces the v2 pip
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from PIL import Image
@@ -29,8 +29,8 @@ from torchvision.transforms.v2 import functional as F
 
 from mixmim.data.images import Source, finish, mode_of, open_image, oriented_size, to_mode
 from mixmim.data.seeding import torch_seeded
-
 from mixmim.utils.imagenet import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402 - re-exported here
+
 # PIL's "L" is 0.299 R + 0.587 G + 0.114 B (ITU-R 601-2). The grey mean follows exactly; the grey std is
 # the same weighting of the channel stds: an upper bound (Minkowski), reached when the channels are
 # perfectly correlated; photos' channels are strongly correlated. `mixmim stats` measures a data set's own.

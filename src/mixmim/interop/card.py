@@ -5,8 +5,9 @@ images seen, the monitor's last accuracies, the command and the commit), gathere
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from mixmim.utils.metrics_csv import read_metrics
 
@@ -80,7 +81,8 @@ def render_card(title: str, architecture: str, card: Mapping[str, Any]) -> str:
     size = card.get("img_size") or []
     details: dict[str, Any] = {"Model Type": "Image feature backbone (pooled features, no classification head)",
                                "Architecture": architecture + (f" (mixmim model {card['model']})"
-                                                               if card.get("model") not in (None, architecture) else "")}
+                                                               if card.get("model") not in (None,
+                                                                                            architecture) else "")}
     if card.get("parameters"):
         details["Params (M)"] = f"{card['parameters'] / 1e6:.2f}"
     if size:
@@ -110,14 +112,16 @@ def render_card(title: str, architecture: str, card: Mapping[str, Any]) -> str:
     usage = ("```python\nimport timm\n" + ("import mixmim  # registers the mixmim_* architectures with timm\n"
                                             if needs_import else "")
              + "from timm.data import create_transform, resolve_data_config\n\n"
-             f"model = timm.create_model(\"local-dir:{title}\", pretrained=True).eval()  # or \"hf-hub:<user>/<repo>\"\n"
+             f"model = timm.create_model(\"local-dir:{title}\", pretrained=True).eval()  # or "
+             f"\"hf-hub:<user>/<repo>\"\n"
              "transform = create_transform(**resolve_data_config({}, model=model))\n"
              "features = model(transform(image).unsqueeze(0))  # (1, num_features)\n```\n\n"
              "With mixmim: `mixmim finetune --checkpoint <folder>` (and `linprobe`, `knn`, `segment`, `export`).")
     model_card = {"description": f"{'A ' + shown + '-pretrained' if method else 'An'} {architecture} encoder "
                                   "exported by mixmim.",
                   "details": details, "usage": usage,
-                  "tags": list(dict.fromkeys(["image-feature-extraction", "timm", "mixmim", *([str(method)] if method else [])])),
+                  "tags": list(dict.fromkeys(["image-feature-extraction", "timm", "mixmim",
+                                              *([str(method)] if method else [])])),
                   "license": card.get("license", "apache-2.0")}
     if str(method) in _PAPERS:
         model_card["citation"] = _PAPERS[str(method)]

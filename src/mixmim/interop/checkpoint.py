@@ -92,7 +92,7 @@ class CheckpointManager:
 
     def latest(self) -> Path | None:
         """The newest checkpoint whose checksum matches; damaged newer ones are reported and passed over."""
-        for step, path in reversed(self.all_steps()):
+        for _step, path in reversed(self.all_steps()):
             try:
                 verify(path)
             except CheckpointError as exc:
@@ -136,7 +136,7 @@ class CheckpointManager:
     def prune(self) -> None:
         """Delete all but the newest ``keep`` verified checkpoints; never the only good one."""
         good = []
-        for step, path in reversed(self.all_steps()):
+        for _step, path in reversed(self.all_steps()):
             try:
                 verify(path)
             except CheckpointError:

@@ -7,8 +7,9 @@ holds is :func:`mixmim.interop.weights.open_weights`.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from safetensors.torch import save_file
 from torch import nn

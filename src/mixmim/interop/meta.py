@@ -8,8 +8,9 @@ disagree, and telling which kind of file a path holds costs no import of torch.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from mixmim.utils.imagenet import IMAGENET_MEAN, IMAGENET_STD
 

@@ -6,7 +6,8 @@ the window sizes may differ from pretraining (MixMIM section 3).
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn

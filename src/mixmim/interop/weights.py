@@ -11,16 +11,26 @@ caller). Every ``.pt``/``.pth`` is read without running code from it (:mod:`mixm
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from safetensors.torch import load_file
 from torch import Tensor
 
 from mixmim.interop.checkpoint import open_weights_file
-from mixmim.interop.meta import (CHECKPOINT_FORMAT, CLASSIFIER_FORMAT, CONFIG, TIMM_BIT, WEIGHTS, is_hub_folder,
-                                 our_hub_block, read_hub_config, read_pair_meta)
+from mixmim.interop.meta import (
+    CHECKPOINT_FORMAT,
+    CLASSIFIER_FORMAT,
+    CONFIG,
+    TIMM_BIT,
+    WEIGHTS,
+    is_hub_folder,
+    our_hub_block,
+    read_hub_config,
+    read_pair_meta,
+)
 from mixmim.interop.official import convert_official
 from mixmim.interop.torch_files import CheckpointError
 from mixmim.models.registry import MODELS, encoder_args, family_of, name_for_config, split_overrides
@@ -174,7 +184,8 @@ def _safetensors(path: Path) -> dict[str, Tensor]:
         return load_file(str(path))
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError, OSError, ...
         reason = " ".join(str(exc).split())[:160] or exc.__class__.__name__
-        raise CheckpointError(f"cannot read weights file {path}: not a safetensors file or truncated ({reason})") from None
+        raise CheckpointError(f"cannot read weights file {path}: not a safetensors file or truncated "
+                              f"({reason})") from None
 
 
 def _check_tensors(state: Mapping[str, Any], path: Path) -> None:

@@ -6,7 +6,8 @@ one flat set of keyword arguments, by the release's names)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from mixmim.methods.base import PretrainMethod
 from mixmim.methods.mae import MAE

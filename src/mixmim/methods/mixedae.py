@@ -47,7 +47,6 @@ from mixmim.methods.patches import masked_mse, patch_targets, patchify, unpatchi
 from mixmim.models.base import resize_groups
 
 
-
 def segment_sincos(count: int, dim: int) -> Tensor:
     """(count, dim) fixed segment embeddings: the 1-D sine-cosine encoding (Vaswani et al.) of the
     member index 0..count-1, first half sines, second half cosines (MixedAE appendix B: "we utilize

@@ -34,8 +34,6 @@ from mixmim.methods.patches import masked_mse, patch_targets
 from mixmim.models.base import resize_groups
 
 
-
-
 class MixMIM(PretrainMethod):
     """images -> loss and reconstructions. The encoder is any
     :class:`~mixmim.models.base.GroupedEncoder` (MixMIM's own, ViT, Swin, PVT v2, ResNet-v2)."""
@@ -111,7 +109,8 @@ class MixMIM(PretrainMethod):
             raise ValueError("mask must hold integer group ids (0/1 for two images)")
         mask = mask.long()
         if int(mask.min()) < 0 or int(mask.max()) >= self.num_groups:
-            raise ValueError(f"mask values must lie in 0..{self.num_groups - 1}, got {int(mask.min())}..{int(mask.max())}")
+            raise ValueError(f"mask values must lie in 0..{self.num_groups - 1}, got "
+                             f"{int(mask.min())}..{int(mask.max())}")
         return mask
 
     def _token_cells_for(self, groups: Tensor, token_mask: Tensor | None) -> Tensor | None:
@@ -291,7 +290,7 @@ class MixMIM(PretrainMethod):
         """Zoomin filling (section 5): the image zoomed in and cropped back to its size, i.e. a
         random crop resized (bilinear) to full size."""
         tops, lefts, ch, cw = self.zoom_boxes(images.shape[0], generator)
-        crops = torch.stack([img[:, t:t + ch, l:l + cw] for img, t, l in zip(images, tops.tolist(), lefts.tolist())])
+        crops = torch.stack([img[:, t:t + ch, x:x + cw] for img, t, x in zip(images, tops.tolist(), lefts.tolist())])
         return F.interpolate(crops, size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False)
 
 

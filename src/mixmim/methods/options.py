@@ -10,7 +10,7 @@ which paper each field is. A decoder size left at None is the encoder's default 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from mixmim.utils.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
@@ -85,7 +85,8 @@ class DecoderOptions:
     def validate_decoder(self) -> None:
         names = tuple(k for k in ("decoder_dim", "decoder_depth", "decoder_num_heads") if getattr(self, k) is not None)
         check_positive_ints(self, names)
-        if self.decoder_dim is not None and self.decoder_num_heads is not None and self.decoder_dim % self.decoder_num_heads:
+        dim, heads = self.decoder_dim, self.decoder_num_heads
+        if dim is not None and heads is not None and dim % heads:
             raise ValueError(f"decoder_dim={self.decoder_dim} is not divisible by decoder_num_heads="
                              f"{self.decoder_num_heads}")
 
@@ -230,7 +231,8 @@ class SimMIMConfig:
         """A copy with ``pixel_mean``/``pixel_std`` left at None set to ``mean``/``std``."""
         import dataclasses
 
-        return dataclasses.replace(self, pixel_mean=tuple(self.pixel_mean or mean), pixel_std=tuple(self.pixel_std or std))
+        return dataclasses.replace(self, pixel_mean=tuple(self.pixel_mean or mean),
+                                   pixel_std=tuple(self.pixel_std or std))
 
     def validate(self) -> None:
         check_ratio(self.mask_ratio)
@@ -249,10 +251,10 @@ class SimMIMConfig:
                 raise ValueError("norm_pix_loss normalises a regression target; loss='bins' classifies colours")
         if (self.pixel_mean is None) != (self.pixel_std is None):
             raise ValueError("pixel_mean and pixel_std go together: set both or neither")
-        if self.pixel_mean is not None and (len(self.pixel_mean) not in (1, 3) or len(self.pixel_std) != len(self.pixel_mean)
-                                            or min(self.pixel_std) <= 0):
-            raise ValueError(f"pixel_mean={list(self.pixel_mean)} / pixel_std={list(self.pixel_std)}: expected one value "
-                             "per image channel each (1 or 3), positive deviations")
+        mean, std = self.pixel_mean, self.pixel_std
+        if mean is not None and std is not None and (len(mean) not in (1, 3) or len(std) != len(mean) or min(std) <= 0):
+            raise ValueError(f"pixel_mean={list(mean)} / pixel_std={list(std)}: expected one value per image channel "
+                             "each (1 or 3), positive deviations")
 
 
 @dataclass
@@ -353,7 +355,7 @@ class MixedAEConfig(DecoderOptions):
                              "none; decoder_cls_token=True needs attention='homologous' or 'global'")
 
 
-MethodOptions = Union[MixMIMConfig, SimMIMConfig, MAEConfig, MixedAEConfig]
+MethodOptions = MixMIMConfig | SimMIMConfig | MAEConfig | MixedAEConfig
 # method name -> its options (the loop's method classes: mixmim.methods.factory.METHODS)
 METHOD_OPTIONS: dict[str, type] = {"mixmim": MixMIMConfig, "simmim": SimMIMConfig, "mae": MAEConfig,
                                    "mixedae": MixedAEConfig}

@@ -21,7 +21,6 @@ layer scale) at float64 rounding (``tests/test_golden_authors.py``).
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -33,8 +32,6 @@ from mixmim.methods.patches import at_least_float32, normalize_patches, patchify
 from mixmim.methods.simmim_heads import build_head
 from mixmim.methods.simmim_masks import sample_cells
 from mixmim.models.base import resize_groups
-
-
 
 # ---------------------------------------------------------------------------------------------------
 # targets and losses (section 3.4)

@@ -20,7 +20,7 @@ logits), d the target's downsampling (Table 3).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from timm.layers import Mlp
 from timm.models.swin_transformer import SwinTransformerBlock

@@ -26,7 +26,8 @@ shards and ``torch.compile`` compiles one by one) and runs each through
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.utils.checkpoint

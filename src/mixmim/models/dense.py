@@ -17,12 +17,13 @@ the detection windows of :func:`mixmim.models.resize.detection_windows` if wante
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
 
 class SimplePyramid(nn.Module):
     """ViTDet's simple feature pyramid from one stride-16 map: strides 4, 8, 16, 32."""
@@ -87,7 +88,7 @@ class MixMIMBackbone(nn.Module):
             if isinstance(getattr(encoder, name, None), nn.Module):
                 setattr(encoder, name, nn.Identity())
 
-    def forward(self, images: Tensor) -> "OrderedDict[str, Tensor]":
+    def forward(self, images: Tensor) -> OrderedDict[str, Tensor]:
         h, w = images.shape[-2:]
         full_h, full_w = self.encoder.img_size
         if h > full_h or w > full_w:
@@ -116,7 +117,7 @@ class MixMIMFPN(nn.Module):
                                          extra_blocks=LastLevelMaxPool() if extra_pool else None)
         self.out_channels = out_channels
 
-    def forward(self, images: Tensor) -> "OrderedDict[str, Tensor]":
+    def forward(self, images: Tensor) -> OrderedDict[str, Tensor]:
         return self.fpn(self.body(images))
 
 

@@ -250,7 +250,8 @@ class MixMIMTransformer(GroupedEncoder, nn.Module):
         (before its patch merging).
 
         ``groups``: (G, h, w) integer ids on the last stage's grid or a coarser aligned one (G is 1 for
-        a mask shared by the batch, else B): which image each token came from. With ``restrict_attention`` a token attends only
+        a mask shared by the batch, else B): which image each token came from. With ``restrict_attention`` a token
+        attends only
         to its own group (masked self-attention, section 2.3). ``stage_embeds``: one (num_groups, C_s)
         table per stage whose rows are added to each token by group at the start of the stage (the
         "mix embedding" of section 2.3).

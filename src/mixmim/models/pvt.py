@@ -25,7 +25,8 @@ first block*, i.e. after the stage's overlapping patch embedding (stages 2-4) or
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch.nn.functional as F
 from timm.models.pvt_v2 import Attention, Block, MlpWithDepthwiseConv, OverlapPatchEmbed, PyramidVisionTransformerV2

@@ -19,8 +19,9 @@ a group map.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
-from typing import Any, Sequence
+from typing import Any
 
 from timm.layers import GroupNormAct, StdConv2d, make_divisible
 from timm.models.resnetv2 import PreActBottleneck, ResNetV2

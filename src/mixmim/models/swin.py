@@ -21,7 +21,8 @@ timm's model (parameter names unchanged, so ``swin_*_patch4_window7_224`` weight
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -14,7 +14,8 @@ attended values. The encoder knows nothing of what a plan does (MixedAE's TopK p
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 

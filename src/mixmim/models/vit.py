@@ -27,8 +27,9 @@ the :class:`~mixmim.models.token_dropping.TokenDroppingEncoder` interface:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

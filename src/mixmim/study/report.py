@@ -12,6 +12,7 @@ from mixmim.study.runner import Study
 from mixmim.study.spec import METRICS, seeds_of
 from mixmim.study.statistics import orderings, summarise
 
+
 def write_report(study: Study, rows: list[dict[str, Any]], folder: str | Path) -> Path:
     """``results.json`` (per arm, seed and metric, with the commit and the command), ``results.md``
     (mean +- spread per arm and metric, the papers' orderings), the plots and the curves' data

@@ -232,7 +232,8 @@ class Study:
         if "linprobe" in todo:
             start = time.perf_counter()
             tree = _merge(common, {"name": "linprobe", "data": {"limit_train": ev.bank_size},
-                                   "train": {"batch_size": min(ev.linprobe_batch_size, ev.bank_size), "epochs": ev.linprobe_epochs},
+                                   "train": {"batch_size": min(ev.linprobe_batch_size, ev.bank_size),
+                                             "epochs": ev.linprobe_epochs},
                                    "optim": {"warmup_epochs": min(5.0, ev.linprobe_epochs / 10)},
                                    "probe": {"features": "cached"}})
             r = run_transfer(load_run_config("linprobe", tree=_merge(_verb_defaults("linprobe"), tree)),

@@ -9,6 +9,7 @@ from typing import Any
 
 from mixmim.study.spec import METRICS
 
+
 def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
     """arm -> metric -> {mean, std (sample, ddof 1; 0 for one seed), n, seconds}."""
     table: dict[str, dict[str, list[dict[str, Any]]]] = {}

@@ -124,8 +124,11 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, mode: st
 def load_states(model: nn.Module, optimizer: torch.optim.Optimizer | None, model_state: dict,
                 optim_state: dict | None, mode: str) -> None:
     if mode == "fsdp" and dist.is_initialized():
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         options = StateDictOptions(full_state_dict=True)
         set_model_state_dict(model, model_state, options=options)

@@ -320,7 +320,8 @@ class Trainer:
         self.lowered_lr = True
         if latest is None:
             self.lr_scale *= 0.5
-            log.warning("no checkpoint to reload yet; halved the learning rate (scale %.3g) and continue", self.lr_scale)
+            log.warning("no checkpoint to reload yet; halved the learning rate (scale %.3g) and continue",
+                        self.lr_scale)
             return False
         self.load(latest)  # restores the checkpoint's lr_scale; halve it below
         self.lowered_lr = True
@@ -463,7 +464,8 @@ class Trainer:
         elapsed = time.perf_counter() - w["start"] - w["paused"]
         values = {"epoch": self.step / self.steps_per_epoch, "loss": D.all_mean(w["loss"] / w["steps"], self.device),
                   "lr": self.current_lr, "img_per_s": w["steps"] * self.global_batch / max(elapsed, 1e-9)}
-        values.update({k: D.all_mean(sum(v) / len(v), self.device) for k, v in sorted(self.method_metrics.items()) if v})
+        values.update({k: D.all_mean(sum(v) / len(v), self.device) for k,
+                       v in sorted(self.method_metrics.items()) if v})
         self.method_metrics.clear()
         values.update(evaluated)
         self.metrics.write(self.step, values)

@@ -39,7 +39,8 @@ class RepresentationMonitor:
         splits = load_splits(cfg.data, tf, tf, cfg.train_size, cfg.test_size, seed=seed, balanced=True)
         # Decoded once and kept (uint8, bit-identical items): every evaluation reads the same images.
         if len(splits.classes) < 2:  # every neighbour would vote for the one class: 100% of nothing
-            raise ConfigError(f"config key 'train.monitor.data': {cfg.data} has one class ({', '.join(splits.classes)}); "
+            raise ConfigError(f"config key 'train.monitor.data': {cfg.data} has one class "
+                              f"({', '.join(splits.classes)}); "
                               "the k-NN monitor needs two or more")
         self.train, self.test, self.classes = cached(splits.train), cached(splits.test), splits.classes
         self.history: list[dict[str, float]] = []

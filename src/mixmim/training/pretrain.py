@@ -4,9 +4,8 @@ monitor and the exported encoder along the way."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import itertools
+from typing import Any
 
 import torch
 import torch.distributed as dist

@@ -14,8 +14,9 @@ import os
 import re
 import socket
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from mixmim.utils.errors import UserError
 
@@ -61,7 +62,7 @@ class RunLock:
         self.token = {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_start(os.getpid()),
                       "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         if not self.enabled:
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -216,7 +217,8 @@ def check_resume_config(path: Path, saved: Mapping[str, Any], now: Mapping[str, 
     (``--resume-with-changes``): then the changes are logged and returned for the run's record."""
     changes = config_changes(saved, now)
     if changes and not allow:
-        raise RunFolderError(f"--resume: the config differs from {path}'s in what it computes ({describe_changes(changes)})"
+        raise RunFolderError(f"--resume: the config differs from {path}'s in what it computes "
+                             f"({describe_changes(changes)})"
                              "; resume with the same settings, or pass --resume-with-changes if the change is intended")
     if changes:
         log.warning("--resume-with-changes: continuing %s with %s", path, describe_changes(changes))

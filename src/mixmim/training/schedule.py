@@ -14,8 +14,8 @@ whole run with the warm-up inside it (``cosine_after_warmup=False``).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from torch.optim import Optimizer
 

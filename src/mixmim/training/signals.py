@@ -34,7 +34,7 @@ class StopRequest:
         stop_file = os.environ.get(STOP_FILE_ENV)
         self.stop_file = Path(stop_file) if stop_file else None
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         for sig in SIGNALS:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)

@@ -17,8 +17,9 @@ import importlib.util
 import json
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Protocol
+from typing import Any, ClassVar, Protocol
 
 from mixmim.utils.errors import UserError
 
@@ -38,7 +39,7 @@ class Tracker(Protocol):
 
     @classmethod
     def open(cls, run_dir: Path, config: Mapping[str, Any], run_name: str, run_id: str | None = None,
-             start_step: int = 0) -> "Tracker": ...
+             start_step: int = 0) -> Tracker: ...
 
     def log(self, step: int, values: Mapping[str, float]) -> None: ...
 

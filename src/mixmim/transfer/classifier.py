@@ -20,7 +20,8 @@ from mixmim.training.optim import decay_groups
 FINETUNE_DROP_PATH: dict[str, float] = {"mixmim_large": 0.2, "mixmim_huge": 0.3, "vit_large": 0.2, "swin_large": 0.2,
                                         "pvt_v2_b5": 0.3}
 
-__all__ = ["FINETUNE_DROP_PATH", "CLASSIFIER_FORMAT", "Classifier", "build_classifier", "classifier_groups", "classifier_payload",
+__all__ = ["FINETUNE_DROP_PATH", "CLASSIFIER_FORMAT", "Classifier", "build_classifier", "classifier_groups",
+           "classifier_payload",
            "resolve_model"]
 
 

@@ -9,8 +9,8 @@ per-class ``val_fraction``), or Fashion-MNIST; ``data.channels`` 1 or 3.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from torch.utils.data import Dataset
 

@@ -29,8 +29,13 @@ from mixmim.evaluation.metrics import write_classification_report, write_json
 from mixmim.evaluation.sharded import Scores, evaluate_classifier
 from mixmim.interop.torch_files import load_torch_file
 from mixmim.training.task import RunContext, StepOutput, Task
-from mixmim.transfer.classifier import (Classifier, build_classifier, classifier_groups, classifier_payload,
-                                        resolve_model)
+from mixmim.transfer.classifier import (
+    Classifier,
+    build_classifier,
+    classifier_groups,
+    classifier_payload,
+    resolve_model,
+)
 from mixmim.transfer.data import collate_labelled, data_stats, load_labelled
 from mixmim.utils.files import atomic_write
 
@@ -49,7 +54,8 @@ def check_auto_augment(policy: str | None) -> str | None:
         builders.get(policy.split("-")[0], auto_augment_transform)(policy, {"translate_const": 100})
     except (AssertionError, KeyError, ValueError, IndexError) as exc:
         raise ConfigError(f"config key 'finetune.auto_augment': {policy!r} is not a timm augmentation policy "
-                          f"({exc.__class__.__name__}); e.g. rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, v0, or none") from None
+                          f"({exc.__class__.__name__}); e.g. rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, v0, "
+                          "or none") from None
     return policy
 
 

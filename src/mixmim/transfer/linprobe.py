@@ -39,7 +39,7 @@ class FrozenProbe(nn.Module):
         self.encoder = encoder.requires_grad_(False)
         self.head = probe_head(encoder.num_features, num_classes)
 
-    def train(self, mode: bool = True) -> "FrozenProbe":
+    def train(self, mode: bool = True) -> FrozenProbe:
         super().train(mode)
         self.encoder.eval()  # the encoder's dropout, drop path and norms stay as frozen features need
         return self
@@ -125,7 +125,8 @@ class ProbeTask(ClassificationTask):
 
         head = self.model.head if isinstance(self.model, FrozenProbe) else self.model
         payload = {"format": PROBE_FORMAT, "head": {k: v.detach().cpu() for k, v in head.state_dict().items()},
-                   "classes": self.classes, "checkpoint": self.config.checkpoint, "img_size": self.config.model.img_size,
+                   "classes": self.classes, "checkpoint": self.config.checkpoint,
+                   "img_size": self.config.model.img_size,
                    "features": self.config.probe.features, **extra}
         atomic_write(run.run_dir / name, lambda tmp: torch.save(payload, tmp))
 

@@ -7,8 +7,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from mixmim.config import (VERB_DEFAULTS, ConfigError, FinetuneRunConfig, load_run_config, merge_trees,
-                           read_recipe, resolve_tree)
+from mixmim.config import (
+    VERB_DEFAULTS,
+    ConfigError,
+    FinetuneRunConfig,
+    load_run_config,
+    merge_trees,
+    read_recipe,
+    resolve_tree,
+)
 from mixmim.utils.typed import apply_overrides
 
 log = logging.getLogger("mixmim")

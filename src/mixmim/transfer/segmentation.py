@@ -16,8 +16,9 @@ NaN skip); mIoU and pixel accuracy from a confusion matrix of pixels summed over
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -220,7 +221,8 @@ class SegmentTask(Task):
         if not d.path:
             raise ValueError("mixmim segment: give the folder with images/ and masks/ (--data, data.path)")
         if d.val_path:
-            self.train_set, self.val_set = SegmentationFolder(d.path, side, True), SegmentationFolder(d.val_path, side, False)
+            self.train_set, self.val_set = SegmentationFolder(d.path, side, True), SegmentationFolder(d.val_path, side,
+                                                                                                      False)
         else:
             train_stems, val_stems = _split_stems(d.path, d.val_fraction, config.train.seed)
             self.train_set = SegmentationFolder(d.path, side, True, train_stems)

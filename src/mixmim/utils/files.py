@@ -7,10 +7,11 @@ import os
 import re
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from mixmim.utils.errors import UserError
+
 
 # What atomic_write names its temporary files: ".<target name>.<random>.tmp" (tempfile.mkstemp).
 class WriteError(UserError):

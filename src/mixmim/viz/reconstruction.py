@@ -15,8 +15,8 @@ shows the structure the model predicts inside each cell but no brightness or con
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -24,7 +24,6 @@ from torch import Tensor
 from mixmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize
 from mixmim.methods.base import Picture, PretrainOutput
 from mixmim.methods.patches import patchify, unpatchify
-
 
 BORROWED_NOTE = "hidden cells drawn with the true cell's mean and variance"
 RAW_NOTE = "raw prediction: per-cell normalised, no brightness or contrast"

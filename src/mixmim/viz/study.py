@@ -3,8 +3,9 @@ monitor (k-NN during pretraining) curves."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 METRIC_TITLES = {"knn": "k-NN", "linprobe": "linear probe", "finetune_1pct": "fine-tune, 1% labels",
                  "finetune_10pct": "fine-tune, 10% labels"}

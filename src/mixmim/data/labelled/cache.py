@@ -3,12 +3,13 @@ the cached linear probe read every evaluation."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mixmim.data.labelled.datasets import LabelledDataset
+
 
 class CachedLabelled(Dataset):
     """A labelled data set decoded and transformed once, its tensors kept: for evaluation sets read many
@@ -81,7 +82,8 @@ def _as_list(items: list) -> list:
 
 def cached(dataset: LabelledDataset, num_workers: int = 0, batch_size: int = 64) -> CachedLabelled:
     """Decode and transform every readable item of ``dataset`` once (seed = index; on ``num_workers``
-    DataLoader workers) and keep the tensors (:class:`CachedLabelled`); unreadable files are left out. The transform must be deterministic (an
+    DataLoader workers) and keep the tensors (:class:`CachedLabelled`); unreadable files are left out.
+    The transform must be deterministic (an
     evaluation transform): the cache serves the same tensor whatever seed is asked for."""
     split = _split_normalize(dataset.transform) if dataset.transform is not None else None
     transform, mean, std = split if split is not None else (dataset.transform, None, None)

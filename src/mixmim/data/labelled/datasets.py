@@ -5,7 +5,7 @@ by the next readable one and listed. One collate for every labelled batch."""
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.utils.data import Dataset

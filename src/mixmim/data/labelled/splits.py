@@ -4,9 +4,9 @@ and the seeded (class-balanced) subsets of quick runs and semi-supervised evalua
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -82,7 +82,8 @@ def check_classes(source: ImageSource, mode: str, where: str) -> None:
 
 
 def labelled_sources(data: str | Path, val_fraction: float = 0.2, seed: int = 0, hf_image_column: str = "image",
-                     hf_label_column: str = "label", val_data: str | Path | None = None) -> tuple[ImageSource, ImageSource]:
+                     hf_label_column: str = "label", val_data: str | Path | None = None) -> tuple[ImageSource,
+                                                                                                  ImageSource]:
     """(train, test) sources of a labelled folder, shard set(s), Hugging Face dataset or ``fashion_mnist``;
     with ``val_data``, all of ``data`` trains and all of ``val_data`` (of any of those kinds) evaluates."""
     if val_data is not None:

@@ -3,8 +3,8 @@ MixMIM section 8 / Table 12), the evaluation resize and crop, and Mixup/CutMix."
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Callable, Sequence
 
 from PIL import Image
 from timm.data import Mixup, create_transform

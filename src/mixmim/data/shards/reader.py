@@ -14,6 +14,7 @@ from mixmim.data.shards.index import ShardEntry, load_index
 from mixmim.data.shards.layout import shard_files
 from mixmim.data.sources import ImageSource
 
+
 # ---------------------------------------------------------------------------------------------- reading
 class ShardSource(ImageSource):
     """The images of a set of shards, by index (shard order, then member order). Classes come from

@@ -8,14 +8,15 @@ import json
 import os
 import tarfile
 import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 from mixmim.data.images import BadImage, decode
 from mixmim.data.shards.layout import INDEX_NAME, SHARD_NAME, parse_size, shard_splits
 from mixmim.data.sources import FolderSource
 from mixmim.utils.files import atomic_write_text
+
 
 # ---------------------------------------------------------------------------------------------- writing
 @dataclass

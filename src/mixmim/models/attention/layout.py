@@ -83,7 +83,7 @@ class GroupLayout:
     _flex_mask: tuple | None = field(default=None, repr=False)  # (key, BlockMask), see flex.py
 
     @classmethod
-    def from_grid(cls, ids: Tensor, window: int, num_groups: int) -> "GroupLayout":
+    def from_grid(cls, ids: Tensor, window: int, num_groups: int) -> GroupLayout:
         """``ids``: (G, H, W) group ids on this stage's grid."""
         return cls(window_partition(ids, window), num_groups, window)
 
