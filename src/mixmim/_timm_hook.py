@@ -24,7 +24,7 @@ class _AfterTimm(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Finds ``timm`` through the other finders, runs it, then registers the MixMIM models."""
 
     def __init__(self) -> None:
-        self._loader = None
+        self._loader: importlib.abc.Loader | None = None
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname != _TARGET or self._loader is not None:
@@ -44,6 +44,7 @@ class _AfterTimm(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return self._loader.create_module(spec)
 
     def exec_module(self, module) -> None:
+        assert self._loader is not None  # find_spec set it before the import system calls this
         self._loader.exec_module(module)
         sys.meta_path.remove(self)
         _register()

@@ -4,6 +4,11 @@ with ``--mask``, the AvgDist of a masking strategy instead (SimMIM section 4.1.2
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +50,8 @@ def model_table(img_size: int = 224, names: list[str] | None = None) -> list[dic
             with counter, torch.no_grad():
                 classifier(torch.empty(1, 3, img_size, img_size))
         spec = MODELS[name]
-        head = {id(p) for p in classifier.get_classifier().parameters()}
+        get_classifier = cast("Callable[[], nn.Module]", classifier.get_classifier)  # timm's, every family has it
+        head = {id(p) for p in get_classifier().parameters()}
         rows.append({
             "model": name, "family": spec["family"], "timm": spec.get("timm") or "-",
             "architecture": _architecture(spec),

@@ -10,8 +10,12 @@ takes what pretraining takes (a folder, shards, a Hugging Face dataset, 'fashion
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from mixmim.utils.cpus import available_cpus
+
+if TYPE_CHECKING:
+    from mixmim.data.datasets import SeededDataset
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--limit {args.limit} must be at least 1")
     if args.num_workers < 0:
         raise ValueError(f"--num-workers {args.num_workers}: expected 0 (read in this process) or more")
+    data: SeededDataset | str
     if args.data == "fashion_mnist":
         from mixmim.data.datasets import FashionMNISTImages
 

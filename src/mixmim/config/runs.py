@@ -29,6 +29,8 @@ from mixmim.utils.typed import plain
 @dataclass
 class _Run:
     verb: ClassVar[str] = ""
+    name: str  # each verb's root sets both, with its defaults
+    output_dir: str
 
     @property
     def run_dir(self) -> Path:

@@ -12,22 +12,20 @@ from typing import Any, Literal
 # sections shared by every verb
 
 @dataclass
-class ModelConfig:
-    """The encoder: a named configuration plus optional overrides (None keeps the named value; for the
-    transfer verbs ``name``/``img_size``/``window_size`` None mean the checkpoint's, and
-    ``drop_path_rate`` None the model's fine-tuning default, MixMIM section 3). ``options`` passes any
-    other constructor argument of the model's family (e.g. ``depth`` of a ViT, ``window_size`` of a
-    Swin, ``width_factor`` of a ResNet)."""
+class _EncoderSection:
+    """The fields of ``model`` that every verb shares; :class:`ModelConfig` (pretraining) and
+    :class:`TransferModelConfig` (the transfer verbs) set the types and defaults of ``name``,
+    ``img_size`` and ``drop_path_rate``."""
 
-    name: str = "mixmim_tiny"
-    img_size: int = 224
+    name: str | None = "mixmim_tiny"
+    img_size: int | None = 224
     patch_size: int | None = None
     embed_dim: int | None = None
     depths: list[int] | None = None
     num_heads: list[int] | int | None = None
     window_size: list[int | list[int]] | int | None = None
     mlp_ratio: float | None = None
-    drop_path_rate: float = 0.0
+    drop_path_rate: float | None = 0.0
     attention_impl: Literal["auto", "reference", "fast", "flex"] | None = None
     learnable_pos_embed: bool | None = None
     options: dict[str, Any] = field(default_factory=dict)
@@ -41,7 +39,20 @@ class ModelConfig:
 
 
 @dataclass
-class TransferModelConfig(ModelConfig):
+class ModelConfig(_EncoderSection):
+    """The encoder: a named configuration plus optional overrides (None keeps the named value; for the
+    transfer verbs ``name``/``img_size``/``window_size`` None mean the checkpoint's, and
+    ``drop_path_rate`` None the model's fine-tuning default, MixMIM section 3). ``options`` passes any
+    other constructor argument of the model's family (e.g. ``depth`` of a ViT, ``window_size`` of a
+    Swin, ``width_factor`` of a ResNet)."""
+
+    name: str = "mixmim_tiny"
+    img_size: int = 224
+    drop_path_rate: float = 0.0
+
+
+@dataclass
+class TransferModelConfig(_EncoderSection):
     """``model`` of the transfer verbs: None (the default of ``name``, ``img_size``) takes the
     checkpoint's value, and None ``drop_path_rate`` the model's fine-tuning default."""
 

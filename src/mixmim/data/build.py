@@ -69,7 +69,7 @@ def normalization(data: DataConfig, channels: int, dataset=None) -> tuple[tuple[
         mean = std = None  # the config's default, not a choice: channels and data.normalize decide
     if (mean is None) != (std is None):
         raise ValueError("data.mean and data.std go together: set both or neither")
-    if mean is not None:
+    if mean is not None and std is not None:  # both or neither, checked above
         # With normalize=dataset, given statistics are the measurement a run made once and stored in its
         # config (resuming it must not measure again); with normalize=none they contradict it.
         if normalize == "none":
@@ -94,7 +94,14 @@ def _raw_dataset(data: DataConfig, channels: int) -> SeededDataset | ImageSource
         return FashionMNISTImages(None, root=data.path, channels=channels)
     if source == "bundled":
         return BundledPhotos(None, channels=channels)
-    return open_source(data.path, "auto" if source == "folder" else source,
+    return _raw_source(data)
+
+
+def _raw_source(data: DataConfig) -> ImageSource:
+    """The images of a folder, shards or Hugging Face ``data.source`` at ``data.path``."""
+    if not data.path:  # DataConfig.validate refuses this first; a config built by hand is told here
+        raise ValueError(f"data.source={data.source} needs data.path")
+    return open_source(data.path, "auto" if data.source == "folder" else data.source,
                        data.hf_image_column, data.hf_label_column)
 
 
@@ -127,7 +134,7 @@ def build_pretrain_dataset(data: DataConfig, img_size: int) -> SeededDataset:
     else:
         if not data.path:
             raise ValueError(f"data.source={source} needs data.path")
-        found = raw if isinstance(raw, ImageSource) else _raw_dataset(data, channels)
+        found = raw if isinstance(raw, ImageSource) else _raw_source(data)  # neither fashion_mnist nor bundled
         dataset = SourceDataset(found, transform, channels)
     dataset.mean, dataset.std = transform.mean, transform.std
     if data.decode == "gpu":

@@ -71,5 +71,5 @@ class DataConfig:
             raise ConfigError(f"config keys 'data.mean'/'data.std': {list(self.mean)} / {list(self.std)} need one "
                               "value per channel each, positive deviations")
         _at_least([("data.limit_train", self.limit_train, 1), ("data.limit_test", self.limit_test, 1)])
-        if self.source == "folder" and not self.path:
-            raise ConfigError("config key 'data.path': data.source=folder needs the image folder's path")
+        if self.source in ("folder", "shards", "hf", "stream") and not self.path:
+            raise ConfigError(f"config key 'data.path': data.source={self.source} needs the data's path (--data DIR)")

@@ -35,8 +35,10 @@ def _key(key: tuple[int, int] | int) -> tuple[int, int]:
 class SeededDataset(Dataset):
     """``ds[(index, seed)]`` -> ``{"image", "index", "skipped"}``; ``ds[index]`` uses seed = index."""
 
-    transform: Callable
+    transform: Callable | None  # None: a raw data set, read only for its statistics
     channels: int = 3
+    mean: tuple[float, ...] | None  # the normalisation of the transform: build_pretrain_dataset sets both
+    std: tuple[float, ...] | None
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -98,6 +100,8 @@ class SourceDataset(SeededDataset):
 class ImageFolderDataset(SourceDataset):
     """Every image under a folder, recursively (labels, i.e. sub-folder names, ignored)."""
 
+    source: FolderSource
+
     def __init__(self, root: str | Path, transform: Callable, max_tries: int = 32, channels: int = 3):
         super().__init__(FolderSource(root), transform, channels, max_tries)
         self.root = Path(root)
@@ -111,7 +115,8 @@ class FashionMNISTImages(SeededDataset):
     """Fashion-MNIST images (grey 28x28; turned RGB unless ``channels=1``, resized by the transform);
     labels ignored."""
 
-    def __init__(self, transform: Callable, split: str = "train", root: str | Path | None = None, channels: int = 3):
+    def __init__(self, transform: Callable | None, split: str = "train", root: str | Path | None = None,
+                 channels: int = 3):
         from mixmim.data.fashion_mnist import read_fashion_mnist
 
         self.images, self.labels = read_fashion_mnist(split, root)
@@ -140,7 +145,7 @@ class BundledPhotos(SeededDataset):
     """The default data: random resized crops of scikit-image's sample photos. An epoch is
     ``epoch_size`` crops (the photos cycle), since there are only ~20 of them."""
 
-    def __init__(self, transform: Callable, epoch_size: int = 512, channels: int = 3):
+    def __init__(self, transform: Callable | None, epoch_size: int = 512, channels: int = 3):
         self.paths = bundled_photo_paths()
         self.channels, self.mode = channels, mode_of(channels)
         self.photos = [decode(p, self.mode) for p in self.paths]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torchvision.transforms import InterpolationMode
@@ -45,6 +46,8 @@ class EncodedDataset(SourceDataset):
     """Items for GPU decoding: ``{"jpeg": uint8 bytes tensor | None, "pixels": uint8 (C, S, S) | None,
     "draw": CropDraw, "orientation": int, "index", "skipped"}`` (``pixels`` for what is not a JPEG)."""
 
+    transform: PretrainTransform  # __init__ checks it
+
     def __init__(self, dataset: SourceDataset, device: torch.device | str = "cuda"):
         if not isinstance(dataset.transform, PretrainTransform):
             raise ValueError("data.decode=gpu needs the pretraining transform (PretrainTransform)")
@@ -64,7 +67,7 @@ class EncodedDataset(SourceDataset):
 
     def __getitem__(self, key: tuple[int, int] | int) -> dict:
         index, seed = _key(key)
-        skipped = []
+        skipped: list[tuple[str, str]] = []
         t: PretrainTransform = self.transform
         for attempt in range(self.max_tries):
             candidate = (index + attempt) % len(self.source)
@@ -154,7 +157,7 @@ class GpuDecoder:
                 images[i] = previous
             else:
                 previous = im
-        pixels = torch.stack(images).float()
+        pixels = torch.stack(cast(list[torch.Tensor], images)).float()  # no None left
         return {**batch, "image": pixels.mul_(self.gain).add_(self.offset), "skipped": skipped}
 
 

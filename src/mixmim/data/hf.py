@@ -73,7 +73,7 @@ def load_hf_splits(path: str | Path) -> dict[str, object]:
         return {split: datasets.Dataset.from_parquet(files) for split, files in groups.items()}
     loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
-        out = {}
+        out: dict[str, object] = {}
         for name, ds in loaded.items():
             split = next((s for s, aliases in SPLIT_NAMES.items() if name.lower() in aliases), name)
             out.setdefault(split, ds)

@@ -87,6 +87,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def open_image(source: Source) -> Image.Image:
     """Parse the header of a file or of in-memory bytes (no pixels decoded yet): the size, the format
     and the EXIF orientation are known, and ``Image.draft`` may still choose a reduced scale."""
+    handle: io.BytesIO | str | Path
     try:
         if isinstance(source, (bytes, bytearray, memoryview)):
             if len(source) == 0:

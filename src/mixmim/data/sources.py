@@ -104,7 +104,7 @@ class FolderSource(ImageSource):
 class ArraySource(ImageSource):
     """Decoded images held in memory (uint8 (N, H, W) grey or (N, H, W, 3) RGB), e.g. Fashion-MNIST."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray | None = None, classes: list[str] | None = None,
+    def __init__(self, images: np.ndarray, labels: np.ndarray | None = None, classes: Sequence[str] | None = None,
                  name: str = "array"):
         self.images, self._name = images, name
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -73,7 +73,10 @@ class ShardStream(IterableDataset):
     """Items ``{"image", "index", "skipped"}`` (``index``: shard number x 2^24 + position in the shard), read
     sequentially; this rank yields ``batches_per_epoch`` batches of ``batch_size`` per epoch."""
 
-    def __init__(self, shards: list[str | Path], transform: Callable, batch_size: int, batches_per_epoch: int,
+    mean: tuple[float, ...]  # the normalisation of the transform: build_stream sets both
+    std: tuple[float, ...]
+
+    def __init__(self, shards: Sequence[str | Path], transform: Callable, batch_size: int, batches_per_epoch: int,
                  seed: int = 0, rank: int = 0, world_size: int = 1, channels: int = 3,
                  counts: list[int] | None = None):
         self.shards = [str(s) for s in shards]

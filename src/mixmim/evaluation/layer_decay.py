@@ -23,12 +23,16 @@ the release). timm's optimiser factory does the rest.
 from __future__ import annotations
 
 import fnmatch
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from timm.models import group_parameters
 from timm.optim import create_optimizer_v2, param_groups_layer_decay
 from torch import nn
+
+if TYPE_CHECKING:
+    from timm.models.swin_transformer import SwinTransformerStage
 
 RULES = ("auto", "simmim")
 
@@ -44,7 +48,8 @@ def no_weight_decay_patterns(model: nn.Module) -> set[str]:
 
 def layer_ids(model: nn.Module) -> dict[str, int]:
     """Parameter name -> layer id by the ``auto`` rule (0 = embeddings, last = final norm + head)."""
-    return group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+    matcher = cast("Callable[..., dict[str, Any]]", model.group_matcher)  # timm's, which every family has
+    return group_parameters(model, matcher(coarse=False), reverse=True)
 
 
 def simmim_layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
@@ -52,7 +57,7 @@ def simmim_layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
     for this project's Swin (timm's names: patch merging at the start of stage i) and ViT encoders."""
     family = getattr(model, "family", "")
     if family == "swin":
-        depths = [len(stage.blocks) for stage in model.layers]
+        depths = [len(stage.blocks) for stage in cast("Iterable[SwinTransformerStage]", model.layers)]
         count = sum(depths) + 2
 
         def layer(name: str) -> int:
@@ -66,7 +71,7 @@ def simmim_layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
                 return sum(depths[:stage]) + int(parts[3]) + 1
             return count - 1
     elif family == "vit":
-        count = len(model.blocks) + 2
+        count = len(cast(nn.Sequential, model.blocks)) + 2  # timm's ViT: a Sequential of blocks
 
         def layer(name: str) -> int:
             parts = name.split(".")

@@ -76,7 +76,7 @@ def _plot_confusion(path: Path, matrix: Tensor, classes: Sequence[str]) -> None:
         for i in range(n):
             for j in range(n):
                 if matrix[i, j]:
-                    ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=6,
+                    ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=6,
                             color="white" if norm[i, j] > 0.5 else "black")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")

@@ -7,7 +7,7 @@ fine-tuning head's initialisation use; ``mixmim linprobe`` runs the same head on
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +21,9 @@ from mixmim.evaluation.metrics import topk_correct
 def probe_head(dim: int, num_classes: int) -> nn.Sequential:
     """BatchNorm1d(affine=False, eps 1e-6) + Linear with weights ~ N(0, 0.01) truncated (MAE)."""
     head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
-    nn.init.trunc_normal_(head[1].weight, std=0.01)
-    nn.init.zeros_(head[1].bias)
+    linear = cast(nn.Linear, head[1])
+    nn.init.trunc_normal_(linear.weight, std=0.01)
+    nn.init.zeros_(linear.bias)
     return head
 
 
@@ -62,7 +63,7 @@ def fit_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, 
     batch = min(batch_size, len(train_x))
     steps = max(1, len(train_x) // batch)
     lr = lr if lr is not None else base_lr * batch / 256
-    extra = {"always_adapt": True} if optimizer == "lars" else {}  # timm's LARS skips wd == 0 otherwise
+    extra: dict[str, Any] = {"always_adapt": True} if optimizer == "lars" else {}  # timm's LARS skips wd == 0 otherwise
     opt = create_optimizer_v2(head, opt=optimizer, lr=lr, momentum=0.9, weight_decay=weight_decay, **extra)
     total = epochs * steps
     warmup = min(int(round(warmup_epochs * steps)), total - 1)

@@ -15,6 +15,7 @@ import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,18 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from mixmim.evaluation.metrics import confusion_matrix, topk_correct
+
+if TYPE_CHECKING:
+    from mixmim.models.base import GroupedEncoder
+
+
+class SizedDataset(Protocol):
+    """A map-style data set with a length, what the evaluation reads (torch's ``Dataset`` type has no
+    ``__len__``)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, key: Any, /) -> Any: ...
 
 
 def world() -> tuple[int, int]:
@@ -36,7 +49,7 @@ class Shard(Dataset):
     """This process's share of ``dataset``, padded to ``ceil(len / world)`` items; items are
     ``(image, label, valid)`` with ``valid`` 0 on padding (``label`` a class id, or a label map)."""
 
-    def __init__(self, dataset: Dataset, rank: int, world_size: int):
+    def __init__(self, dataset: SizedDataset, rank: int, world_size: int):
         self.dataset, self.rank, self.world_size = dataset, rank, world_size
         self.real = len(range(rank, len(dataset), world_size))
         self.length = math.ceil(len(dataset) / world_size)
@@ -65,7 +78,7 @@ def sum_over_processes(tensor: Tensor) -> Tensor:
     return tensor
 
 
-def shard_loader(dataset: Dataset, batch_size: int, num_workers: int = 0) -> DataLoader:
+def shard_loader(dataset: SizedDataset, batch_size: int, num_workers: int = 0) -> DataLoader:
     rank, world_size = world()
     return DataLoader(Shard(dataset, rank, world_size), batch_size=batch_size, shuffle=False, num_workers=num_workers,
                       pin_memory=torch.cuda.is_available(), persistent_workers=False)
@@ -82,7 +95,7 @@ def _gather_interleaved(x: Tensor, total: int) -> Tensor:
 
 
 @torch.no_grad()
-def extract_features(encoder: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 256,
+def extract_features(encoder: nn.Module, dataset: SizedDataset, device: torch.device, batch_size: int = 256,
                      num_workers: int = 0, autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
                      progress: bool = False, desc: str = "features") -> tuple[Tensor, Tensor]:
     """(N, C) float32 pooled features (the classifier's pre-logits) and (N,) labels of the whole
@@ -97,7 +110,7 @@ def extract_features(encoder: nn.Module, dataset: Dataset, device: torch.device,
         for images, targets, weight in tqdm(shard_loader(dataset, batch_size, num_workers), desc=desc, leave=False,
                                             disable=not progress):
             with (autocast() if autocast else contextlib.nullcontext()):
-                out = encoder.pooled_features(images.to(device, non_blocking=True))
+                out = cast("GroupedEncoder", encoder).pooled_features(images.to(device, non_blocking=True))
             feats.append(out.float())
             labels.append(targets.to(device))
             weights.append(weight.to(device))
@@ -146,7 +159,7 @@ def score_logits(logits: Tensor, targets: Tensor, weight: Tensor, num_classes: i
 
 
 @torch.no_grad()
-def evaluate_classifier(model: nn.Module, dataset: Dataset, device: torch.device, num_classes: int,
+def evaluate_classifier(model: nn.Module, dataset: SizedDataset, device: torch.device, num_classes: int,
                         batch_size: int = 256, num_workers: int = 0,
                         autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
                         progress: bool = False) -> Scores:

@@ -76,7 +76,7 @@ def render_card(title: str, architecture: str, card: Mapping[str, Any]) -> str:
     usage, citation) from the facts in ``card``."""
     from timm.models._hub import generate_readme
 
-    method = card.get("method")
+    method: Any = card.get("method")  # a method's name, or whatever the card holds
     shown = _METHOD_NAMES.get(str(method), method)
     size = card.get("img_size") or []
     details: dict[str, Any] = {"Model Type": "Image feature backbone (pooled features, no classification head)",

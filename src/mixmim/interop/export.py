@@ -9,13 +9,16 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from safetensors.torch import save_file
 from torch import nn
 
 from mixmim.interop.meta import ENCODER_FORMAT as FORMAT
 from mixmim.utils.files import atomic_write, atomic_write_text
+
+if TYPE_CHECKING:
+    from mixmim.models.base import GroupedEncoder
 
 
 def save_encoder(encoder: nn.Module, stem: str | Path, metadata: Mapping[str, Any] | None = None,
@@ -30,7 +33,7 @@ def save_encoder(encoder: nn.Module, stem: str | Path, metadata: Mapping[str, An
     check_pair_target(stem, overwrite)
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()
              if include_head or not k.startswith("head.")}
-    config = encoder.config()
+    config = cast("GroupedEncoder", encoder).config()
     if not include_head:
         config["num_classes"] = 0
     weights = atomic_write(stem.with_suffix(".safetensors"),

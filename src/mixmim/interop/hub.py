@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from safetensors.torch import save_file
@@ -31,6 +31,9 @@ from mixmim.interop.card import render_card
 from mixmim.interop.meta import CARD, CONFIG, HUB_FORMAT, IMAGENET_MEAN, IMAGENET_STD, TIMM_BIT, WEIGHTS, our_hub_block
 from mixmim.models.resize import state_mismatch
 from mixmim.utils.files import public_mode
+
+if TYPE_CHECKING:
+    from mixmim.models.base import GroupedEncoder
 
 # Training-time choices, not architecture: a loader picks its own (timm's exporter omits drop rates too).
 _NOT_ARCHITECTURE = ("num_classes", "drop_rate", "attn_drop_rate", "drop_path_rate", "attention_impl")
@@ -50,12 +53,12 @@ def timm_architecture(encoder: nn.Module, model_name: str | None = None) -> tupl
     from mixmim.models.registry import MODELS, family_of, model_names, name_for_config
 
     family = getattr(encoder, "family", "mixmim")
-    config = encoder.config()
+    config = cast("GroupedEncoder", encoder).config()
     name = model_name if model_name in MODELS and family_of(model_name) == family else None
     name = name or name_for_config(family, config) or model_names(family)[0]
     architecture = name if family == "mixmim" else MODELS[name]["timm"]
     # The timm class the encoder subclasses (the MixMIM encoder is its own timm model).
-    base = next((c for c in type(encoder).__mro__ if c.__module__.split(".")[0] == "timm"), type(encoder))
+    base: type[Any] = next((c for c in type(encoder).__mro__ if c.__module__.split(".")[0] == "timm"), type(encoder))
     accepted = inspect.signature(base.__init__).parameters
     args = {k: v for k, v in config.items() if k in accepted and k not in _NOT_ARCHITECTURE and v is not None}
     if "global_pool" in args:
@@ -92,12 +95,13 @@ def save_hub_folder(encoder: nn.Module, folder: str | Path, card: Mapping[str, A
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items() if not k.startswith("head.")}
     architecture, model_args = timm_architecture(encoder, card.get("model"))
     with torch.device("meta"):  # the architecture only: no memory, no initialisation cost
-        reference = timm.create_model(architecture, pretrained=False, num_classes=0, **model_args)
+        # Any: torch's typing of a module's attributes does not know timm's pretrained_cfg (a dict).
+        reference: Any = timm.create_model(architecture, pretrained=False, num_classes=0, **model_args)
     problem = state_mismatch(state, reference.state_dict())
     if problem:  # timm could not load the export with strict=True
         raise ValueError(f"the encoder's weights do not fit timm's {architecture}: {problem}")
 
-    config = encoder.config()
+    config = cast("GroupedEncoder", encoder).config()
     config["num_classes"] = 0
     img = config.get("img_size", 224)
     height, width = (img, img) if isinstance(img, int) else (int(img[0]), int(img[1]))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -15,6 +15,9 @@ from torch import nn
 from mixmim.interop.weights import Pretrained
 from mixmim.models.registry import encoder_args, family_class
 from mixmim.models.resize import load_resized
+
+if TYPE_CHECKING:
+    from mixmim.models.base import GroupedEncoder
 
 __all__ = ["Pretrained", "build_encoder", "input_size", "parse_windows"]
 
@@ -44,7 +47,7 @@ def build_encoder(pretrained: Pretrained, **overrides: Any) -> nn.Module:
         # A head of another class count (a release fine-tuning checkpoint) is replaced by a new one.
         state = {k: v for k, v in pretrained.state.items()
                  if not (k.startswith("head.") and (k not in target or target[k].shape != v.shape))}
-        load_resized(model, state, source_grid=source.grids[0])
+        load_resized(model, state, source_grid=cast("GroupedEncoder", source).grids[0])
     return model
 
 

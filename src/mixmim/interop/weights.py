@@ -92,6 +92,7 @@ def _timm_encoder(folder: Path, config: Mapping[str, Any]) -> tuple[str, dict[st
     bit = {timm_name: shape for shape, timm_name in TIMM_BIT.items()}
     if architecture in bit:  # timm's BiT names carry depth and width; model_args does not
         model_args = {"layers": list(bit[architecture][0]), "width_factor": bit[architecture][1], **model_args}
+    name: str | None
     if architecture in bit or architecture == "mixmim_resnetv2_bit":
         name = "resnetv2_50"
     elif MODELS.get(architecture, {}).get("family") == "mixmim":
@@ -135,7 +136,7 @@ def _our_checkpoint(path: Path, checkpoint: Mapping[str, Any], model: str | None
     state = dict(weights) if classifier else {k[len("encoder."):]: v for k, v in weights.items()
                                               if k.startswith("encoder.")}
     _check_tensors(state, path)
-    config_tree = checkpoint.get("config") if isinstance(checkpoint.get("config"), Mapping) else {}
+    config_tree = tree if isinstance(tree := checkpoint.get("config"), Mapping) else {}
     facts = {"config": config_tree, "step": int(checkpoint.get("step") or 0), "method": checkpoint.get("method"),
              "command": checkpoint.get("command"), "commit": checkpoint.get("commit")}
     built = checkpoint.get("encoder_config")  # a transfer run or a classifier: the encoder as it was built

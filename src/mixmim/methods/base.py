@@ -17,11 +17,24 @@ bins, upsampled predictions, greyed inputs) are made only when ``picture=True``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from mixmim.models.base import GroupedEncoder
+    from mixmim.models.token_dropping import TokenDroppingEncoder
+
+    class Encoder(GroupedEncoder, nn.Module):
+        """For the type checker only: a method's encoder, a module with the group-map interface (every
+        family is one: ``class ViTEncoder(GroupedEncoder, VisionTransformer)``)."""
+
+    class TokenDroppingModule(Encoder, TokenDroppingEncoder):
+        """For the type checker only: the encoder of MAE and MixedAE, which also drops tokens (the plain
+        ViT; :func:`mixmim.methods.mae.require_token_dropping` checks it)."""
 
 
 @dataclass
@@ -73,8 +86,9 @@ def encoder_blocks(encoder: nn.Module) -> list[nn.Module]:
     own = getattr(encoder, "repeated_blocks", None)
     if callable(own):
         return list(own())
-    if isinstance(getattr(encoder, "blocks", None), nn.Module):
-        return list(encoder.blocks)
+    blocks = getattr(encoder, "blocks", None)
+    if isinstance(blocks, nn.Module):
+        return list(cast("Iterable[nn.Module]", blocks))  # a ModuleList or Sequential of blocks
     stages = getattr(encoder, "layers", None) or getattr(encoder, "stages", None) or []
     return [blk for stage in stages for blk in getattr(stage, "blocks", [])]
 
@@ -92,7 +106,7 @@ class PretrainMethod(nn.Module, ABC):
     # the user overrides them: a method's own defaults for a backbone (MAE: fixed positions on a ViT).
     encoder_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
 
-    encoder: nn.Module
+    encoder: Encoder
     config: Any
     cell: int
     in_chans: int

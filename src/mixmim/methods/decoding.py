@@ -3,6 +3,8 @@ builds it from its options (:class:`mixmim.methods.options.DecoderOptions`, size
 
 from __future__ import annotations
 
+from typing import cast
+
 from mixmim.methods.options import DecoderOptions
 from mixmim.models.decoder import MaskTokenDecoder
 
@@ -11,5 +13,9 @@ def build_decoder(width: int, grid: tuple[int, int], cell: int, in_chans: int, o
                   norm_eps: float = 1e-5) -> MaskTokenDecoder:
     """The decoder for encoder features of ``width`` on ``grid``, predicting ``cell x cell x in_chans``
     values per position."""
-    return MaskTokenDecoder(width, tuple(grid), cell * cell * in_chans, options.decoder_dim, options.decoder_depth,
-                            options.decoder_num_heads, norm_eps=norm_eps)
+    # Sizes are ints here: every method resolves the ones left at None first (``with_decoder_of``).
+    dim = cast(int, options.decoder_dim)
+    depth = cast(int, options.decoder_depth)
+    heads = cast(int, options.decoder_num_heads)
+    return MaskTokenDecoder(width, cast("tuple[int, int]", tuple(grid)), cell * cell * in_chans, dim, depth, heads,
+                            norm_eps=norm_eps)

@@ -21,7 +21,7 @@ With a ``vit_*`` model the factory builds MAE's encoder: fixed 2-D sine-cosine p
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +33,9 @@ from mixmim.methods.options import MAEConfig
 from mixmim.methods.patches import masked_mse, patch_targets
 from mixmim.models.base import resize_groups
 from mixmim.models.token_dropping import TokenDroppingEncoder
+
+if TYPE_CHECKING:
+    from mixmim.methods.base import TokenDroppingModule
 
 # The decoder's LayerNorm epsilon in MAE's models (``partial(nn.LayerNorm, eps=1e-6)``).
 MAE_NORM_EPS = 1e-6
@@ -62,14 +65,16 @@ def mae_init_(encoder: nn.Module) -> None:
     if isinstance(proj, nn.Conv2d):
         # A 16x16 convolution of stride 16 is a linear map of each flattened patch.
         nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
-    if getattr(encoder, "cls_token", None) is not None:
-        nn.init.normal_(encoder.cls_token, std=0.02)
+    cls_token = getattr(encoder, "cls_token", None)
+    if cls_token is not None:
+        nn.init.normal_(cls_token, std=0.02)
 
 
 class MAE(VersionedState, PretrainMethod):
     """images -> MSE on the hidden patches; the encoder runs on the kept patches only."""
 
     name = "mae"
+    encoder: TokenDroppingModule
     state_version: ClassVar[int] = 2
     state_changes: ClassVar[str] = ("version 2 carries the class token through the decoder and uses LayerNorm eps "
                                     "1e-6 there, as MAE's code")
@@ -81,10 +86,11 @@ class MAE(VersionedState, PretrainMethod):
         self.config = (config or MAEConfig()).with_decoder_of(None)  # sizes left at None: MAE's decoder
         self.config.validate()
         require_token_dropping(encoder, "MAE")
+        encoder = cast("TokenDroppingModule", encoder)  # a GroupedEncoder that drops tokens, as just checked
         c = self.config
         self.encoder = encoder
         self.cell = encoder.strides[0]  # one predicted patch per token: 16x16 pixels
-        self.grid = tuple(encoder.grids[0])
+        self.grid = cast("tuple[int, int]", tuple(encoder.grids[0]))
         self.in_chans = default_in_chans(encoder) if in_chans is None else in_chans
         self.decoder = build_decoder(encoder.num_features, self.grid, self.cell, self.in_chans, c, MAE_NORM_EPS)
         self.init_state_version()

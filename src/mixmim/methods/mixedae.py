@@ -31,7 +31,7 @@ Every ablation of Table 3 and appendix Table 7 that is a switch is a field of :c
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,9 @@ from mixmim.methods.masking import balanced_assignment
 from mixmim.methods.options import MixedAEConfig, group_size
 from mixmim.methods.patches import masked_mse, patch_targets, patchify, unpatchify
 from mixmim.models.base import resize_groups
+
+if TYPE_CHECKING:
+    from mixmim.methods.base import TokenDroppingModule
 
 
 def segment_sincos(count: int, dim: int) -> Tensor:
@@ -104,6 +107,9 @@ class MixedAE(VersionedState, PretrainMethod):
     """images -> eq. 8 loss, reconstructions and the TopK sampling accuracy per block."""
 
     name = "mixedae"
+    encoder: TokenDroppingModule
+    # A buffer (sine-cosine), a parameter (learnable) or None, as ``segment_embed`` says.
+    segment_embed: Tensor | None
     state_version: ClassVar[int] = 2
     state_changes: ClassVar[str] = "version 2 uses LayerNorm eps 1e-6 in the decoder, as MAE's code"
     encoder_defaults: ClassVar[dict[str, dict[str, Any]]] = {"vit": {"fixed_pos_embed": True}}  # MAE's positions
@@ -113,11 +119,12 @@ class MixedAE(VersionedState, PretrainMethod):
         self.config = (config or MixedAEConfig()).with_decoder_of(None)  # sizes left at None: MAE's decoder
         self.config.validate()
         require_token_dropping(encoder, "MixedAE")
+        encoder = cast("TokenDroppingModule", encoder)  # a GroupedEncoder that drops tokens, as just checked
         c = self.config
         self.encoder = encoder
         self.k = group_size(c.mixing_ratio)
         self.cell = encoder.strides[0]  # one predicted patch per token: 16x16 pixels
-        self.grid = tuple(encoder.grids[0])
+        self.grid = cast("tuple[int, int]", tuple(encoder.grids[0]))
         self.length = self.grid[0] * self.grid[1]
         self.in_chans = default_in_chans(encoder) if in_chans is None else in_chans
         h, w = encoder.img_size
@@ -145,7 +152,7 @@ class MixedAE(VersionedState, PretrainMethod):
             self.segment_embed = nn.Parameter(nn.init.trunc_normal_(torch.empty(self.k, dim), std=0.02))
         else:
             self.segment_embed = None
-        self.projector = None
+        self.projector: nn.Linear | None = None
         if c.contrastive_weight > 0:
             self.projector = nn.Linear(encoder.num_features, c.contrastive_dim)
             nn.init.xavier_uniform_(self.projector.weight)

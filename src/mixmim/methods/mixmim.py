@@ -21,6 +21,7 @@ random draws).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,9 @@ from mixmim.methods.options import MixMIMConfig
 from mixmim.methods.patches import masked_mse, patch_targets
 from mixmim.models.base import resize_groups
 
+if TYPE_CHECKING:
+    from mixmim.methods.base import Encoder
+
 
 class MixMIM(PretrainMethod):
     """images -> loss and reconstructions. The encoder is any
@@ -44,9 +48,10 @@ class MixMIM(PretrainMethod):
         super().__init__()
         self.config = (config or MixMIMConfig()).with_decoder_of(None)  # sizes left at None: MAE's decoder
         self.config.validate()
+        encoder = cast("Encoder", encoder)  # any GroupedEncoder
         self.encoder = encoder
         self.cell = encoder.stride
-        self.grid = tuple(encoder.grids[-1])
+        self.grid = cast("tuple[int, int]", tuple(encoder.grids[-1]))
         self.in_chans = default_in_chans(encoder) if in_chans is None else in_chans
         c = self.config
         if c.mask_cell % encoder.stride:

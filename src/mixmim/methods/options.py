@@ -79,7 +79,7 @@ class DecoderOptions:
         """A copy with every decoder size left at None set to ``model``'s default."""
         import dataclasses
 
-        given = {k: v for k, v in decoder_defaults(model).items() if getattr(self, k) is None}
+        given: dict[str, Any] = {k: v for k, v in decoder_defaults(model).items() if getattr(self, k) is None}
         return dataclasses.replace(self, **given)
 
     def validate_decoder(self) -> None:
@@ -240,10 +240,10 @@ class SimMIMConfig:
                                      ("loss_area", self.loss_area, LOSS_AREAS), ("loss", self.loss, LOSSES)):
             if value not in choices:
                 raise ValueError(f"{name}={value!r}: expected one of {', '.join(choices)}")
-        for name, value in (("mask_cell", self.mask_cell), ("head_window", self.head_window),
-                            ("target_downsample", self.target_downsample)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r}: expected a positive whole number")
+        for name, number in (("mask_cell", self.mask_cell), ("head_window", self.head_window),
+                             ("target_downsample", self.target_downsample)):
+            if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+                raise ValueError(f"{name}={number!r}: expected a positive whole number")
         if self.loss == "bins":
             if isinstance(self.num_bins, bool) or not isinstance(self.num_bins, int) or not 2 <= self.num_bins <= 256:
                 raise ValueError(f"num_bins={self.num_bins!r}: expected 2 to 256 bins of 8-bit colour values")

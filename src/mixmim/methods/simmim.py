@@ -21,6 +21,8 @@ layer scale) at float64 rounding (``tests/test_golden_authors.py``).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -32,6 +34,9 @@ from mixmim.methods.patches import at_least_float32, normalize_patches, patchify
 from mixmim.methods.simmim_heads import build_head
 from mixmim.methods.simmim_masks import sample_cells
 from mixmim.models.base import resize_groups
+
+if TYPE_CHECKING:
+    from mixmim.methods.base import Encoder
 
 # ---------------------------------------------------------------------------------------------------
 # targets and losses (section 3.4)
@@ -108,9 +113,10 @@ class SimMIM(PretrainMethod):
         self.config = (config or SimMIMConfig()).with_pixel_stats()  # None: ImageNet's normalisation
         self.config.validate()
         c = self.config
+        encoder = cast("Encoder", encoder)  # any GroupedEncoder
         self.encoder = encoder
         self.cell = encoder.stride  # pixels per last-stage token: the patches of the reconstruction
-        self.grid = tuple(encoder.grids[-1])
+        self.grid = cast("tuple[int, int]", tuple(encoder.grids[-1]))
         self.in_chans = default_in_chans(encoder) if in_chans is None else in_chans
         if c.loss == "bins" and len(c.pixel_mean) != self.in_chans:
             raise ValueError(f"pixel_mean={list(c.pixel_mean)} has {len(c.pixel_mean)} value(s) but the encoder takes "

@@ -21,6 +21,7 @@ logits), d the target's downsampling (Table 3).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, TypedDict, cast
 
 from timm.layers import Mlp
 from timm.models.swin_transformer import SwinTransformerBlock
@@ -28,10 +29,22 @@ from torch import Tensor, nn
 
 from mixmim.methods.options import HEADS
 
+if TYPE_CHECKING:
+    from mixmim.methods.base import Encoder
+
+
+class SwinShape(TypedDict):
+    """The size arguments of :class:`InverseSwinHead` (a plain dict at run time)."""
+
+    embed_dim: int
+    depths: Sequence[int]
+    num_heads: Sequence[int]
+
+
 # The Swin-T / Swin-B of the Swin paper: width of stage 1, blocks and heads per stage (forward order).
-INVERSE_SWIN: dict[str, dict[str, Sequence[int] | int]] = {
-    "inverse_swin_t": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
-    "inverse_swin_b": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
+INVERSE_SWIN: dict[str, SwinShape] = {
+    "inverse_swin_t": SwinShape(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
+    "inverse_swin_b": SwinShape(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
 }
 
 
@@ -65,9 +78,10 @@ class TokenHead(nn.Module):
     def __init__(self, width: int, grid: tuple[int, int], stride: int, values: int, downsample: int = 1,
                  hidden: int | None = None):
         super().__init__()
-        self.grid, self.values = tuple(grid), values
+        self.grid, self.values = cast("tuple[int, int]", tuple(grid)), values
         self.per = _pixels_per_token(stride, downsample, "the head")
         out = self.per * self.per * values
+        self.proj: nn.Linear | Mlp
         if hidden is None:
             self.proj = nn.Linear(width, out)
             nn.init.xavier_uniform_(self.proj.weight)
@@ -138,7 +152,7 @@ class InverseSwinHead(nn.Module):
         return tokens_to_map(x, self.out_grid, self.per, self.values)
 
 
-def build_head(kind: str, encoder: nn.Module, values: int, downsample: int = 1, window: int = 6) -> nn.Module:
+def build_head(kind: str, encoder: Encoder, values: int, downsample: int = 1, window: int = 6) -> nn.Module:
     """The head ``kind`` (one of :data:`HEADS`) for ``encoder``'s last stage: ``values`` outputs per
     target pixel, targets downsampled by ``downsample``."""
     width, grid, stride = encoder.num_features, encoder.grids[-1], encoder.stride

@@ -26,12 +26,15 @@ shards and ``torch.compile`` compiles one by one) and runs each through
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from mixmim.models.attention import AttentionImpl
 
 
 def resize_groups(groups: Tensor, size: Sequence[int]) -> Tensor:
@@ -81,6 +84,11 @@ class GroupedEncoder:
     num_features: int
     # Activation checkpointing of every block run through run_block (set_grad_checkpointing).
     block_checkpointing: bool = False
+    # The classification path and timm's feature API, which every family has (timm's, or its own).
+    feature_info: list[dict[str, Any]]
+    forward_features: Callable[..., Tensor]
+    forward_head: Callable[..., Tensor]
+    forward_intermediates: Callable[..., Any]
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -125,7 +133,8 @@ class GroupedEncoder:
         of the stage (the mix embedding of MixMIM section 2.3, Table 10)."""
         raise NotImplementedError
 
-    def forward_tokens(self, tokens: Tensor, groups: Tensor | None = None, **kwargs: Any) -> Tensor:
+    def forward_tokens(self, tokens: Tensor, groups: Tensor | None = None, *, restrict_attention: bool = True,
+                       stage_embeds: Sequence[Tensor] | None = None, num_groups: int | None = None) -> Tensor:
         """Normalised last-stage tokens ``(B, L, C)``: what a decoder or a prediction head reads."""
         raise NotImplementedError
 
@@ -169,7 +178,7 @@ class GroupedEncoder:
         """``(B, C)`` pre-logits features of the classification path (k-NN, linear probe)."""
         return self.forward_head(self.forward_features(images), pre_logits=True)
 
-    def set_attention_impl(self, impl: str) -> None:
+    def set_attention_impl(self, impl: AttentionImpl) -> None:
         """Switch attention implementations where a family has several (no-op otherwise)."""
 
     def compile_blocks(self, **compile_kwargs: Any) -> None:

@@ -30,8 +30,11 @@ class MaskTokenDecoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(sincos_2d(dim, *grid).unsqueeze(0), requires_grad=learnable_pos_embed)
         norm = partial(nn.LayerNorm, eps=norm_eps)
-        self.blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm)
-                                     for _ in range(depth)])
+        self.blocks = nn.ModuleList([
+            # timm annotates norm_layer as a class but only calls it (its own models pass partials)
+            Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm)  # type: ignore[arg-type]
+            for _ in range(depth)
+        ])
         self.norm = norm(dim)
         self.pred = nn.Linear(dim, out_dim)
         for m in self.modules():

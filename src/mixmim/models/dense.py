@@ -18,11 +18,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import cast
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from mixmim.models.base import GroupedEncoder
 
 
 class SimplePyramid(nn.Module):
@@ -45,9 +48,10 @@ def stage_taps(encoder: nn.Module) -> list[int]:
     """Which of the encoder's ``feature_info`` entries (timm's feature API) are its stage outputs:
     for each stage stride the last entry at that reduction (a ViT lists every block at stride 16,
     timm's ResNet-v2 its stride-2 stem before the four stages)."""
-    reductions = [info["reduction"] for info in encoder.feature_info]
+    grouped = cast(GroupedEncoder, encoder)
+    reductions = [info["reduction"] for info in grouped.feature_info]
     taps = []
-    for stride in encoder.strides:
+    for stride in grouped.strides:
         if stride not in reductions:
             raise ValueError(f"{type(encoder).__name__} has no feature map at stride {stride} (feature_info "
                              f"reductions {reductions})")
@@ -65,20 +69,21 @@ class MixMIMBackbone(nn.Module):
     def __init__(self, encoder: nn.Module, out_indices: Sequence[int] = (0, 1, 2, 3)):
         super().__init__()
         self.encoder = encoder
-        self.pyramid = SimplePyramid(encoder.num_features) if encoder.num_stages == 1 else None
-        levels = 4 if self.pyramid is not None else encoder.num_stages
+        grouped = cast(GroupedEncoder, encoder)
+        self.pyramid = SimplePyramid(grouped.num_features) if grouped.num_stages == 1 else None
+        levels = 4 if self.pyramid is not None else grouped.num_stages
         if not out_indices or any(not 0 <= i < levels for i in out_indices):
             raise ValueError(f"out_indices={tuple(out_indices)}: expected stage indices in 0..{levels - 1}")
         self.out_indices = tuple(out_indices)
         self.taps = stage_taps(encoder)
         if self.pyramid is not None:
             self.out_channels = [self.pyramid.channels[i] for i in self.out_indices]
-            self.strides = [encoder.stride * 2**i // 4 for i in self.out_indices]
+            self.strides = [grouped.stride * 2**i // 4 for i in self.out_indices]
         else:
-            self.out_channels = [encoder.dims[i] for i in self.out_indices]
-            self.strides = [encoder.strides[i] for i in self.out_indices]
+            self.out_channels = [grouped.dims[i] for i in self.out_indices]
+            self.strides = [grouped.strides[i] for i in self.out_indices]
         self.norms = nn.ModuleList(nn.LayerNorm(c) for c in self.out_channels)
-        last = encoder.num_stages - 1
+        last = grouped.num_stages - 1
         norm = getattr(encoder, "norm", None)
         if self.pyramid is None and last in self.out_indices and isinstance(norm, nn.LayerNorm) \
                 and norm.normalized_shape == (self.out_channels[self.out_indices.index(last)],):
@@ -90,12 +95,13 @@ class MixMIMBackbone(nn.Module):
 
     def forward(self, images: Tensor) -> OrderedDict[str, Tensor]:
         h, w = images.shape[-2:]
-        full_h, full_w = self.encoder.img_size
+        encoder = cast(GroupedEncoder, self.encoder)
+        full_h, full_w = encoder.img_size
         if h > full_h or w > full_w:
             raise ValueError(f"input {h}x{w} is larger than the backbone's img_size {full_h}x{full_w}")
         if (h, w) != (full_h, full_w):
             images = F.pad(images, (0, full_w - w, 0, full_h - h))
-        maps = self.encoder.forward_intermediates(images, indices=self.taps, intermediates_only=True)
+        maps = encoder.forward_intermediates(images, indices=self.taps, intermediates_only=True)
         if self.pyramid is not None:
             maps = self.pyramid(maps[-1])
         out: OrderedDict[str, Tensor] = OrderedDict()
@@ -126,8 +132,9 @@ def mask_rcnn(encoder: nn.Module, num_classes: int, fpn_channels: int = 256, **k
     the encoder's input size (``min_size``/``max_size`` default to it); ``kwargs`` go to MaskRCNN."""
     from torchvision.models.detection import MaskRCNN
 
-    side = max(encoder.img_size)
-    kwargs.setdefault("min_size", min(encoder.img_size))
+    img_size = cast(GroupedEncoder, encoder).img_size
+    side = max(img_size)
+    kwargs.setdefault("min_size", min(img_size))
     kwargs.setdefault("max_size", side)
     # The backbone normalises nothing itself: keep torchvision's ImageNet normalisation.
     return MaskRCNN(MixMIMFPN(MixMIMBackbone(encoder), fpn_channels), num_classes=num_classes, **kwargs)

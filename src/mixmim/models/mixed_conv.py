@@ -20,6 +20,9 @@ Cost: k image groups cost k convolutions (or poolings), run as one call on a k-t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from timm.layers.conv2d_same import Conv2dSame, Conv2dSameExport
@@ -28,8 +31,11 @@ from torch import Tensor, nn
 
 __all__ = ["downsample_groups", "mixed_conv2d", "mixed_max_pool2d", "mixed_group_norm"]
 
+# A kernel size, stride, padding or dilation as modules hold them: one int, or one per side.
+_Size = int | tuple[int, ...]
 
-def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
+
+def _pair(v: _Size) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
@@ -53,7 +59,7 @@ def _pick(per_group: Tensor, out_groups: Tensor) -> Tensor:
     return per_group.gather(0, index).squeeze(0)
 
 
-def downsample_groups(groups: Tensor, out_hw: tuple[int, int], stride: int | tuple[int, int]) -> Tensor:
+def downsample_groups(groups: Tensor, out_hw: Sequence[int], stride: _Size) -> Tensor:
     """Group map (G, H_out, W_out) of a strided op: the group at each window's anchor ``groups[:, ::sh, ::sw]``.
 
     Group cells are aligned multiples of the stride, so the anchor and the kernel centre agree. The map is
@@ -69,11 +75,12 @@ def downsample_groups(groups: Tensor, out_hw: tuple[int, int], stride: int | tup
 def _window_counts(conv: nn.Module, masks: Tensor) -> Tensor:
     """Number of in-bounds positions of each mask channel in every kernel window of ``conv``: a ones kernel
     with the conv's stride, padding and dilation. Zero padding is counted for nobody."""
-    size, stride, dilation = _pair(conv.kernel_size), _pair(conv.stride), _pair(getattr(conv, "dilation", 1))
-    padding = conv.padding
+    size, stride = _pair(cast(_Size, conv.kernel_size)), _pair(cast(_Size, conv.stride))
+    dilation = _pair(getattr(conv, "dilation", 1))
+    padding = cast("str | _Size", conv.padding)
     # timm's 'same' modules pad the input in forward, by an amount that depends on the input size
     if getattr(conv, "same_pad", False) or isinstance(conv, (Conv2dSame, Conv2dSameExport)):
-        masks = pad_same(masks, size, stride, dilation)
+        masks = pad_same(masks, list(size), list(stride), list(dilation))  # timm annotates lists (TorchScript)
         padding = 0
     ones = masks.new_ones(masks.shape[1], 1, *size)
     return F.conv2d(masks, ones, None, stride, padding, dilation, groups=masks.shape[1])
@@ -98,7 +105,7 @@ def mixed_conv2d(conv: nn.Module, x: Tensor, groups: Tensor | None, num_groups: 
     # torch.where rather than a product: a masked-out inf or nan must not become nan through 0 * inf
     ys = conv(torch.where(masks, x.unsqueeze(0), 0).flatten(0, 1))
     ys = ys.view(k, x.shape[0], *ys.shape[1:])
-    out_groups = downsample_groups(groups, ys.shape[-2:], conv.stride)
+    out_groups = downsample_groups(groups, ys.shape[-2:], cast(_Size, conv.stride))
 
     # counts are small integers; keep them (and the division) out of low-precision autocast
     cdtype = torch.promote_types(x.dtype, torch.float32)
@@ -131,7 +138,7 @@ def mixed_max_pool2d(pool: nn.Module, x: Tensor, groups: Tensor | None, pad: nn.
     xs = torch.where(_one_hot(groups, k), x.unsqueeze(0), float("-inf")).flatten(0, 1)
     ys = pool(xs if pad is None else pad(xs))
     ys = ys.view(k, x.shape[0], *ys.shape[1:])
-    return _pick(ys, downsample_groups(groups, ys.shape[-2:], pool.stride))
+    return _pick(ys, downsample_groups(groups, ys.shape[-2:], cast(_Size, pool.stride)))
 
 
 def mixed_group_norm(norm: nn.GroupNorm, x: Tensor, groups: Tensor | None, num_groups: int | None = None) -> Tensor:

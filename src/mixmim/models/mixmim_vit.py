@@ -11,7 +11,8 @@ Parameter and module names follow the public release, so its checkpoints load wi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import cast
 
 import torch
 from timm.layers import DropPath, Mlp, PatchEmbed
@@ -85,7 +86,7 @@ class MixMIMStage(nn.Module):
         for blk in self.blocks:
             layout = None
             if groups is not None:
-                ws = blk.window_size
+                ws = cast(MixMIMBlock, blk).window_size
                 if ws not in layouts:
                     layouts[ws] = GroupLayout.from_grid(groups, ws, num_groups)
                 layout = layouts[ws]
@@ -102,11 +103,17 @@ def _per_block(value: int | Sequence[int], depth: int, stage: int) -> list[int]:
     return value
 
 
+def _take_indices(count: int, indices: int | Sequence[int] | None) -> tuple[list[int], int]:
+    """timm's ``feature_take_indices``, which annotates a list (for TorchScript) but reads any sequence."""
+    return feature_take_indices(count, indices if indices is None or isinstance(indices, int) else list(indices))
+
+
 class MixMIMTransformer(GroupedEncoder, nn.Module):
     """The MixMIM encoder; with ``num_classes > 0`` it is the fine-tuning classifier (average pooling
     of the last stage after the final norm, then a linear head), as in the release."""
 
     family = "mixmim"
+    norm: nn.Module  # LayerNorm; an Identity once pruned (prune_intermediate_layers)
 
     def __init__(
         self,
@@ -127,7 +134,7 @@ class MixMIMTransformer(GroupedEncoder, nn.Module):
         attention_impl: AttentionImpl = "auto",
     ):
         super().__init__()
-        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        img_size = (img_size, img_size) if isinstance(img_size, int) else cast("tuple[int, int]", tuple(img_size))
         num_stages = len(depths)
         if isinstance(window_size, int):  # one window for every stage
             window_size = [window_size] * num_stages
@@ -180,7 +187,7 @@ class MixMIMTransformer(GroupedEncoder, nn.Module):
     # ------------------------------------------------------------------ configuration helpers
     @property
     def attention_impl(self) -> str:
-        return self.layers[0].blocks[0].attn.impl
+        return cast(MixMIMBlock, cast(MixMIMStage, self.layers[0]).blocks[0]).attn.impl
 
     def set_attention_impl(self, impl: AttentionImpl) -> None:
         """Switch every block between the reference, fast and flex attention paths."""
@@ -190,7 +197,7 @@ class MixMIMTransformer(GroupedEncoder, nn.Module):
 
     def repeated_blocks(self) -> list[nn.Module]:
         """Every ``MixMIMBlock`` of every stage, in order."""
-        return [blk for stage in self.layers for blk in stage.blocks]
+        return [blk for stage in cast("Iterable[MixMIMStage]", self.layers) for blk in stage.blocks]
 
     # Layer-wise lr decay as the release's ``get_layer_id_for_mixmim``: the final norm and the head share
     # the last block's layer id, while the number of layers counts one more, so their scale is decay^1
@@ -268,10 +275,11 @@ class MixMIMTransformer(GroupedEncoder, nn.Module):
         self.check_stage_embeds(stage_embeds, groups)
         x = x + self.absolute_pos_embed
         outs = []
-        for i, stage in enumerate(self.layers[:count]):
+        for i, stage in enumerate(cast("Iterable[MixMIMStage]", self.layers[:count])):
             gh, gw = self.grids[i]
             ids = self.stage_groups(groups, i) if groups is not None else None
             if stage_embeds is not None:
+                assert ids is not None  # check_stage_embeds: stage embeddings come with a group map
                 x = x + stage_embeds[i][ids.reshape(ids.shape[0], -1)].to(x.dtype)
             x = stage(x, (gh, gw), ids if restrict_attention else None, num_groups or 1, self.run_block)
             outs.append(x)
@@ -279,9 +287,9 @@ class MixMIMTransformer(GroupedEncoder, nn.Module):
                 x = stage.downsample(x, (gh, gw))
         return outs
 
-    def forward_tokens(self, x: Tensor, groups: Tensor | None = None, **kwargs) -> Tensor:
+    def forward_tokens(self, tokens: Tensor, groups: Tensor | None = None, **kwargs) -> Tensor:
         """Patch embeddings -> normalised last-stage tokens (B, L4, C4)."""
-        return self.norm(self.forward_stages(x, groups, **kwargs)[-1])
+        return self.norm(self.forward_stages(tokens, groups, **kwargs)[-1])
 
     def forward_features(self, images: Tensor, groups: Tensor | None = None, **kwargs) -> Tensor:
         self.check_input(images)
@@ -306,7 +314,7 @@ class MixMIMTransformer(GroupedEncoder, nn.Module):
         stage run, the maps)."""
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt={output_fmt!r}: expected 'NCHW' or 'NLC'")
-        take, max_index = feature_take_indices(len(self.layers), indices)
+        take, max_index = _take_indices(len(self.layers), indices)
         self.check_input(x)
         last = len(self.layers) - 1
         outs = self._run_stages(self.embed(x), None, True, None, None, max_index + 1 if stop_early else last + 1)
@@ -326,14 +334,14 @@ class MixMIMTransformer(GroupedEncoder, nn.Module):
         models do: the later stages, the patch merging after the last kept stage, the final norm
         (sized for the last stage; also with ``prune_norm``) and the head (with ``prune_head``). The
         per-stage geometry is cut to match, so the encoder stays consistent. Returns the indices."""
-        take, max_index = feature_take_indices(len(self.layers), indices)
+        take, max_index = _take_indices(len(self.layers), indices)
         keep = max_index + 1
         prune_end = keep < len(self.layers)
         if prune_norm or prune_end:
             self.norm = nn.Identity()
         self.layers = self.layers[:keep]
         if prune_end:
-            self.layers[-1].downsample = None
+            cast(MixMIMStage, self.layers[-1]).downsample = None
             for name in ("grids", "strides", "dims", "stage_in_dims", "depths", "num_heads", "window_sizes",
                          "feature_info"):
                 setattr(self, name, getattr(self, name)[:keep])

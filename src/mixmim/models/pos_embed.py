@@ -6,6 +6,8 @@ stage-1 grid) and for the decoder (on the last-stage grid), MixMIM paper section
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -30,7 +32,7 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
     return table.float()
 
 
-def resize_pos_table(table: torch.Tensor, old_hw: tuple[int, int], new_hw: tuple[int, int]) -> torch.Tensor:
+def resize_pos_table(table: torch.Tensor, old_hw: Sequence[int], new_hw: Sequence[int]) -> torch.Tensor:
     """Bicubic resize of a (1, H*W, C) positional table to a new grid (for loading at a new resolution)."""
     if tuple(old_hw) == tuple(new_hw):
         return table

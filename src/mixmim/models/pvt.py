@@ -25,11 +25,18 @@ first block*, i.e. after the stage's overlapping patch embedding (stages 2-4) or
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, cast
 
 import torch.nn.functional as F
-from timm.models.pvt_v2 import Attention, Block, MlpWithDepthwiseConv, OverlapPatchEmbed, PyramidVisionTransformerV2
+from timm.models.pvt_v2 import (
+    Attention,
+    Block,
+    MlpWithDepthwiseConv,
+    OverlapPatchEmbed,
+    PyramidVisionTransformerStage,
+    PyramidVisionTransformerV2,
+)
 from torch import Tensor, nn
 
 from mixmim.models.base import GroupedEncoder, check_groups, resize_groups
@@ -56,7 +63,7 @@ class GroupedSRAttention(Attention):
 
     def forward(self, x: Tensor, feat_size: Sequence[int], attn_mask: Tensor | None = None) -> Tensor:
         if attn_mask is None:
-            return super().forward(x, feat_size)
+            return super().forward(x, list(feat_size))  # timm annotates a list (TorchScript)
         b, n, c = x.shape
         q = self.q(x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         kv = self.kv(self.reduce(x, feat_size)).reshape(b, -1, 2, self.num_heads, self.head_dim)
@@ -79,7 +86,7 @@ class MixedMlp(MlpWithDepthwiseConv):
     def forward(self, x: Tensor, feat_size: Sequence[int], groups: Tensor | None = None,
                 num_groups: int | None = None) -> Tensor:
         if groups is None:
-            return super().forward(x, feat_size)
+            return super().forward(x, list(feat_size))  # timm annotates a list (TorchScript)
         x = self.fc1(x)
         b, n, c = x.shape
         x = self.relu(x.transpose(1, 2).reshape(b, c, *feat_size))
@@ -129,8 +136,8 @@ class PVTv2Encoder(GroupedEncoder, PyramidVisionTransformerV2):
             linear=linear, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate)
         # timm's stages build their blocks with no layer hook; swapping in subclasses that add only a
         # forward keeps timm's construction, initialisation and parameter names untouched.
-        for stage in self.stages:
-            for blk in stage.blocks:
+        for stage in cast("Iterable[PyramidVisionTransformerStage]", self.stages):
+            for blk in cast("Iterable[Block]", stage.blocks):
                 blk.__class__, blk.attn.__class__, blk.mlp.__class__ = GroupedBlock, GroupedSRAttention, MixedMlp
         self.img_size = size
         self.linear = linear
@@ -224,7 +231,7 @@ class PVTv2Encoder(GroupedEncoder, PyramidVisionTransformerV2):
                 if num_groups is None:
                     num_groups = int(groups.max()) + 1
         x, outs, before = tokens, [], None
-        for i, stage in enumerate(self.stages):
+        for i, stage in enumerate(cast("Iterable[PyramidVisionTransformerStage]", self.stages)):
             here = resize_groups(groups, self.grids[i]) if groups is not None else None
             if stage.downsample is not None:
                 # contiguous NCHW as timm's stage hands over: a channels-last view would pick
@@ -232,8 +239,9 @@ class PVTv2Encoder(GroupedEncoder, PyramidVisionTransformerV2):
                 x = x.transpose(1, 2).reshape(b, -1, *self.grids[i - 1]).contiguous()
                 x = self._downsample(stage.downsample, x, before if restrict else None, num_groups)
             if stage_embeds is not None:
+                assert here is not None  # check_stage_embeds: stage embeddings come with a group map
                 x = x + stage_embeds[i][here.flatten(1)].to(x.dtype)
-            mask = self._attention_mask(groups, i) if restrict else None
+            mask = self._attention_mask(groups, i) if restrict and groups is not None else None
             block_groups = here if restrict else None
             for blk in stage.blocks:
                 x = self.run_block(blk, x, self.grids[i], block_groups, mask, num_groups)
@@ -248,4 +256,4 @@ class PVTv2Encoder(GroupedEncoder, PyramidVisionTransformerV2):
 
     def repeated_blocks(self) -> list[nn.Module]:
         """Every ``GroupedBlock`` (timm's PVT v2 ``Block``) of every stage, in order."""
-        return [blk for stage in self.stages for blk in stage.blocks]
+        return [blk for stage in cast("Iterable[PyramidVisionTransformerStage]", self.stages) for blk in stage.blocks]

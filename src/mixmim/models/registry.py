@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from torch import nn
+
+if TYPE_CHECKING:
+    from mixmim.models.base import GroupedEncoder
 
 # family -> "module:Class"; imported on first use so that `mixmim info` stays light.
 FAMILIES: dict[str, str] = {
@@ -121,7 +124,7 @@ def create_classifier(model: str = "mixmim_base", num_classes: int = 1000, **ove
 
 def encoder_config(encoder: nn.Module) -> dict[str, Any]:
     """Constructor arguments that rebuild ``encoder`` (stored beside exported weights)."""
-    return encoder.config()
+    return cast("GroupedEncoder", encoder).config()
 
 
 def name_for_config(family: str, config: dict[str, Any]) -> str | None:

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mixmim.models.base import GroupedEncoder
 from mixmim.models.pos_embed import resize_pos_table
 
 _REBUILT = ("relative_position_index", "attn_mask")
@@ -80,16 +82,16 @@ def resize_state_dict(state: Mapping[str, Tensor], model: nn.Module,
             if not model.pos_embed.requires_grad:
                 out[key] = want.clone()
             else:
-                prefix = model.num_prefix_tokens
+                prefix = cast(int, model.num_prefix_tokens)
                 old = _grid_of(value.shape[1] - prefix, source_grid)
-                grid = resize_pos_table(value[:, prefix:], old, tuple(model.grids[0]))
+                grid = resize_pos_table(value[:, prefix:], old, tuple(cast(GroupedEncoder, model).grids[0]))
                 out[key] = grid if not prefix else torch.cat([value[:, :prefix], grid], dim=1)
         elif key == "absolute_pos_embed":
             if not model.absolute_pos_embed.requires_grad:
                 out[key] = want.clone()  # fixed sine-cosine: the target's own table is exact
             else:
                 old = _grid_of(value.shape[1], source_grid)
-                out[key] = resize_pos_table(value, old, tuple(model.grids[0]))
+                out[key] = resize_pos_table(value, old, tuple(cast(GroupedEncoder, model).grids[0]))
         else:
             raise ValueError(f"{key}: checkpoint shape {tuple(value.shape)} does not fit the model's "
                              f"{tuple(want.shape)} and cannot be resized")

@@ -19,12 +19,12 @@ a group map.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from timm.layers import GroupNormAct, StdConv2d, make_divisible
-from timm.models.resnetv2 import PreActBottleneck, ResNetV2
+from timm.models.resnetv2 import PreActBottleneck, ResNetStage, ResNetV2
 from torch import Tensor, nn
 
 from mixmim.models.base import GroupedEncoder, check_groups, resize_groups
@@ -89,7 +89,7 @@ class ResNetV2Encoder(GroupedEncoder, ResNetV2):
                             num_classes=num_classes, layers=list(layers), channels=list(channels),
                             width_factor=width_factor, stem_chs=stem_chs, drop_rate=drop_rate,
                             drop_path_rate=drop_path_rate)
-        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        size = (img_size, img_size) if isinstance(img_size, int) else cast("tuple[int, int]", tuple(img_size))
         for side in size:
             if side % _STAGE_STRIDES[-1]:
                 raise ValueError(f"img_size={side} is not divisible by the encoder stride {_STAGE_STRIDES[-1]}")
@@ -100,7 +100,7 @@ class ResNetV2Encoder(GroupedEncoder, ResNetV2):
             width_factor=width_factor, stem_chs=stem_chs, stem_type="fixed",
             conv_layer=partial(StdConv2d, eps=1e-8), norm_layer=partial(GroupNormAct, num_groups=32),
             drop_rate=drop_rate, drop_path_rate=drop_path_rate)
-        for stage in self.stages:
+        for stage in cast("Iterable[ResNetStage]", self.stages):
             for block in stage.blocks:
                 block.__class__ = GroupedPreActBottleneck
 
@@ -126,9 +126,10 @@ class ResNetV2Encoder(GroupedEncoder, ResNetV2):
             check_groups(groups, images.shape[0])
             groups = resize_groups(groups.to(images.device), images.shape[-2:])
             k = int(groups.max()) + 1
-            x = mixed_conv2d(stem.conv, images, groups, k)
-            groups = downsample_groups(groups, x.shape[-2:], stem.conv.stride)
-            x = mixed_max_pool2d(stem.pool, x, groups, pad=stem.pad, num_groups=k)
+            conv = cast(nn.Conv2d, stem.conv)  # the fixed stem: conv (timm's StdConv2d), pad, pool
+            x = mixed_conv2d(conv, images, groups, k)
+            groups = downsample_groups(groups, x.shape[-2:], conv.stride)
+            x = mixed_max_pool2d(cast(nn.Module, stem.pool), x, groups, pad=cast(nn.Module, stem.pad), num_groups=k)
         return x.flatten(2).transpose(1, 2)
 
     def _stage_maps(self, tokens: Tensor, groups: Tensor | None, restrict: bool, stage_embeds: Sequence[Tensor] | None,
@@ -147,15 +148,18 @@ class ResNetV2Encoder(GroupedEncoder, ResNetV2):
                 num_groups = int(groups.max()) + 1
         mixed = groups is not None and restrict
         outs = []
-        for i, stage in enumerate(self.stages):
+        for i, stage in enumerate(cast("Iterable[ResNetStage]", self.stages)):
             if stage_embeds is not None:
+                assert groups is not None  # check_stage_embeds: stage embeddings come with a group map
                 x = x + stage_embeds[i][groups.long()].permute(0, 3, 1, 2).to(x.dtype)
             if not mixed:
                 x = stage(x)
                 if groups is not None:  # the mix embeddings of the next stage need the map
-                    groups = downsample_groups(groups, x.shape[-2:], stage.blocks[0].conv2.stride)
+                    first = cast(PreActBottleneck, stage.blocks[0])
+                    groups = downsample_groups(groups, x.shape[-2:], first.conv2.stride)
             else:
-                for block in stage.blocks:
+                assert groups is not None  # mixed: there is a group map
+                for block in cast("Iterable[PreActBottleneck]", stage.blocks):
                     x = self.run_block(block, x, groups, num_groups)
                     groups = downsample_groups(groups, x.shape[-2:], block.conv2.stride)
             outs.append(x)
@@ -177,7 +181,7 @@ class ResNetV2Encoder(GroupedEncoder, ResNetV2):
         outs, groups, num_groups = self._stage_maps(tokens, groups, restrict_attention, stage_embeds, num_groups)
         x = outs[-1]
         if groups is not None and restrict_attention:
-            x = mixed_group_norm(self.norm, x, groups, num_groups)
+            x = mixed_group_norm(cast(nn.GroupNorm, self.norm), x, groups, num_groups)  # pre-activation: GroupNormAct
         else:
             x = self.norm(x)
         return x.flatten(2).transpose(1, 2)
@@ -185,4 +189,4 @@ class ResNetV2Encoder(GroupedEncoder, ResNetV2):
     def repeated_blocks(self) -> list[nn.Module]:
         """Every ``GroupedPreActBottleneck`` (timm's ``PreActBottleneck``) of every stage, in order;
         compiled, each serves both its plain and its grouped forward."""
-        return [block for stage in self.stages for block in stage.blocks]
+        return [block for stage in cast("Iterable[ResNetStage]", self.stages) for block in stage.blocks]

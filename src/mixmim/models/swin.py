@@ -21,12 +21,18 @@ timm's model (parameter names unchanged, so ``swin_*_patch4_window7_224`` weight
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
-from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, window_partition, window_reverse
+from timm.models.swin_transformer import (
+    SwinTransformer,
+    SwinTransformerBlock,
+    SwinTransformerStage,
+    window_partition,
+    window_reverse,
+)
 from torch import Tensor, nn
 
 from mixmim.models.base import GroupedEncoder, check_groups
@@ -116,9 +122,9 @@ class SwinEncoder(GroupedEncoder, SwinTransformer):
                  num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int | Sequence[int] = 7,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0):
-        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        size = (img_size, img_size) if isinstance(img_size, int) else cast("tuple[int, int]", tuple(img_size))
         depths, num_heads = tuple(depths), tuple(num_heads)
-        window = window_size if isinstance(window_size, int) else tuple(window_size)
+        window = window_size if isinstance(window_size, int) else cast("tuple[int, int]", tuple(window_size))
         self._config = dict(img_size=list(size), patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
                             embed_dim=embed_dim, depths=list(depths), num_heads=list(num_heads),
                             window_size=window if isinstance(window, int) else list(window), mlp_ratio=mlp_ratio,
@@ -136,7 +142,7 @@ class SwinEncoder(GroupedEncoder, SwinTransformer):
             qkv_bias=qkv_bias, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate)
         # timm's stages build SwinTransformerBlock by name (no block argument); the subclass only adds
         # a mask argument to forward, so swapping the class keeps every parameter and buffer.
-        for stage in self.layers:
+        for stage in cast("Iterable[SwinTransformerStage]", self.layers):
             for blk in stage.blocks:
                 blk.__class__ = GroupSwinBlock
         self.img_size = size
@@ -173,17 +179,18 @@ class SwinEncoder(GroupedEncoder, SwinTransformer):
         restrict = groups is not None and restrict_attention and num_groups != 1
         x = tokens.reshape(b, h, w, c)
         outs = []
-        for i, stage in enumerate(self.layers):
+        for i, stage in enumerate(cast("Iterable[SwinTransformerStage]", self.layers)):
             x = stage.downsample(x)
             ids = self.stage_groups(groups, i) if groups is not None else None
             if stage_embeds is not None:
                 x = x + stage_embeds[i][ids].to(x.dtype)
             masks: dict[tuple, Tensor] = {}  # one per kind of block: shared by the stage's blocks
-            for blk in stage.blocks:
+            for blk in cast("Iterable[GroupSwinBlock]", stage.blocks):
                 mask = None
                 if restrict:
                     key = (blk.window_size, blk.shift_size)
                     if key not in masks:
+                        assert ids is not None  # restrict: there is a group map
                         masks[key] = group_window_mask(window_groups(ids, blk.window_size, blk.shift_size),
                                                        _shift_mask(blk, x), x.dtype)
                     mask = masks[key]
@@ -197,12 +204,13 @@ class SwinEncoder(GroupedEncoder, SwinTransformer):
 
     def repeated_blocks(self) -> list[nn.Module]:
         """Every ``GroupSwinBlock`` (timm's ``SwinTransformerBlock``) of every stage, in order."""
-        return [blk for stage in self.layers for blk in stage.blocks]
+        return [blk for stage in cast("Iterable[SwinTransformerStage]", self.layers) for blk in stage.blocks]
 
 
 def _shift_mask(blk: SwinTransformerBlock, x: Tensor) -> Tensor | None:
     """The block's own shift mask ``(nW, N, N)`` (None for a plain block). timm keeps it as a buffer
     unless the model was built for dynamic sizes; then it is built here for the stage's map."""
-    if blk.attn_mask is not None or not any(blk.shift_size):
-        return blk.attn_mask
+    attn_mask = cast("Tensor | None", blk.attn_mask)  # a buffer
+    if attn_mask is not None or not any(blk.shift_size):
+        return attn_mask
     return blk.get_attn_mask(device=x.device, dtype=x.dtype)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,9 @@ from torch import Tensor, nn
 from mixmim.models.base import GroupedEncoder, resize_groups
 from mixmim.models.pos_embed import sincos_2d
 from mixmim.models.token_dropping import AttentionPlan
+
+# timm's VisionTransformer poolings.
+GlobalPool = Literal["", "avg", "avgmax", "max", "token", "map", "prr"]
 
 
 @dataclass
@@ -81,9 +84,10 @@ class ViTEncoder(GroupedEncoder, VisionTransformer):
     stage at stride ``patch_size``. ``forward``/``forward_features``/``forward_head`` are timm's."""
 
     family = "vit"
+    pos_embed: nn.Parameter  # timm's is None only with pos_embed="none", which this encoder never builds
 
     def __init__(self, img_size: int | Sequence[int] = 224, patch_size: int = 16, in_chans: int = 3,
-                 num_classes: int = 0, global_pool: str = "token", embed_dim: int = 768, depth: int = 12,
+                 num_classes: int = 0, global_pool: GlobalPool = "token", embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True, class_token: bool = True,
                  fixed_pos_embed: bool = False, fc_norm: bool | None = None, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0):
@@ -94,7 +98,7 @@ class ViTEncoder(GroupedEncoder, VisionTransformer):
                             fixed_pos_embed=fixed_pos_embed, fc_norm=fc_norm, drop_rate=drop_rate,
                             attn_drop_rate=attn_drop_rate,
                             drop_path_rate=drop_path_rate)
-        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        size = (img_size, img_size) if isinstance(img_size, int) else cast("tuple[int, int]", tuple(img_size))
         for side in size:
             if side % patch_size:
                 raise ValueError(f"img_size={side} is not divisible by the encoder stride {patch_size}")
@@ -172,6 +176,7 @@ class ViTEncoder(GroupedEncoder, VisionTransformer):
         if ids is None or not restrict_attention:
             x = x if cls is None else torch.cat([cls, x], dim=1)
             return [self._run_blocks(x, None)[:, self.num_prefix_tokens:]]
+        assert num_groups is not None  # set with ids
         if ids.shape[0] == 1:
             return [self._segment_forward(x, cls, ids[0], num_groups)]
         return [self._masked_forward(x, cls, ids, num_groups)]

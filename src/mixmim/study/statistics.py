@@ -29,7 +29,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float
 
 # Orderings the papers report, as (table, tiers from better to worse); a tuple is a tier of arms the
 # paper ties (MixMIM Table 6: zero and learnable both 84.1).
-PAPER_ORDERINGS = [
+PAPER_ORDERINGS: list[tuple[str, list[str | tuple[str, ...]]]] = [
     ("MixMIM Table 6 (filling)", ["mixmim", ("mixmim_zero", "mixmim_learnable"), "mixmim_zoomin", "mixmim_shuffle"]),
     ("MixMIM Table 7 (dual reconstruction)", ["mixmim", "mixmim_single"]),
     ("MixMIM Table 10 (how the encoder tells images apart)", ["mixmim", "mixmim_mix_embedding",

@@ -16,8 +16,9 @@ import contextlib
 import os
 import random
 import time
+from collections.abc import Iterator, Sized
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -39,6 +40,11 @@ from mixmim.utils.cpus import worker_count
 from mixmim.utils.errors import UserError, one_line
 from mixmim.utils.files import atomic_write_text, remove_stale_temporaries
 from mixmim.utils.provenance import command_line, git_commit
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
+
+    from mixmim.data.stream import ShardStream
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
@@ -90,14 +96,15 @@ class Trainer:
         self.model = task.build_model().to(device)
         self._check_multiple(task.batch_multiple())
         self.dataset = task.dataset()
+        size = len(cast(Sized, self.dataset))  # every task's training data has a length
         # A stream (data.source=stream) is an iterable this rank reads its own shards from; its length
         # is this rank's share of an epoch.
         self.streaming = isinstance(self.dataset, IterableDataset)
-        images = len(self.dataset) * (info.world_size if self.streaming else 1)
+        images = size * (info.world_size if self.streaming else 1)
         self.steps_per_epoch = steps_per_epoch(images, self.global_batch)
         if self.steps_per_epoch < 1:
             raise ConfigError(f"config key 'train.batch_size': {self.global_batch} is larger than the data set "
-                              f"({len(self.dataset)} images)")
+                              f"({size} images)")
         self.total_steps = t.epochs * self.steps_per_epoch
         if t.max_steps is not None:
             self.total_steps = min(self.total_steps, t.max_steps) if t.epochs else t.max_steps
@@ -107,13 +114,13 @@ class Trainer:
         self.optimizer = build_optimizer(task.param_groups(D.unwrap(self.wrapped)), self.config.optim,
                                          self.schedule.peak, device)
         self.scaler = torch.amp.GradScaler(device.type) if self.amp == "fp16" else None
-        self.sampler = None if self.streaming else ResumableSampler(len(self.dataset), self.global_batch, t.seed,
+        self.sampler = None if self.streaming else ResumableSampler(size, self.global_batch, t.seed,
                                                                     info.rank, info.world_size)
         self.loader = self._loader(t)
-        self.skipped = SkippedFiles(self.run_dir / "skipped.txt" if info.is_main else None, len(self.dataset),
+        self.skipped = SkippedFiles(self.run_dir / "skipped.txt" if info.is_main else None, size,
                                     self.config.data.max_bad_fraction)
-        if getattr(self.dataset, "scan_problems", None):
-            self.skipped.note(self.dataset.scan_problems)
+        if problems := getattr(self.dataset, "scan_problems", None):
+            self.skipped.note(problems)
         self.metrics = MetricsLog(self.run_dir, enabled=info.is_main,
                                   columns=["step", "epoch", "loss", "lr", "img_per_s", *task.columns],
                                   trackers=t.trackers, config=self.config.to_dict(), run_name=self.config.name)
@@ -163,8 +170,9 @@ class Trainer:
 
     def _set_epoch(self, epoch: int, step_in_epoch: int) -> None:
         if self.streaming:  # the stream counts this rank's micro-batches
-            self.dataset.set_epoch(epoch, step_in_epoch * self.config.train.accum_steps)
+            cast("ShardStream", self.dataset).set_epoch(epoch, step_in_epoch * self.config.train.accum_steps)
         else:
+            assert self.sampler is not None  # made whenever the data is not a stream
             self.sampler.set_epoch(epoch, step_in_epoch)
 
     @property
@@ -273,7 +281,7 @@ class Trainer:
             seed_all(sample_seed(t.seed + 1, self.step, self.info.rank * t.accum_steps + a))
             last = a == len(micro_batches) - 1
             if self.fsdp:
-                self.wrapped.set_requires_gradient_sync(last)
+                cast("FSDPModule", self.wrapped).set_requires_gradient_sync(last)  # fully_shard made it one
             with self._sync_context(last):
                 with self.autocast():
                     out = self.task.step(self.wrapped, batch)
@@ -383,7 +391,8 @@ class Trainer:
                  self.total_steps, self.global_batch, self.micro_batch, self.info.world_size,
                  self.config.train.accum_steps, self.schedule.peak, self.amp, self.device)
         self.stopped: str | None = None
-        self.first_loss = self.last_loss = None
+        self.first_loss: float | None = None
+        self.last_loss: float | None = None
         self._window = {"loss": 0.0, "steps": 0, "start": time.perf_counter(), "paused": 0.0}
         if self.step == 0 and 0 in self.evaluations:
             values = self.task.evaluate(self, 0)
@@ -409,7 +418,7 @@ class Trainer:
         """Train through the rest of one epoch; False when it was cut short (stop, end, NaN reload)."""
         t = self.config.train
         micro: list[dict] = []
-        self._iterator = iter(self.loader)
+        self._iterator: Iterator[dict] | None = iter(self.loader)
         for batch in self._iterator:
             micro.append(batch)
             if len(micro) < t.accum_steps:

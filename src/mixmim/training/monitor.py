@@ -15,6 +15,7 @@ process in each forward) and the shares are gathered, so every process computes 
 from __future__ import annotations
 
 import time
+from typing import cast
 
 import torch
 from torch import nn
@@ -36,7 +37,8 @@ class RepresentationMonitor:
                  rank: int = 0, world_size: int = 1):
         self.cfg, self.device, self.rank, self.world_size = cfg, device, rank, world_size
         tf = eval_transform(img_size, cfg.crop_pct)
-        splits = load_splits(cfg.data, tf, tf, cfg.train_size, cfg.test_size, seed=seed, balanced=True)
+        # The monitor runs only when train.monitor.data names its data.
+        splits = load_splits(cast(str, cfg.data), tf, tf, cfg.train_size, cfg.test_size, seed=seed, balanced=True)
         # Decoded once and kept (uint8, bit-identical items): every evaluation reads the same images.
         if len(splits.classes) < 2:  # every neighbour would vote for the one class: 100% of nothing
             raise ConfigError(f"config key 'train.monitor.data': {cfg.data} has one class "

@@ -26,8 +26,8 @@ from mixmim.config import OptimConfig
 def no_weight_decay_names(model: nn.Module) -> set[str]:
     """Names the model (the method, not its sub-modules) lists in ``no_weight_decay()``, plus every
     parameter whose name contains a keyword of its ``no_weight_decay_keywords()``."""
-    names = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    keywords = set(model.no_weight_decay_keywords()) if hasattr(model, "no_weight_decay_keywords") else set()
+    names: set[str] = set(getattr(model, "no_weight_decay", lambda: set())())
+    keywords = set(getattr(model, "no_weight_decay_keywords", lambda: set())())
     names |= {n for n, _ in model.named_parameters() if any(k in n for k in keywords)}
     return names
 
@@ -52,6 +52,6 @@ def build_optimizer(groups: list[dict[str, Any]] | nn.Module, optim: OptimConfig
     if optim.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
     fused = optim.fused if optim.fused is not None else device.type == "cuda"
-    extra = {"fused": True} if fused else {}
+    extra: dict[str, Any] = {"fused": True} if fused else {}
     return create_optimizer_v2(groups, "adamw", lr=lr, weight_decay=optim.weight_decay, betas=tuple(optim.betas),
                                **extra)

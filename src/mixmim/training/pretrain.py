@@ -5,7 +5,7 @@ monitor and the exported encoder along the way."""
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -15,11 +15,16 @@ from mixmim.config import RunConfig
 from mixmim.data import build_pretrain_dataset, build_stream
 from mixmim.data.sampler import sample_seed
 from mixmim.interop.export import save_encoder
+from mixmim.methods.base import PretrainMethod
 from mixmim.methods.factory import build_method
 from mixmim.training.logs import log
 from mixmim.training.loop import NonFiniteLossError, train
 from mixmim.training.optim import decay_groups
 from mixmim.training.task import RunContext, StepOutput, Task
+
+if TYPE_CHECKING:
+    from mixmim.data.stream import ShardStream
+    from mixmim.training.monitor import RepresentationMonitor
 
 __all__ = ["NonFiniteLossError", "PretrainTask", "run_pretraining"]
 
@@ -29,10 +34,10 @@ class PretrainTask(Task):
 
     name = "pretrain"
 
-    def __init__(self, config: RunConfig, method: nn.Module | None = None):
+    def __init__(self, config: RunConfig, method: PretrainMethod | None = None):
         self.config = config
         self._method = method
-        self.monitor = None  # built at its first evaluation
+        self.monitor: RepresentationMonitor | None = None  # built at its first evaluation
 
     # ------------------------------------------------------------------ what to train
     def build_model(self) -> nn.Module:
@@ -71,7 +76,7 @@ class PretrainTask(Task):
         return decay_groups(model, self.config.optim.weight_decay)
 
     def repeated_blocks(self, model: nn.Module) -> list[nn.Module]:
-        return model.repeated_blocks()
+        return cast(PretrainMethod, model).repeated_blocks()  # the model build_model made
 
     def step(self, model: nn.Module, batch: dict) -> StepOutput:
         out = model(batch["image"])
@@ -114,6 +119,7 @@ class PretrainTask(Task):
 
         knn = [v for v in read_metrics(path).get("knn", []) if v == v]
         if knn:
+            assert self.monitor is not None  # evaluate made it before calling this
             self.monitor.baseline = knn[0]
 
     # ------------------------------------------------------------------ checkpoints, pictures, the end
@@ -153,10 +159,11 @@ class PretrainTask(Task):
         groups = self.method.num_groups
         n = min(len(self.data), max(8, groups) // groups * groups)
         if isinstance(self.data, torch.utils.data.IterableDataset):
-            where = self.data.epoch, self.data.start_batch  # a loader without workers reads them as it goes
-            self.data.set_epoch(0)
-            items = list(itertools.islice(iter(self.data), n))
-            self.data.set_epoch(*where)
+            stream = cast("ShardStream", self.data)  # data.source=stream
+            where = stream.epoch, stream.start_batch  # a loader without workers reads them as it goes
+            stream.set_epoch(0)
+            items = list(itertools.islice(iter(stream), n))
+            stream.set_epoch(*where)
         else:
             items = [self.data[(i, sample_seed(self.config.train.seed, -1, i))] for i in range(n)]
         return self.to_device(self.collate(items), device)["image"]
@@ -201,7 +208,7 @@ def _format(values: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.2f}%" for k, v in values.items()) or "-"
 
 
-def run_pretraining(config: RunConfig, resume: bool = False, method: nn.Module | None = None,
+def run_pretraining(config: RunConfig, resume: bool = False, method: PretrainMethod | None = None,
                     overwrite: bool = False, allow_changes: bool = False) -> dict[str, Any]:
     """Train ``config`` to its step budget (or a stop signal); returns a summary dict."""
     return train(PretrainTask(config, method), resume=resume, overwrite=overwrite, allow_changes=allow_changes)

@@ -75,7 +75,7 @@ def check_trackers(names: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def tracker_class(name: str) -> type | None:
+def tracker_class(name: str) -> type[Tracker] | None:
     """The class that mirrors to ``name`` (None for "csv": metrics.csv is MetricsLog's own)."""
     return {"tensorboard": TensorBoardTracker, "wandb": WandbTracker, "mlflow": MlflowTracker}.get(name)
 

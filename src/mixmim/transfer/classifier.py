@@ -3,7 +3,7 @@ share about it (building it from any weights a user holds, its optimiser groups,
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -14,6 +14,15 @@ from mixmim.interop.pretrained import build_encoder, input_size
 from mixmim.interop.weights import Pretrained, open_weights
 from mixmim.models.registry import encoder_config
 from mixmim.training.optim import decay_groups
+
+if TYPE_CHECKING:
+    from mixmim.models.base import GroupedEncoder
+
+    class Encoder(GroupedEncoder, nn.Module):
+        """For the type checker only: the encoder of a transfer task, a module of an encoder family
+        (``class ViTEncoder(GroupedEncoder, VisionTransformer)``) with timm's classification API."""
+
+        def get_classifier(self) -> nn.Module: ...
 
 # Drop path when fine-tuning, by encoder (MixMIM section 3: 0.1 / 0.2 / 0.3 for B / L / H; timm's and MAE's
 # habits for the other families); 0.1 for a model not listed.
@@ -31,7 +40,7 @@ class Classifier(nn.Module):
 
     def __init__(self, encoder: nn.Module):
         super().__init__()
-        self.encoder = encoder
+        self.encoder = cast("Encoder", encoder)  # every encoder family is one
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.encoder(images)
@@ -49,7 +58,7 @@ def resolve_model(config: Any) -> Pretrained:
     img_size, _ = input_size(pretrained, m.img_size)
     m.img_size = img_size if isinstance(img_size, int) else int(img_size[0])
     if m.drop_path_rate is None:
-        m.drop_path_rate = FINETUNE_DROP_PATH.get(pretrained.model_name, 0.1)
+        m.drop_path_rate = FINETUNE_DROP_PATH.get(pretrained.model_name or "", 0.1)  # "": not a registry name
     return pretrained
 
 
@@ -59,7 +68,7 @@ def build_classifier(pretrained: Pretrained, config: Any, num_classes: int) -> C
     encoder = build_encoder(pretrained, img_size=m.img_size, window_size=m.window_size, num_classes=num_classes,
                             drop_path_rate=m.drop_path_rate, **m.options)
     if m.grad_checkpointing and hasattr(encoder, "set_grad_checkpointing"):
-        encoder.set_grad_checkpointing(True)
+        cast("GroupedEncoder", encoder).set_grad_checkpointing(True)
     return Classifier(encoder)
 
 

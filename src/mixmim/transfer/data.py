@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-
-from torch.utils.data import Dataset
+from typing import TYPE_CHECKING, cast
 
 from mixmim.config import ConfigError, DataConfig
 from mixmim.data import normalization
 from mixmim.data.labelled import FASHION_MNIST, LabelledDataset, collate_labelled, load_splits
+
+if TYPE_CHECKING:
+    from mixmim.evaluation.sharded import SizedDataset
 
 __all__ = ["LABELLED_SOURCES", "LabelledData", "collate_labelled", "data_stats", "load_labelled"]
 
@@ -26,7 +28,7 @@ LABELLED_SOURCES = ("folder", "shards", "hf", FASHION_MNIST)
 @dataclass
 class LabelledData:
     train: LabelledDataset
-    test: Dataset
+    test: SizedDataset  # the evaluation split (linear probing on cached features: their FeatureSet)
     classes: list[str]
 
 
@@ -47,7 +49,7 @@ def load_labelled(data: DataConfig, train_tf: Callable | None, eval_tf: Callable
                           f"{', '.join(LABELLED_SOURCES)}")
     if data.source != FASHION_MNIST and not data.path:
         raise ConfigError(f"config key 'data.path': data.source={data.source} needs a path (--data DIR)")
-    spec = FASHION_MNIST if data.source == FASHION_MNIST else data.path
+    spec = FASHION_MNIST if data.source == FASHION_MNIST else cast(str, data.path)  # checked above
     splits = load_splits(spec, train_tf, eval_tf, data.limit_train, data.limit_test, data.val_fraction, seed,
                          data.balanced, data.channels, data.hf_image_column, data.hf_label_column, data.val_path)
     if len(splits.classes) < 2:

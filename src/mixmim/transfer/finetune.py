@@ -17,7 +17,7 @@ arguments, the classes), ``best.pt`` with ``eval.select=best``, ``results.json``
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -36,7 +36,7 @@ from mixmim.transfer.classifier import (
     classifier_payload,
     resolve_model,
 )
-from mixmim.transfer.data import collate_labelled, data_stats, load_labelled
+from mixmim.transfer.data import LabelledData, collate_labelled, data_stats, load_labelled
 from mixmim.utils.files import atomic_write
 
 log = logging.getLogger("mixmim")
@@ -64,6 +64,12 @@ class ClassificationTask(Task):
     the counts summed over processes, the best or last weights, the report at the end."""
 
     score_key = "acc1"
+    # Set by each task: the labelled splits, their class names, which weights the encoder started
+    # from, and the model build_model made.
+    data: LabelledData
+    classes: list[str]
+    weights: str
+    model: nn.Module
 
     def __init__(self, config: Any):
         self.config = config
@@ -114,7 +120,7 @@ class ClassificationTask(Task):
     def _save_model(self, run: RunContext, name: str, extra: dict[str, Any]) -> None:
         state = run.full_state_dict()  # every process (FSDP gathers)
         if run.is_main:
-            model = self.model
+            model = cast(Classifier, self.model)  # fine-tuning's (linear probing saves its own)
             payload = classifier_payload(model, self.classes, extra)
             payload["model"] = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
             atomic_write(run.run_dir / name, lambda tmp: torch.save(payload, tmp))
@@ -170,13 +176,14 @@ class FinetuneTask(ClassificationTask):
     """``mixmim finetune``."""
 
     name = "finetune"
+    model: Classifier
 
     def __init__(self, config: FinetuneRunConfig):
         super().__init__(config)
         f = config.finetune
         self.auto_augment = check_auto_augment(f.auto_augment)
         self.pretrained = resolve_model(config)
-        side = config.model.img_size
+        side = cast(int, config.model.img_size)  # resolve_model set it
         stats = data_stats(config.data)
         self.data = load_labelled(config.data, train_transform(side, self.auto_augment, f.re_prob,
                                                                config.data.crop_scale, *stats, f.color_jitter,
@@ -190,7 +197,8 @@ class FinetuneTask(ClassificationTask):
 
     def build_model(self) -> Classifier:
         self.model = build_classifier(self.pretrained, self.config, len(self.classes))
-        head = self.model.encoder.get_classifier()
+        # timm's head: a Linear (a 1x1 Conv2d for ResNet-v2), whose weight and bias torch types loosely
+        head: Any = self.model.encoder.get_classifier()
         f = self.config.finetune
         if f.head_init == "probe":
             from mixmim.transfer.head_init import probe_head_init
@@ -210,7 +218,7 @@ class FinetuneTask(ClassificationTask):
         return 2 if self.mixup is not None else 1  # Mixup pairs each image with its mirror in the batch
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        return classifier_groups(model, self.config.optim)
+        return classifier_groups(cast(Classifier, model), self.config.optim)  # the model build_model made
 
     def step(self, model: nn.Module, batch: dict) -> StepOutput:
         images, targets = batch["image"], batch["label"]

@@ -13,14 +13,17 @@ same head.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from mixmim.data.labelled import eval_transform
 from mixmim.evaluation.probe import fit_probe
 from mixmim.evaluation.sharded import extract_features
+
+if TYPE_CHECKING:
+    from mixmim.transfer.classifier import Encoder
 
 PROBE_BATCH = 256  # MAE's probe batch per 256 of base lr (fit_probe scales lr 0.1 x batch / 256)
 
@@ -28,15 +31,18 @@ PROBE_BATCH = 256  # MAE's probe batch per 256 of base lr (fit_probe scales lr 0
 def fold_probe(probe: nn.Sequential, head: nn.Module) -> None:
     """Copy a fitted BatchNorm(affine=False) + Linear probe into ``head`` as one linear map (a Linear,
     or the 1x1 convolution timm's ResNets classify with)."""
-    bn, linear = probe[0], probe[1]
-    weight = linear.weight * (bn.running_var + bn.eps).rsqrt()[None, :]
-    bias = linear.bias - weight @ bn.running_mean
+    bn, linear = cast(nn.BatchNorm1d, probe[0]), cast(nn.Linear, probe[1])
+    # torch types the running statistics as optional, and the bias and the head's weights as Tensor | Module.
+    running_mean, running_var = cast(Tensor, bn.running_mean), cast(Tensor, bn.running_var)
+    head_weight, head_bias = cast(Tensor, head.weight), cast(Tensor, head.bias)
+    weight = linear.weight * (running_var + bn.eps).rsqrt()[None, :]
+    bias = cast(Tensor, linear.bias) - weight @ running_mean
     with torch.no_grad():
-        head.weight.copy_(weight.reshape(head.weight.shape))
-        head.bias.copy_(bias)
+        head_weight.copy_(weight.reshape(head_weight.shape))
+        head_bias.copy_(bias)
 
 
-def probe_head_init(encoder: nn.Module, data: Any, config: Any) -> dict[str, float]:
+def probe_head_init(encoder: Encoder, data: Any, config: Any) -> dict[str, float]:
     """Fit the probe on the training split's features and fold it into ``encoder``'s head."""
     from mixmim.transfer.data import data_stats
 
@@ -54,5 +60,5 @@ def probe_head_init(encoder: nn.Module, data: Any, config: Any) -> dict[str, flo
     epochs = max(f.probe_epochs, math.ceil(f.probe_steps / steps_per_epoch))
     probe = fit_probe(x, y, x[:1], y[:1], len(data.classes), epochs=epochs, batch_size=PROBE_BATCH,
                       warmup_epochs=min(5.0, epochs / 10), seed=config.train.seed, select="last")
-    fold_probe(probe.head, encoder.get_classifier())
+    fold_probe(cast(nn.Sequential, probe.head), encoder.get_classifier())  # fit_probe's probe_head
     return {"probe_train_acc1": probe.rows[-1].get("train_acc1", float("nan"))}

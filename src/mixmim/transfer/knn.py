@@ -5,7 +5,7 @@ is gathered once, and the scores are the same on every process."""
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 from mixmim.config import KNNRunConfig
 from mixmim.data.labelled import eval_transform
@@ -38,7 +38,7 @@ def _knn(config: KNNRunConfig, info: Any, device) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(run_dir if info.is_main else None, info.is_main)
     pretrained = resolve_model(config)
-    side = config.model.img_size
+    side = cast(int, config.model.img_size)  # resolve_model set it
     tf = eval_transform(side, config.data.crop_pct, *data_stats(config.data))
     data = load_labelled(config.data, tf, tf, config.train.seed)
     m = config.model

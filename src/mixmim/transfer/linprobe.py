@@ -10,7 +10,7 @@ process its share) and trains the head on them: minutes instead of hours on a CP
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,9 @@ from mixmim.transfer.classifier import resolve_model
 from mixmim.transfer.data import data_stats, load_labelled
 from mixmim.transfer.finetune import ClassificationTask
 
+if TYPE_CHECKING:
+    from mixmim.transfer.classifier import Encoder
+
 PROBE_FORMAT = "mixmim-linprobe/2"
 
 
@@ -36,8 +39,8 @@ class FrozenProbe(nn.Module):
 
     def __init__(self, encoder: nn.Module, num_classes: int):
         super().__init__()
-        self.encoder = encoder.requires_grad_(False)
-        self.head = probe_head(encoder.num_features, num_classes)
+        self.encoder = cast("Encoder", encoder).requires_grad_(False)  # every encoder family is one
+        self.head = probe_head(self.encoder.num_features, num_classes)
 
     def train(self, mode: bool = True) -> FrozenProbe:
         super().train(mode)
@@ -78,7 +81,7 @@ class ProbeTask(ClassificationTask):
         self.cached = config.probe.features == "cached"
         self.pretrained = resolve_model(config)
         config.model.drop_path_rate = 0.0  # a frozen encoder runs in eval mode
-        side = config.model.img_size
+        side = cast(int, config.model.img_size)  # resolve_model set it
         stats = data_stats(config.data)
         evaluation = eval_transform(side, config.data.crop_pct, *stats)
         training = evaluation if self.cached else train_transform(side, None, 0.0, config.data.crop_scale, *stats,

@@ -4,8 +4,9 @@ applies) and run its task on the training loop (k-NN has no training: it extract
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mixmim.config import (
     VERB_DEFAULTS,
@@ -17,6 +18,9 @@ from mixmim.config import (
     resolve_tree,
 )
 from mixmim.utils.typed import apply_overrides
+
+if TYPE_CHECKING:
+    from mixmim.training.task import Task
 
 log = logging.getLogger("mixmim")
 
@@ -60,6 +64,7 @@ def run_transfer(config: Any, resume: bool = False, overwrite: bool = False,
         from mixmim.transfer.knn import run_knn
 
         return {"results": run_knn(config), "stopped": None}
+    task_class: Callable[[Any], Task]
     if verb == "finetune":
         from mixmim.transfer.finetune import FinetuneTask as task_class
     elif verb == "linprobe":

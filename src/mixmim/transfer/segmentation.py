@@ -16,9 +16,9 @@ NaN skip); mIoU and pixel accuracy from a confusion matrix of pixels summed over
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -104,7 +104,8 @@ class UperNet(nn.Module):
     def group_matcher(self, coarse: bool = False):
         """Layer-wise lr decay over the encoder's layers; the per-stage norms and the head learn at
         the full rate (they are new)."""
-        inner = self.backbone.encoder.group_matcher(coarse)
+        matcher = cast("Callable[[bool], Callable[[str], tuple[int, ...]]]", self.backbone.encoder.group_matcher)
+        inner = matcher(coarse)  # the MixMIM encoder's: a parameter name -> its layer ordinal
         prefix = "backbone.encoder."
 
         def ordinal(name: str) -> tuple[int, ...]:
@@ -165,7 +166,8 @@ class SegmentationFolder(Dataset):
         if mask.shape != (image.height, image.width):
             raise ValueError(f"mask of {image_path.name} is {mask.shape[1]}x{mask.shape[0]}, the image "
                              f"{image.width}x{image.height}")
-        x = torch.from_numpy(np.asarray(image.resize((self.size, self.size), Image.BICUBIC), dtype=np.float32))
+        x = torch.from_numpy(np.asarray(image.resize((self.size, self.size), Image.Resampling.BICUBIC),
+                                        dtype=np.float32))
         x = (x.permute(2, 0, 1) / 255.0 - self.mean) / self.std
         y = torch.from_numpy(mask)[None, None].float()
         y = F.interpolate(y, size=(self.size, self.size), mode="nearest")[0, 0].long()
@@ -216,7 +218,7 @@ class SegmentTask(Task):
     def __init__(self, config: SegmentRunConfig):
         self.config = config
         self.pretrained = resolve_model(config)
-        side = config.model.img_size
+        side = cast(int, config.model.img_size)  # resolve_model set it
         d = config.data
         if not d.path:
             raise ValueError("mixmim segment: give the folder with images/ and masks/ (--data, data.path)")
@@ -251,7 +253,7 @@ class SegmentTask(Task):
         return layer_decay_groups(model, o.weight_decay, o.layer_decay or 1.0)
 
     def repeated_blocks(self, model: nn.Module) -> list[nn.Module]:
-        blocks = getattr(model.backbone.encoder, "repeated_blocks", None)
+        blocks = getattr(cast(UperNet, model).backbone.encoder, "repeated_blocks", None)  # build_model's
         return list(blocks()) if callable(blocks) else []
 
     def step(self, model: nn.Module, batch: dict) -> StepOutput:

@@ -36,7 +36,7 @@ def public_mode(path: str | Path, executable: bool = False) -> None:
     os.chmod(path, (0o777 if executable else 0o666) & ~current_umask())
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp)`` on a temporary file next to ``path``, flush it to disk, then rename it over
     ``path``. A process killed (or an exception raised) inside ``write`` leaves the old file intact
     and no temporary file behind."""
@@ -98,7 +98,7 @@ def remove_stale_temporaries(folder: str | Path, targets: re.Pattern[str] | None
     names this module gives, ``.<name>.<8 characters>.tmp``, and with ``targets`` only those whose
     target name matches it); the list of what was removed."""
     folder = Path(folder)
-    removed = []
+    removed: list[Path] = []
     if not folder.is_dir():
         return removed
     for path in folder.iterdir():

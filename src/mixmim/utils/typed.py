@@ -83,7 +83,7 @@ def convert(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise fail
-        return build_dataclass(tp, value, key)
+        return build_dataclass(typing.cast(type, tp), value, key)  # an annotation: a class
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise fail

@@ -4,6 +4,7 @@ the cached linear probe read every evaluation."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -38,7 +39,8 @@ class CachedLabelled(Dataset):
         image = self.images[index]
         if self.mean is None:
             return image
-        return image.float().div(255).sub_(self.mean).div_(self.std)  # ToTensor's then Normalize's arithmetic
+        std = cast(torch.Tensor, self.std)  # None only together with mean
+        return image.float().div(255).sub_(self.mean).div_(std)  # ToTensor's then Normalize's arithmetic
 
     def __getitem__(self, key: tuple[int, int] | int):
         index = int(key[0] if isinstance(key, tuple) else key)

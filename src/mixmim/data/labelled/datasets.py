@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from types import EllipsisType
+from typing import cast
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -36,9 +39,9 @@ class LabelledDataset(Dataset):
 
     @property
     def targets(self) -> list[int]:
-        return self.source.labels.tolist()
+        return cast(np.ndarray, self.source.labels).tolist()  # __init__ checked it is not None
 
-    def item(self, index: int, seed: int, transform: Callable | None = ...) -> dict:
+    def item(self, index: int, seed: int, transform: Callable | EllipsisType | None = ...) -> dict:
         """``{"image", "label", "index", "skipped"}`` of sample ``index`` under augmentation seed ``seed``
         (with ``transform`` instead of the data set's when given)."""
         transform = self.transform if transform is ... else transform

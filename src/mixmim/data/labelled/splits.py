@@ -7,9 +7,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
-from torch.utils.data import Dataset
 
 from mixmim.data.images import IMAGE_EXTENSIONS, BadImage, mode_of
 from mixmim.data.labelled.datasets import LabelledDataset
@@ -41,8 +41,8 @@ def balanced_subset(labels: Sequence[int] | np.ndarray, size: int, seed: int = 0
 
 @dataclass
 class Splits:
-    train: Dataset
-    test: Dataset
+    train: LabelledDataset
+    test: LabelledDataset
     classes: list[str]
 
 
@@ -52,7 +52,7 @@ def _held_out(source: ImageSource, val_fraction: float, seed: int) -> tuple[np.n
         raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
     rng = np.random.default_rng(seed)
     train, test = [], []
-    for label in range(len(source.classes)):
+    for label in range(len(cast(list[str], source.classes))):  # labelled: the caller checked
         mine = np.flatnonzero(source.labels == label)
         order = rng.permutation(len(mine))
         n_test = max(1, round(len(mine) * val_fraction)) if len(mine) > 1 else 0
@@ -65,7 +65,7 @@ def _held_out(source: ImageSource, val_fraction: float, seed: int) -> tuple[np.n
 def check_classes(source: ImageSource, mode: str, where: str) -> None:
     """A one-line ValueError for a class that has no image, or none that decodes (tries each in turn:
     usually one decode per class)."""
-    for label, name in enumerate(source.classes):
+    for label, name in enumerate(cast(list[str], source.classes)):  # a labelled source
         members = np.flatnonzero(source.labels == label)
         if len(members) == 0:
             raise ValueError(f"class folder {Path(where) / name} holds no images")
@@ -112,8 +112,8 @@ def labelled_sources(data: str | Path, val_fraction: float = 0.2, seed: int = 0,
     # open_source's to tell.
     pair: tuple[ImageSource, ImageSource] | None = None
     held = next((root / n for n in ("val", "test") if (root / n).is_dir()), None)
-    if shard_splits(root):
-        train_shards, held_shards = shard_splits(root)
+    if found := shard_splits(root):
+        train_shards, held_shards = found
         pair = ShardSource(train_shards), ShardSource(held_shards)
     elif is_hf_dataset(root) and {"train", "test"} <= set(splits := load_hf_splits(root)):
         pair = (HFSource(splits["train"], hf_image_column, hf_label_column, f"{root}:train"),
@@ -153,7 +153,7 @@ def load_splits(data: str | Path, train_tf: Callable | None, test_tf: Callable |
     of ``limit_*`` samples for quick runs (``balanced``: the same count per class)."""
 
     def pick(source: ImageSource, limit, s) -> ImageSource:
-        labels = source.labels
+        labels = cast(np.ndarray, source.labels)  # a labelled source
         if balanced and limit is not None and limit < len(labels):
             return SubsetSource(source, balanced_subset(labels, limit, s))
         if limit is not None and limit < len(labels):
@@ -166,4 +166,4 @@ def load_splits(data: str | Path, train_tf: Callable | None, test_tf: Callable |
         check_classes(train, mode, str(data))
     train, test = pick(train, limit_train, seed), pick(test, limit_test, seed + 1)
     return Splits(LabelledDataset(train, train_tf, channels), LabelledDataset(test, test_tf, channels),
-                  list(train.classes))
+                  list(cast(list[str], train.classes)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import cast
 
 from PIL import Image
 from timm.data import Mixup, create_transform
@@ -24,10 +25,11 @@ def train_transform(img_size: int, auto_augment: str | None = RAND_AUGMENT, re_p
     (``--color_jitter`` defaults to None there) and MAE's linear probe: timm's own default (0.4)
     switches colour jitter on whenever RandAugment is off, which on a small set costs accuracy the
     papers' recipes never paid."""
+    # timm takes color_jitter=None (no jitter), which its annotation leaves out.
     transform = create_transform(img_size, is_training=True, auto_augment=auto_augment or None, re_prob=re_prob,
-                                 color_jitter=color_jitter, hflip=0.5 if hflip else 0.0,
-                                 scale=tuple(scale), re_mode="pixel", re_count=1, interpolation="bicubic",
-                                 mean=tuple(mean), std=tuple(std))
+                                 color_jitter=color_jitter, hflip=0.5 if hflip else 0.0,  # type: ignore[arg-type]
+                                 scale=cast(tuple[float, float], tuple(scale)), re_mode="pixel", re_count=1,
+                                 interpolation="bicubic", mean=tuple(mean), std=tuple(std))
     for step in getattr(transform, "transforms", []):
         for op in getattr(step, "ops", []):
             if "Posterize" in op.name:

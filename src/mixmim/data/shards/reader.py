@@ -44,7 +44,7 @@ class ShardSource(ImageSource):
         self._pid = os.getpid()
 
     def _classes(self, entries: dict[str, ShardEntry], labels: np.ndarray) -> list[str] | None:
-        inner = [entries[p.name].classes for p in self.shards if entries[p.name].classes]
+        inner = [found for p in self.shards if (found := entries[p.name].classes)]
         if inner:
             return sorted({c for names in inner for c in names}) if len(inner) > 1 else inner[0]
         listed = self.shards[0].parent / "classes.json"

@@ -97,6 +97,7 @@ class _ShardWriter:
     def flush(self) -> None:
         if self.tar is None:
             return
+        assert self.tmp is not None  # set together with self.tar
         self.tar.close()
         with open(self.tmp, "rb+") as handle:
             os.fsync(handle.fileno())
@@ -107,6 +108,7 @@ class _ShardWriter:
 
     def abort(self) -> None:
         if self.tar is not None:
+            assert self.tmp is not None  # set together with self.tar
             self.tar.close()
             self.tmp.unlink(missing_ok=True)
             self.tar = self.tmp = None

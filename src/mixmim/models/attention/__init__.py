@@ -117,6 +117,8 @@ class WindowAttention(nn.Module):
     """Multi-head self-attention in square windows with a learned relative position bias
     (Swin Transformer), optionally restricted to tokens of the same group (MixMIM section 2.3)."""
 
+    relative_position_index: Tensor  # buffer
+
     def __init__(
         self,
         dim: int,

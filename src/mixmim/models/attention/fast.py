@@ -17,11 +17,13 @@ block's input, its output and the log-sum-exps and recomputes the rest.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mixmim.models.attention.layout import GroupLayout
+from mixmim.models.attention.layout import GroupLayout, GroupPlan
 
 # Per-call budget (elements) for the attention matrices materialised in the backward recompute.
 _RECOMPUTE_BUDGET = 1 << 23
@@ -113,7 +115,7 @@ class GatheredCalls:
         self.b, self.nw, self.n, self.c = shape
         self.h, self.d = heads, self.c // heads
         self.rel_index = rel_index
-        self.plan = layout.plan() if layout is not None else None
+        self.plan: GroupPlan | None = layout.plan() if layout is not None else None
         self.additive = self.plan.additive if self.plan is not None else None
         self.gathered = self.plan is not None and self.plan.gathered
         self.lead = self.b if (layout is None or layout.shared) else 1
@@ -127,14 +129,15 @@ class GatheredCalls:
         if not self.gathered:
             t = t.reshape(b, nw, n, k, h, d).permute(3, 0, 1, 4, 2, 5)  # (k, B, nW, heads, N, d)
             return [t.reshape(k, b * nw, h, n, d) if self.plan is None else t.reshape(k, b, nw * h, n, d)]
-        tokens = t.reshape(self.lead, -1, k * self.c).index_select(1, self.plan.gather)
+        plan = cast(GroupPlan, self.plan)  # gathered: there is a plan
+        tokens = t.reshape(self.lead, -1, k * self.c).index_select(1, plan.gather)
         if zero_pads:
             pad = torch.ones(tokens.shape[1], dtype=torch.bool, device=tokens.device)
-            tokens.masked_fill_(pad.index_fill_(0, self.plan.scatter, False)[:, None], 0)
-        parts = tokens.split([count * length for count, length in self.plan.buckets], dim=1)
+            tokens.masked_fill_(pad.index_fill_(0, plan.scatter, False)[:, None], 0)
+        parts = tokens.split([count * length for count, length in plan.buckets], dim=1)
         return [part.reshape(self.lead, count, length, k, h, d).permute(3, 0, 1, 4, 2, 5)
                 .reshape(k, self.lead, count * h, length, d)
-                for (count, length), part in zip(self.plan.buckets, parts)]
+                for (count, length), part in zip(plan.buckets, parts)]
 
     def merge(self, parts: list[Tensor]) -> Tensor:
         """Inverse of :meth:`split`: per call (k, lead, count * heads, L, d) -> (B, nW, N, k * C), contiguous."""
@@ -142,10 +145,11 @@ class GatheredCalls:
         k = parts[0].shape[0]
         if not self.gathered:
             return parts[0].reshape(k, b, nw, h, n, d).permute(1, 2, 4, 0, 3, 5).reshape(b, nw, n, k * self.c)
+        plan = cast(GroupPlan, self.plan)
         outs = [o.reshape(k, self.lead, count, h, length, d).permute(1, 2, 4, 0, 3, 5)
-                .reshape(self.lead, count * length, k * self.c) for (count, length), o in zip(self.plan.buckets, parts)]
+                .reshape(self.lead, count * length, k * self.c) for (count, length), o in zip(plan.buckets, parts)]
         out = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
-        return out.index_select(1, self.plan.scatter).reshape(b, nw, n, k * self.c)
+        return out.index_select(1, plan.scatter).reshape(b, nw, n, k * self.c)
 
     def biases(self, table: Tensor) -> list[Tensor]:
         """Per call (1, count * heads, L, L): relative position bias (+ the window's 0/-inf mask)."""
@@ -155,11 +159,11 @@ class GatheredCalls:
             if self.additive is None:
                 return [bias.unsqueeze(0).contiguous()]
             return [(self.additive + bias).reshape(1, self.nw * h, n, n)]
+        plan = cast(GroupPlan, self.plan)
         # One spare table row of -inf: padded keys look it up and drop out of the softmax.
         table = torch.cat([table, table.new_full((1, h), float("-inf"))])
         return [table.index_select(0, rel.reshape(-1)).reshape(count, length, length, h).permute(0, 3, 1, 2)
-                .reshape(1, count * h, length, length) for (count, length), rel in zip(self.plan.buckets,
-                                                                                      self.plan.rel_index)]
+                .reshape(1, count * h, length, length) for (count, length), rel in zip(plan.buckets, plan.rel_index)]
 
     def table_grad(self, dbiases: list[Tensor], rows: int) -> Tensor:
         """Gradient of the (rows, heads) table from the per-call bias gradients."""
@@ -168,7 +172,8 @@ class GatheredCalls:
         if not self.gathered:
             dbias = dbiases[0].reshape(-1, h, n, n).sum(0)
             return grad[:rows].index_add_(0, self.rel_index.reshape(-1), dbias.permute(1, 2, 0).reshape(-1, h))
-        for (count, length), rel, dbias in zip(self.plan.buckets, self.plan.rel_index, dbiases):
+        plan = cast(GroupPlan, self.plan)
+        for (count, length), rel, dbias in zip(plan.buckets, plan.rel_index, dbiases):
             grad.index_add_(0, rel.reshape(-1), dbias.reshape(count, h, length, length).permute(0, 2, 3, 1)
                             .reshape(-1, h))
         return grad[:rows]
@@ -182,8 +187,10 @@ def fast_qkv_attention(qkv: Tensor, heads: int, table: Tensor, rel_index: Tensor
     mask per window, shared by the batch)."""
     b, nw, n, c3 = qkv.shape
     calls = GatheredCalls((b, nw, n, c3 // 3), heads, rel_index, layout)
-    outs = [biased_attention(*part.unbind(0), bias, scale, dropout).unsqueeze(0)
-            for part, bias in zip(calls.split(qkv), calls.biases(table))]
+    outs = []
+    for part, bias in zip(calls.split(qkv), calls.biases(table)):
+        q, k, v = part.unbind(0)
+        outs.append(biased_attention(q, k, v, bias, scale, dropout).unsqueeze(0))
     return calls.merge(outs)
 
 

@@ -50,7 +50,7 @@ def _block_mask(layout: GroupLayout | None, num_windows: int, window_tokens: int
         return same & (ids[row, q_idx] == ids[row, kv_idx])
 
     length = num_windows * n
-    batch = None if shared else ids.shape[0]
+    batch = None if ids is None or shared else ids.shape[0]
     mask = create_block_mask(mask_mod, batch, None, length, length, device=device)
     if layout is not None:
         layout._flex_mask = (key, mask)
