@@ -191,3 +191,24 @@ def train_two_steps(tmp_path, config=None, method=None, img_size: int | None = N
     if decoder and any(k.startswith("decoder") for k in before):
         assert any(k.startswith("decoder") for k in changed)
     return method
+
+
+def stop_with_sigterm(verb: str, args: list[str], metrics: Path, rows: int = 3, timeout: float = 240):
+    """Run ``mixmim VERB ARGS`` in a process (one intra-op thread, as this test process), send it SIGTERM
+    once ``metrics`` (its metrics.csv) has ``rows`` lines, and return (returncode, stdout, stderr)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "mixmim", verb, *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= rows:
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=timeout)
+    return process.returncode, out, err

@@ -38,7 +38,7 @@ def _requirements(extras: tuple[str, ...] = ()) -> list[Requirement]:
 
 def test_every_dependency_is_a_range_from_a_tested_lower_bound_to_the_next_major():
     lower, ci = _pins(ROOT / "constraints-lower.txt"), _pins(ROOT / "constraints.txt")
-    for req in _requirements(("test", "wandb", "mlflow", "hf")):
+    for req in _requirements(("test", "wandb", "mlflow", "hf", "dense")):
         name = canonicalize_name(req.name)
         ops = {s.operator: Version(s.version) for s in req.specifier}
         assert set(ops) == {">=", "<"}, f"{req}: want '>=lower,<next major'"
@@ -52,7 +52,7 @@ def test_every_dependency_is_a_range_from_a_tested_lower_bound_to_the_next_major
 def test_constraints_pin_what_ci_installs_and_fit_the_ranges():
     pins = _pins(ROOT / "constraints.txt")
     assert "mixmim" not in pins
-    for req in _requirements(("test", "wandb", "mlflow", "hf")):
+    for req in _requirements(("test", "wandb", "mlflow", "hf", "dense")):
         name = canonicalize_name(req.name)
         assert name in pins, f"constraints.txt does not pin {req.name}"
         assert pins[name] in req.specifier, f"constraints.txt has {req.name}=={pins[name]}, outside {req.specifier}"

@@ -205,6 +205,31 @@ class KNNConfig:
 
 
 @dataclass
+class DetectConfig:
+    """``detect``: Mask R-CNN or Cascade Mask R-CNN on the encoder (MixMIM section 3 and section 8; MixedAE
+    Table 1). ``augment``: ``lsj`` (large-scale jitter: a ``size x size`` crop of the image scaled by
+    ``scale_range``, the protocol of MixMIM, SimMIM and ViTDet) or ``multiscale`` (shorter side 480-800,
+    longer at most ``max_size``: MixedAE, iBOT). ``mixmim_windows``: MixMIM's detection windows (16, and 32
+    on blocks 6, 12 and 18 of stage 3; section 3) on a MixMIM encoder. ``fpn_channels``: the pyramid's
+width and the heads' convolutions'. The COCO files: ``data.path`` as COCO
+    2017 is on disk, or each named here (a user's own export in the COCO format)."""
+
+    detector: Literal["mask_rcnn", "cascade_mask_rcnn"] = "mask_rcnn"
+    augment: Literal["lsj", "multiscale"] = "lsj"
+    size: int = 1024
+    scale_range: tuple[float, float] = (0.1, 2.0)
+    max_size: int = 1333
+    fpn_channels: int = 256
+    mixmim_windows: bool = True
+    train_json: str | None = None
+    train_images: str | None = None
+    val_json: str | None = None
+    val_images: str | None = None
+    detections_per_image: int = 100
+    rois_per_image: int = 512  # proposals sampled per image to train the RoI heads (detectron2's 512)
+
+
+@dataclass
 class SegmentConfig:
     """``segment``: UperNet on the encoder (MixMIM section 3; BEiT's recipe). ``num_classes`` None:
     1 + the largest label in the masks; label 255 is ignored."""

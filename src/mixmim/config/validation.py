@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from mixmim.config.runs import FinetuneRunConfig, KNNRunConfig, RunConfig, SegmentRunConfig
+from mixmim.config.runs import DetectRunConfig, FinetuneRunConfig, KNNRunConfig, RunConfig, SegmentRunConfig
 from mixmim.config.sections import OptimConfig, TrainConfig
 from mixmim.utils.typed import ConfigError
 
@@ -47,6 +47,18 @@ def validate(config: Any) -> None:
         _at_least([("eval.every_epochs", config.eval.every_epochs, 0), ("eval.batch_size", config.eval.batch_size, 1)])
     if not isinstance(config, RunConfig) and config.model.img_size is not None:
         _at_least([("model.img_size", config.model.img_size, 16)])
+    if isinstance(config, DetectRunConfig):
+        d = config.detect
+        _at_least([("detect.size", d.size, 32), ("detect.max_size", d.max_size, 32), ("detect.fpn_channels",
+                   d.fpn_channels, 1), ("detect.detections_per_image", d.detections_per_image, 1),
+                   ("detect.rois_per_image", d.rois_per_image, 1)])
+        if d.size % 32:
+            raise ConfigError(f"config key 'detect.size': {d.size} must be a multiple of 32 (the encoder's stride)")
+        if not 0 < d.scale_range[0] <= d.scale_range[1]:
+            raise ConfigError(f"config key 'detect.scale_range': {list(d.scale_range)} must satisfy 0 < low <= high")
+        if d.detector not in ("mask_rcnn", "cascade_mask_rcnn"):
+            raise ConfigError(f"config key 'detect.detector': {d.detector!r}; expected mask_rcnn or "
+                              "cascade_mask_rcnn")
     if isinstance(config, SegmentRunConfig):
         _at_least([("segment.num_classes", config.segment.num_classes, 2), ("segment.channels",
                                                                             config.segment.channels, 1)])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -103,8 +104,20 @@ def _fmt(value: Any) -> Any:
     return f"{value:.6g}" if isinstance(value, float) else value
 
 
+def _strict(value: Any) -> Any:
+    """NaN and infinities as null: JSON has no such numbers (COCOeval's "no object of this size" is NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
 def write_json(path: Path, data: dict[str, Any]) -> Path:
-    return atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+    """``data`` as strict JSON (non-finite numbers as null), written atomically."""
+    return atomic_write_text(path, json.dumps(_strict(data), indent=2, allow_nan=False) + "\n")
 
 
 def segmentation_scores(matrix: Tensor) -> dict[str, float]:

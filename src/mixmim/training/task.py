@@ -56,6 +56,12 @@ class RunContext(Protocol):
         """Load whole weights (a full state dict) into the trained module, on every process."""
 
 
+def every_epochs(every: int, total_steps: int, steps_per_epoch: int) -> set[int]:
+    """The end of every ``every``-th epoch (none when 0) and of the run: when the transfer tasks evaluate."""
+    span = every * steps_per_epoch
+    return (set(range(span, total_steps + 1, span)) if span > 0 else set()) | {total_steps}
+
+
 @dataclass
 class StepOutput:
     """What one micro-batch gives the loop: the loss to minimise and anything else worth logging

@@ -28,7 +28,7 @@ from mixmim.data.labelled import eval_transform, make_mixup, train_transform
 from mixmim.evaluation.metrics import write_classification_report, write_json
 from mixmim.evaluation.sharded import Scores, evaluate_classifier
 from mixmim.interop.torch_files import load_torch_file
-from mixmim.training.task import RunContext, StepOutput, Task
+from mixmim.training.task import RunContext, StepOutput, Task, every_epochs
 from mixmim.transfer.classifier import (
     Classifier,
     build_classifier,
@@ -83,9 +83,7 @@ class ClassificationTask(Task):
         return ["test_loss", "acc1", "acc5"]
 
     def evaluation_steps(self, total_steps: int, steps_per_epoch: int) -> set[int]:
-        every = self.config.eval.every_epochs
-        ends = set(range(every * steps_per_epoch, total_steps + 1, every * steps_per_epoch)) if every else set()
-        return ends | {total_steps}
+        return every_epochs(self.config.eval.every_epochs, total_steps, steps_per_epoch)
 
     def collate(self, items: list[dict]) -> dict:
         return collate_labelled(items)

@@ -71,6 +71,8 @@ def run_transfer(config: Any, resume: bool = False, overwrite: bool = False,
         from mixmim.transfer.linprobe import ProbeTask as task_class
     elif verb == "segment":
         from mixmim.transfer.segmentation import SegmentTask as task_class
+    elif verb == "detect":
+        from mixmim.transfer.detection import DetectTask as task_class
     else:
         raise ConfigError(f"{verb!r} is not a transfer verb")
     return train(task_class(config), resume=resume, overwrite=overwrite, allow_changes=allow_changes)

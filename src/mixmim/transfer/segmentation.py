@@ -36,7 +36,7 @@ from mixmim.evaluation.metrics import segmentation_scores, write_json
 from mixmim.evaluation.sharded import shard_loader, sum_over_processes
 from mixmim.interop.pretrained import build_encoder
 from mixmim.models.dense import MixMIMBackbone
-from mixmim.training.task import RunContext, StepOutput, Task
+from mixmim.training.task import RunContext, StepOutput, Task, every_epochs
 from mixmim.transfer.classifier import resolve_model
 from mixmim.utils.files import atomic_write
 
@@ -264,9 +264,7 @@ class SegmentTask(Task):
         return StepOutput(F.cross_entropy(logits.float(), batch["label"], ignore_index=IGNORE))
 
     def evaluation_steps(self, total_steps: int, steps_per_epoch: int) -> set[int]:
-        every = self.config.eval.every_epochs
-        ends = set(range(every * steps_per_epoch, total_steps + 1, every * steps_per_epoch)) if every else set()
-        return ends | {total_steps}
+        return every_epochs(self.config.eval.every_epochs, total_steps, steps_per_epoch)
 
     @torch.no_grad()
     def evaluate(self, run: RunContext, step: int) -> dict[str, float]:

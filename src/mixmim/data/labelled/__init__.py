@@ -23,12 +23,12 @@ seed = index. An unreadable image is replaced by the next readable one, listed i
 from mixmim.data.labelled.cache import CachedLabelled, cached
 from mixmim.data.labelled.datasets import LabelledDataset, collate_labelled
 from mixmim.data.labelled.splits import (
-                                         FASHION_MNIST,
-                                         Splits,
-                                         balanced_subset,
-                                         check_classes,
-                                         labelled_sources,
-                                         load_splits,
+    FASHION_MNIST,
+    Splits,
+    balanced_subset,
+    check_classes,
+    labelled_sources,
+    load_splits,
 )
 from mixmim.data.labelled.transforms import RAND_AUGMENT, eval_transform, make_mixup, train_transform
 

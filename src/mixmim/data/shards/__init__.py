@@ -20,15 +20,15 @@ members with their offsets in the outer file, the inner tar's name as the class.
 
 from mixmim.data.shards.index import ShardEntry, index_shard, load_index
 from mixmim.data.shards.layout import (
-                                       IMAGE_EXTS,
-                                       INDEX_NAME,
-                                       INDEX_VERSION,
-                                       SHARD_NAME,
-                                       ShardError,
-                                       parse_size,
-                                       shard_files,
-                                       shard_splits,
-                                       split_key,
+    IMAGE_EXTS,
+    INDEX_NAME,
+    INDEX_VERSION,
+    SHARD_NAME,
+    ShardError,
+    parse_size,
+    shard_files,
+    shard_splits,
+    split_key,
 )
 from mixmim.data.shards.reader import ShardSource
 from mixmim.data.shards.writer import ShardReport, previous_shard_files, write_shard_set, write_shards
