@@ -212,3 +212,21 @@ def stop_with_sigterm(verb: str, args: list[str], metrics: Path, rows: int = 3, 
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=timeout)
     return process.returncode, out, err
+
+
+def torchrun_verb(nproc: int, verb: str, args: list[str], timeout: int = 600):
+    """``mixmim VERB ARGS`` under torchrun on ``nproc`` gloo processes (one thread each); the finished
+    process (``returncode``, ``stderr``)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
+                                                                                *sys.path])}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                           "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "mixmim", verb, *args],
+                          capture_output=True, text=True, timeout=timeout, env=env)

@@ -61,3 +61,32 @@ def write_coco(root: Path, split: str, count: int, size: int = 64, seed: int = 0
     tree = {"images": images, "annotations": annotations, "categories": CATEGORIES}
     (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(tree))
     return root
+
+
+ADE_COLOURS = {1: (220, 60, 60), 2: (60, 200, 90), 3: (70, 90, 230)}  # 0 is ADE20K's "other"
+
+
+def write_ade20k(root: Path, train: int, val: int, seed: int = 0) -> Path:
+    """``root/ADEChallengeData2016/{images,annotations}/{training,validation}``: images of several sizes
+    (none square) with rectangles and ellipses of classes 1-3 on "other" (0); returns the ADE folder."""
+    rng = np.random.default_rng(seed)
+    ade = root / "ADEChallengeData2016"
+    for split, count in (("training", train), ("validation", val)):
+        (ade / "images" / split).mkdir(parents=True, exist_ok=True)
+        (ade / "annotations" / split).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            height, width = int(rng.integers(40, 72)), int(rng.integers(56, 100))
+            canvas = Image.fromarray(rng.integers(0, 60, (height, width, 3)).astype(np.uint8))
+            labels = Image.new("L", (width, height))
+            for k in range(3):
+                cls = 1 + (i + k) % 3
+                w, h = int(rng.integers(width // 5, width // 2)), int(rng.integers(height // 5, height // 2))
+                x, y = int(rng.integers(0, width - w)), int(rng.integers(0, height - h))
+                shape = [x, y, x + w - 1, y + h - 1]
+                draw = ImageDraw.Draw(canvas).rectangle if cls != 2 else ImageDraw.Draw(canvas).ellipse
+                draw(shape, fill=ADE_COLOURS[cls])
+                (ImageDraw.Draw(labels).rectangle if cls != 2 else ImageDraw.Draw(labels).ellipse)(shape, fill=cls)
+            stem = f"ADE_{split[:3]}_{i:08d}"
+            canvas.save(ade / "images" / split / f"{stem}.jpg", quality=95)
+            labels.save(ade / "annotations" / split / f"{stem}.png")
+    return ade

@@ -6,10 +6,11 @@ import torch
 from PIL import Image
 
 from conftest import TINY_ENCODER
-from mixmim.evaluation.layer_decay import create_optimizer
-from mixmim.models.dense import MixMIMBackbone, mask_rcnn
+from mixmim.evaluation.layer_decay import dense_param_groups
+from mixmim.models.dense import MixMIMBackbone
+from mixmim.models.detection import build_detector
 from mixmim.models.mixmim_vit import MixMIMTransformer
-from mixmim.transfer.segmentation import UperNet
+from mixmim.models.segmentation import UperNet
 
 
 def _encoder():
@@ -29,8 +30,8 @@ def test_backbone_returns_four_normed_nchw_maps_and_crops_padding():
 
 
 def test_mask_rcnn_forward_backward_on_two_images():
-    model = mask_rcnn(_encoder(), num_classes=3, fpn_channels=32, rpn_batch_size_per_image=32,
-                      box_batch_size_per_image=16)
+    model = build_detector(_encoder(), num_classes=2, fpn_channels=32, rpn_batch_size_per_image=32,
+                           box_batch_size_per_image=16)
     model.train()
     images = [torch.rand(3, 128, 112), torch.rand(3, 96, 128)]
     targets = []
@@ -55,17 +56,19 @@ def test_mask_rcnn_forward_backward_on_two_images():
 
 
 def test_upernet_trains_one_step():
-    model = UperNet(_encoder(), num_classes=4, channels=32)
-    opt = create_optimizer(model, lr=1e-3, layer_decay=0.85)
+    model = UperNet(_encoder(), num_classes=4, channels=32, aux_channels=8)
+    opt = torch.optim.AdamW(dense_param_groups(model, model.encoder, 0.05, 0.85), lr=1e-3)
     weight = model.head.classifier.weight
     head_scale = {g["lr_scale"] for g in opt.param_groups if any(p is weight for p in g["params"])}
     assert head_scale == {1.0}
     x = torch.randn(2, 3, 128, 128)
     y = torch.randint(0, 4, (2, 128, 128))
     y[:, :8] = 255
-    logits = model(x)
-    assert logits.shape == (2, 4, 128, 128)
-    loss = torch.nn.functional.cross_entropy(logits, y, ignore_index=255)
+    logits, aux = model(x)  # training: the main and the auxiliary head's logits
+    assert logits.shape == aux.shape == (2, 4, 128, 128)
+    assert model.eval()(x).shape == (2, 4, 128, 128) and model.train().training
+    loss = torch.nn.functional.cross_entropy(logits, y, ignore_index=255) + 0.4 * torch.nn.functional.cross_entropy(
+        aux, y, ignore_index=255)
     before = model.head.classifier.weight.detach().clone()
     loss.backward()
     opt.step()
@@ -89,7 +92,8 @@ def test_segment_cli_on_tiny_folder(tmp_path, capsys):
     save_encoder(MixMIMTransformer(**{**TINY_ENCODER, "img_size": 64, "window_size": (8, 8, 4, 2)}),
                  tmp_path / "enc")
     code = main(["segment", "--checkpoint", str(tmp_path / "enc.safetensors"), "--data", str(tmp_path / "seg"),
-                 "--epochs", "1", "--batch-size", "2", "--channels", "16", "--num-workers", "0",
+                 "--epochs", "1", "--batch-size", "2", "--channels", "16", "--num-workers", "0", "--crop-size", "64",
+                 "--stride", "43", "segment.scale=[256,64]", "segment.aux_channels=8",
                  "--output", str(tmp_path / "out"), "--no-progress"])
     assert code == 0
     assert "mIoU" in capsys.readouterr().out

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 
 pytest.importorskip("pycocotools")
 
-from conftest import TINY_ENCODER, stop_with_sigterm  # noqa: E402
+from conftest import TINY_ENCODER, stop_with_sigterm, torchrun_verb  # noqa: E402
 from dense_data import CATEGORIES, write_coco  # noqa: E402
 from mixmim.data.coco import CocoDetection, CocoError, large_scale_jitter  # noqa: E402
 from mixmim.evaluation.coco_eval import coco_evaluate, to_coco_results  # noqa: E402
@@ -266,19 +265,10 @@ def test_detect_without_a_coco_layout_says_what_it_expects(coco, tmp_path):
 def test_detect_scores_the_same_on_one_and_two_gloo_processes(coco):
     """Five validation images on two processes (3 + 2): every image predicted once, gathered, scored once.
     The weights stay at their seeded start (lr 1e-12) so that both runs evaluate the same detector."""
-    import socket
 
     frozen = ("optim.lr=1e-12", "optim.warmup_steps=0", "eval.batch_size=2", "train.batch_size=2")
     run_transfer(load_transfer_config("detect", None, detect_overrides(coco, "one", *frozen)))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), *sys.path])}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "mixmim", "detect",
-                           *detect_overrides(coco, "two_processes", *frozen,
-                                             "train.distributed=ddp")],
-                          capture_output=True, text=True, timeout=600, env=env)
+    done = torchrun_verb(2, "detect", detect_overrides(coco, "two_processes", *frozen, "train.distributed=ddp"))
     assert done.returncode == 0, done.stderr[-3000:]
     one = json.loads((coco / "one" / "results.json").read_text())
     two = json.loads((coco / "two_processes" / "results.json").read_text())

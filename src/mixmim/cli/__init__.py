@@ -16,7 +16,7 @@ VERBS: dict[str, str] = {
     "finetune": "fine-tune a pretrained encoder for classification on an image folder or Fashion-MNIST",
     "linprobe": "train a linear classifier on the frozen encoder (BatchNorm + linear, as MAE)",
     "knn": "k-NN (cosine, k=20, temperature-weighted) accuracy of a frozen encoder",
-    "segment": "train a UperNet segmentation model on the encoder (folder of images and masks)",
+    "segment": "train UperNet semantic segmentation on the encoder (ADE20K protocol; ADE20K or images/ + masks/)",
     "detect": "train Mask R-CNN / Cascade Mask R-CNN on the encoder, COCO box and mask AP (COCO-format data)",
     "convert": "turn a release checkpoint into this project's names (.pt or .safetensors)",
     "export": "export a checkpoint's encoder as safetensors + JSON (loadable by timm.create_model)",

@@ -1,5 +1,10 @@
-"""``mixmim segment``: UperNet semantic segmentation on the encoder (folder of images/ and masks/), on the
-training loop; reports mIoU and pixel accuracy."""
+"""``mixmim segment``: UperNet semantic segmentation on the encoder to the ADE20K protocol (random resize
+and 512 crops, auxiliary FCN head, sliding-window mIoU at the original resolution), on the training loop.
+
+    mixmim segment --checkpoint runs/b --data /data/ADEChallengeData2016        # ADE20K as it is on disk
+    mixmim segment -c segment/mixmim_base_upernet_16k --checkpoint runs/b --data /data/ADEChallengeData2016
+    mixmim segment --checkpoint runs/ft_b --data my_folder   # a fine-tuned classifier; images/ + masks/
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,9 @@ SPECS = COMMON + OPTIM + [
     ("--layer-decay", "optim.layer_decay", float, "0.85/0.9 for B/L in the paper"),
     ("--drop-path", "model.drop_path_rate", float, "drop path"),
     ("--warmup-iters", "optim.warmup_steps", int, "warm-up steps"),
+    ("--iters", "train.max_steps", int, "training iterations (16000 in MixMIM Table 4, 160000 in BEiT's)"),
+    ("--crop-size", "segment.crop_size", int, "training crop and evaluation window (512)"),
+    ("--stride", "segment.stride", int, "sliding-window stride at evaluation (default: 2/3 of the crop, 341 for 512)"),
     ("--channels", "segment.channels", int, "UperNet width (512 as mmseg)"),
     ("--select", "eval.select", str, "report the 'last' evaluation or the 'best' one"),
 ]

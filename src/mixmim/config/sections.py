@@ -182,6 +182,7 @@ class EvalConfig:
     the number is reported on)."""
 
     every_epochs: int = 1
+    every_steps: int = 0  # also every this many steps (0: no): iteration schedules (ADE20K's 16k / 160k)
     select: Literal["last", "best"] = "last"
     batch_size: int | None = None  # None: the training micro-batch
 
@@ -231,8 +232,27 @@ width and the heads' convolutions'. The COCO files: ``data.path`` as COCO
 
 @dataclass
 class SegmentConfig:
-    """``segment``: UperNet on the encoder (MixMIM section 3; BEiT's recipe). ``num_classes`` None:
-    1 + the largest label in the masks; label 255 is ignored."""
+    """``segment``: UperNet on the encoder with the ADE20K protocol (MixMIM section 3 and section 8; BEiT's
+    settings): random resize to ``ratio_range`` of ``scale``, ``crop_size`` crops under the
+    ``cat_max_ratio`` rule, flip, ``photometric`` distortion; sliding-window evaluation (``crop_size``
+    windows at ``stride``) and mIoU at each image's original resolution. The auxiliary FCN head adds
+    ``aux_weight`` times its loss (0: no auxiliary head). ``reduce_zero_label``: label 0 ignored and the
+    others shifted down by one (ADE20K's "other"); None: on for the ADE20K layout, off for images/ +
+    masks/. ``num_classes`` None: 1 + the largest label in the masks (after the shift); 255 is ignored.
+    ``mixmim_windows``: MixMIM's detection windows on a MixMIM encoder (section 3: "we also change the
+    window size"); ``vit_levels``: a plain ViT's four levels from blocks 4/6/8/12 (BEiT) rather than
+    ViTDet's pyramid from the last block."""
 
     num_classes: int | None = None
     channels: int = 512
+    aux_channels: int = 256
+    aux_weight: float = 0.4
+    crop_size: int = 512
+    stride: int | None = None  # None: two thirds of the crop (341 for 512, as BEiT's)
+    scale: tuple[int, int] = (2048, 512)
+    ratio_range: tuple[float, float] = (0.5, 2.0)
+    cat_max_ratio: float = 0.75
+    photometric: bool = True
+    reduce_zero_label: bool | None = None
+    mixmim_windows: bool = True
+    vit_levels: bool = True

@@ -60,8 +60,21 @@ def validate(config: Any) -> None:
             raise ConfigError(f"config key 'detect.detector': {d.detector!r}; expected mask_rcnn or "
                               "cascade_mask_rcnn")
     if isinstance(config, SegmentRunConfig):
-        _at_least([("segment.num_classes", config.segment.num_classes, 2), ("segment.channels",
-                                                                            config.segment.channels, 1)])
+        g = config.segment
+        _at_least([("segment.num_classes", g.num_classes, 2), ("segment.channels", g.channels, 1),
+                   ("segment.aux_channels", g.aux_channels, 1), ("segment.aux_weight", g.aux_weight, 0),
+                   ("segment.crop_size", g.crop_size, 32), ("segment.stride", g.stride, 1),
+                   ("segment.cat_max_ratio", g.cat_max_ratio, 0)])
+        if g.crop_size % 32:
+            raise ConfigError(f"config key 'segment.crop_size': {g.crop_size} must be a multiple of 32 (the "
+                              "encoder's stride)")
+        if g.stride is not None and g.stride > g.crop_size:
+            raise ConfigError(f"config key 'segment.stride': {g.stride} is larger than the crop {g.crop_size}: "
+                              "the windows would leave pixels uncovered")
+        if not 0 < g.ratio_range[0] <= g.ratio_range[1] or min(g.scale) < 1:
+            raise ConfigError(f"config key 'segment.ratio_range'/'segment.scale': {list(g.ratio_range)} of "
+                              f"{list(g.scale)} must be positive with low <= high")
+    _at_least([("eval.every_steps", getattr(getattr(config, "eval", None), "every_steps", None), 0)])
     if isinstance(config, KNNRunConfig):
         _at_least([("knn.k", config.knn.k, 1)])
         if config.knn.temperature <= 0:

@@ -131,11 +131,12 @@ def create_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05, la
 
 
 def dense_param_groups(model: nn.Module, encoder: nn.Module, weight_decay: float = 0.05,
-                       layer_decay: float = 1.0) -> list[dict[str, Any]]:
+                       layer_decay: float = 1.0, no_decay_keywords: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Parameter groups of a detector or segmentor whose backbone is ``encoder``: the encoder's layers
     decayed (ViTDet's and BEiT's rule: layer l of L gets ``decay ** (L + 1 - l)``, so the last block is
     already decayed once), everything else (neck, heads) at the full rate; weight decay as in
-    :func:`param_groups`. MixMIM Table 4's 0.85 / 0.9 for B / L."""
+    :func:`param_groups`, and none on names holding one of ``no_decay_keywords`` (BEiT's segmentation
+    keeps the relative position tables out). MixMIM Table 4's 0.85 / 0.9 for B / L."""
     if not 0.0 < layer_decay <= 1.0:
         raise ValueError(f"layer_decay={layer_decay} must be in (0, 1]")
     owned = {id(p): name for name, p in encoder.named_parameters()}
@@ -149,7 +150,8 @@ def dense_param_groups(model: nn.Module, encoder: nn.Module, weight_decay: float
         inner = owned.get(id(param))
         scale = layer_decay ** (top - ids[inner]) if inner is not None and inner in ids else 1.0
         no_decay = param.ndim <= 1 or name.endswith(".bias") or (
-            inner is not None and any(fnmatch.fnmatch(inner, p) for p in patterns))
+            inner is not None and any(fnmatch.fnmatch(inner, p) for p in patterns)) or any(
+            k in name for k in no_decay_keywords)
         key = (scale, no_decay)
         if key not in groups:
             groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else weight_decay, "lr_scale": scale}

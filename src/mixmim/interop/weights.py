@@ -32,7 +32,7 @@ from mixmim.interop.meta import (
     read_pair_meta,
 )
 from mixmim.interop.official import convert_official
-from mixmim.interop.torch_files import CheckpointError
+from mixmim.interop.torch_files import CheckpointError, load_torch_file
 from mixmim.models.registry import MODELS, encoder_args, family_of, name_for_config, split_overrides
 
 log = logging.getLogger("mixmim")
@@ -63,6 +63,13 @@ def open_weights(path: str | Path | None, model: str | None = None) -> Pretraine
         return _hub_export(Path(path), model)
     if Path(path).suffix == ".safetensors":
         return _pair_export(Path(path), model)
+    reported = Path(path) / "model.pt"
+    if Path(path).is_dir() and reported.is_file():
+        # A finished fine-tuning run: the weights it reports (eval.select's best or last), not its newest
+        # training checkpoint. Other tasks' model.pt (a detector, a segmenter) are not an encoder's.
+        classifier = load_torch_file(reported)
+        if classifier.get("format") == CLASSIFIER_FORMAT:
+            return _our_checkpoint(reported, classifier, model)
     path, checkpoint = open_weights_file(path)  # a run folder: its newest good checkpoint; no code run from it
     kind = checkpoint.get("format")
     if kind in (CHECKPOINT_FORMAT, CLASSIFIER_FORMAT):

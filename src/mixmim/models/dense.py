@@ -6,7 +6,7 @@ through its own LayerNorm as Swin detection backbones do. The maps come from the
 ``forward_intermediates`` (timm's feature API, the path of ``timm.create_model(...,
 features_only=True)``), for the MixMIM encoder and timm's families alike. :class:`MixMIMFPN` adds
 torchvision's feature pyramid so that ``torchvision.models.detection.MaskRCNN`` takes it as is
-(:func:`mask_rcnn`).
+(:func:`mixmim.models.detection.build_detector`).
 
 The encoder's absolute position table fixes its input size: smaller inputs (torchvision pads
 batches to multiples of 32) are zero-padded at the bottom and right to ``img_size`` and the maps
@@ -44,6 +44,27 @@ class SimplePyramid(nn.Module):
         return [self.up4(x), self.up8(x), x, self.down32(x)]
 
 
+class MultiLevelPyramid(nn.Module):
+    """BEiT's pyramid for segmentation from four blocks of a plain ViT (blocks 4, 6, 8 and 12 of 12, all
+    at stride 16; BEiT, MAE and MixedAE's UperNet): two transposed convolutions with BatchNorm and GELU
+    between them (stride 4), one (stride 8), the map as it is (16), a 2x2 max pool (32)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.up4 = nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, 2), nn.BatchNorm2d(dim), nn.GELU(),
+                                 nn.ConvTranspose2d(dim, dim, 2, 2))
+        self.up8 = nn.ConvTranspose2d(dim, dim, 2, 2)
+        self.down32 = nn.MaxPool2d(2, 2)
+        self.channels = [dim, dim, dim, dim]
+
+    def forward(self, maps: Sequence[Tensor]) -> list[Tensor]:
+        return [self.up4(maps[0]), self.up8(maps[1]), maps[2], self.down32(maps[3])]
+
+
+# BEiT's blocks for the four levels of a plain ViT, as fractions of its depth (4, 6, 8, 12 of 12).
+VIT_LEVELS = (1 / 3, 1 / 2, 2 / 3, 1.0)
+
+
 def stage_taps(encoder: nn.Module) -> list[int]:
     """Which of the encoder's ``feature_info`` entries (timm's feature API) are its stage outputs:
     for each stage stride the last entry at that reduction (a ViT lists every block at stride 16,
@@ -66,16 +87,22 @@ class MixMIMBackbone(nn.Module):
     encoder the last output's norm starts from the final norm's weights.
     """
 
-    def __init__(self, encoder: nn.Module, out_indices: Sequence[int] = (0, 1, 2, 3)):
+    def __init__(self, encoder: nn.Module, out_indices: Sequence[int] = (0, 1, 2, 3), multi_level: bool = False):
         super().__init__()
         self.encoder = encoder
         grouped = cast(GroupedEncoder, encoder)
-        self.pyramid = SimplePyramid(grouped.num_features) if grouped.num_stages == 1 else None
+        self.pyramid: SimplePyramid | MultiLevelPyramid | None = None
+        if grouped.num_stages == 1:  # a plain ViT: ViTDet's pyramid from its last block, or BEiT's from four
+            self.pyramid = (MultiLevelPyramid(grouped.num_features) if multi_level else
+                            SimplePyramid(grouped.num_features))
         levels = 4 if self.pyramid is not None else grouped.num_stages
         if not out_indices or any(not 0 <= i < levels for i in out_indices):
             raise ValueError(f"out_indices={tuple(out_indices)}: expected stage indices in 0..{levels - 1}")
         self.out_indices = tuple(out_indices)
         self.taps = stage_taps(encoder)
+        if isinstance(self.pyramid, MultiLevelPyramid):
+            blocks = len(grouped.feature_info)  # a ViT lists each block
+            self.taps = [max(0, round(blocks * f) - 1) for f in VIT_LEVELS]
         if self.pyramid is not None:
             self.out_channels = [self.pyramid.channels[i] for i in self.out_indices]
             self.strides = [grouped.stride * 2**i // 4 for i in self.out_indices]
@@ -101,8 +128,12 @@ class MixMIMBackbone(nn.Module):
             raise ValueError(f"input {h}x{w} is larger than the backbone's img_size {full_h}x{full_w}")
         if (h, w) != (full_h, full_w):
             images = F.pad(images, (0, full_w - w, 0, full_h - h))
-        maps = encoder.forward_intermediates(images, indices=self.taps, intermediates_only=True)
-        if self.pyramid is not None:
+        unique = sorted(set(self.taps))  # a shallow ViT's levels may share a block
+        taken = encoder.forward_intermediates(images, indices=unique, intermediates_only=True)
+        maps = [taken[unique.index(t)] for t in self.taps]
+        if isinstance(self.pyramid, MultiLevelPyramid):
+            maps = self.pyramid(maps)
+        elif self.pyramid is not None:
             maps = self.pyramid(maps[-1])
         out: OrderedDict[str, Tensor] = OrderedDict()
         for name, (i, norm) in enumerate(zip(self.out_indices, self.norms)):
@@ -125,16 +156,3 @@ class MixMIMFPN(nn.Module):
 
     def forward(self, images: Tensor) -> OrderedDict[str, Tensor]:
         return self.fpn(self.body(images))
-
-
-def mask_rcnn(encoder: nn.Module, num_classes: int, fpn_channels: int = 256, **kwargs):
-    """torchvision Mask R-CNN on the encoder + FPN. Images are resized so that their longer side fits
-    the encoder's input size (``min_size``/``max_size`` default to it); ``kwargs`` go to MaskRCNN."""
-    from torchvision.models.detection import MaskRCNN
-
-    img_size = cast(GroupedEncoder, encoder).img_size
-    side = max(img_size)
-    kwargs.setdefault("min_size", min(img_size))
-    kwargs.setdefault("max_size", side)
-    # The backbone normalises nothing itself: keep torchvision's ImageNet normalisation.
-    return MaskRCNN(MixMIMFPN(MixMIMBackbone(encoder), fpn_channels), num_classes=num_classes, **kwargs)

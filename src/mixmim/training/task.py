@@ -56,10 +56,14 @@ class RunContext(Protocol):
         """Load whole weights (a full state dict) into the trained module, on every process."""
 
 
-def every_epochs(every: int, total_steps: int, steps_per_epoch: int) -> set[int]:
-    """The end of every ``every``-th epoch (none when 0) and of the run: when the transfer tasks evaluate."""
-    span = every * steps_per_epoch
-    return (set(range(span, total_steps + 1, span)) if span > 0 else set()) | {total_steps}
+def every_epochs(every: int, total_steps: int, steps_per_epoch: int, every_steps: int = 0) -> set[int]:
+    """The end of every ``every``-th epoch (none when 0), every ``every_steps``-th step (none when 0) and
+    the end of the run: when the transfer tasks evaluate."""
+    steps = set()
+    for span in (every * steps_per_epoch, every_steps):
+        if span > 0:
+            steps |= set(range(span, total_steps + 1, span))
+    return steps | {total_steps}
 
 
 @dataclass

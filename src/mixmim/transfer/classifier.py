@@ -13,6 +13,7 @@ from mixmim.interop.meta import CLASSIFIER_FORMAT
 from mixmim.interop.pretrained import build_encoder, input_size
 from mixmim.interop.weights import Pretrained, open_weights
 from mixmim.models.registry import encoder_config
+from mixmim.models.resize import detection_windows
 from mixmim.training.optim import decay_groups
 
 if TYPE_CHECKING:
@@ -70,6 +71,21 @@ def build_classifier(pretrained: Pretrained, config: Any, num_classes: int) -> C
     if m.grad_checkpointing and hasattr(encoder, "set_grad_checkpointing"):
         cast("GroupedEncoder", encoder).set_grad_checkpointing(True)
     return Classifier(encoder)
+
+
+def dense_encoder(pretrained: Pretrained, config: Any, side: int, mixmim_windows: bool) -> nn.Module:
+    """The encoder of a detector or segmenter: ``side`` px input, no head, the configured drop path and
+    windows, or MixMIM's detection windows (section 3: 16, and 32 on blocks 6/12/18 of stage 3) on a
+    MixMIM encoder when ``mixmim_windows`` and ``model.window_size`` is not set."""
+    m = config.model
+    windows = m.window_size
+    if windows is None and mixmim_windows and pretrained.family == "mixmim":
+        windows = detection_windows(pretrained.config["depths"])
+    encoder = build_encoder(pretrained, img_size=side, window_size=windows, num_classes=0,
+                            drop_path_rate=m.drop_path_rate, **m.options)
+    if m.grad_checkpointing and hasattr(encoder, "set_grad_checkpointing"):
+        cast("GroupedEncoder", encoder).set_grad_checkpointing(True)
+    return encoder
 
 
 def classifier_groups(model: Classifier, optim: Any) -> list[dict[str, Any]]:

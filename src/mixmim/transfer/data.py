@@ -56,3 +56,13 @@ def load_labelled(data: DataConfig, train_tf: Callable | None, eval_tf: Callable
         raise ConfigError(f"data {spec}: {len(splits.classes)} class ({', '.join(splits.classes)}); classification "
                           "needs at least two classes")
     return LabelledData(splits.train, splits.test, list(splits.classes))
+
+
+def seeded_subset(size: int, limit: int | None, seed: int) -> list[int]:
+    """A seeded subset of ``limit`` of ``size`` indices, in order (all of them without a limit):
+    ``data.limit_train`` / ``data.limit_test`` of the dense tasks."""
+    if limit is None or limit >= size:
+        return list(range(size))
+    import random
+
+    return sorted(random.Random(seed).sample(range(size), limit))

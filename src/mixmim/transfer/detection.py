@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 from pathlib import Path
 from typing import Any, cast
 
@@ -31,13 +30,11 @@ from mixmim.data.coco import MULTISCALE_SIDES, CocoDetection, CocoLayout, collat
 from mixmim.evaluation.coco_eval import coco_evaluate, to_coco_results
 from mixmim.evaluation.layer_decay import dense_param_groups
 from mixmim.evaluation.metrics import write_json
-from mixmim.interop.pretrained import build_encoder
 from mixmim.interop.torch_files import load_torch_file
-from mixmim.models.base import GroupedEncoder
 from mixmim.models.detection import build_detector, detector_encoder
-from mixmim.models.resize import detection_windows
 from mixmim.training.task import RunContext, StepOutput, Task, every_epochs
-from mixmim.transfer.classifier import resolve_model
+from mixmim.transfer.classifier import dense_encoder, resolve_model
+from mixmim.transfer.data import seeded_subset
 from mixmim.utils.files import atomic_write, atomic_write_text
 
 log = logging.getLogger("mixmim")
@@ -62,13 +59,6 @@ def coco_splits(config: DetectRunConfig) -> tuple[CocoLayout, CocoLayout]:
     return found["train"], found["val"]
 
 
-def _subset(size: int, limit: int | None, seed: int) -> list[int]:
-    """A seeded subset of ``limit`` of ``size`` indices, in order (all of them without a limit)."""
-    if limit is None or limit >= size:
-        return list(range(size))
-    return sorted(random.Random(seed).sample(range(size), limit))
-
-
 class DetectTask(Task):
     """``mixmim detect``."""
 
@@ -84,8 +74,8 @@ class DetectTask(Task):
                                        max_size=d.max_size)
         self.val_set = CocoDetection(val.annotations, val.images, "none", d.size,
                                      categories=self.train_set.categories)
-        self.train_indices = _subset(len(self.train_set), config.data.limit_train, config.train.seed)
-        self.val_indices = _subset(len(self.val_set), config.data.limit_test, config.train.seed + 1)
+        self.train_indices = seeded_subset(len(self.train_set), config.data.limit_train, config.train.seed)
+        self.val_indices = seeded_subset(len(self.val_set), config.data.limit_test, config.train.seed + 1)
         self.classes = self.train_set.classes
         # The encoder's input: LSJ's square crop, or the longest side multi-scale training can reach.
         self.side = d.size if d.augment == "lsj" else 32 * math.ceil(d.max_size / 32)
@@ -97,14 +87,8 @@ class DetectTask(Task):
 
     # ------------------------------------------------------------------ what to train
     def build_model(self) -> nn.Module:
-        c, d = self.config, self.config.detect
-        windows = c.model.window_size
-        if windows is None and d.mixmim_windows and self.pretrained.family == "mixmim":
-            windows = detection_windows(self.pretrained.config["depths"])
-        encoder = build_encoder(self.pretrained, img_size=self.side, window_size=windows, num_classes=0,
-                                drop_path_rate=c.model.drop_path_rate, **c.model.options)
-        if c.model.grad_checkpointing and hasattr(encoder, "set_grad_checkpointing"):
-            cast(GroupedEncoder, encoder).set_grad_checkpointing(True)
+        d = self.config.detect
+        encoder = dense_encoder(self.pretrained, self.config, self.side, d.mixmim_windows)
         sizes: dict[str, Any] = ({"min_size": d.size, "max_size": d.size} if d.augment == "lsj" else
                                  {"min_size": MULTISCALE_SIDES[-1], "max_size": d.max_size})
         self.model = build_detector(encoder, len(self.classes), d.detector, d.fpn_channels,

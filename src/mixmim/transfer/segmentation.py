@@ -1,243 +1,115 @@
-"""Semantic segmentation with a UperNet head on the encoder (MixMIM section 3 and 8: ADE20K with
-UperNet, layer-wise lr decay 0.85/0.9 for B/L, BEiT's other settings).
+"""Semantic segmentation to the ADE20K protocol, as a task of the training loop (MixMIM section 3 and
+section 8: UperNet, 16k iterations at batch 16, layer decay 0.85 / 0.9 for B / L, BEiT's other settings;
+MixedAE and SimMIM reuse the protocol with their own lengths and rates).
 
-UperNet (Xiao et al. 2018, as implemented in mmsegmentation): a pyramid pooling module (scales
-1, 2, 3, 6) on the last stage, lateral 1x1 convolutions and a top-down feature pyramid on the
-others, 3x3 convolutions per level, all levels upsampled to stride 4 and fused by a 3x3 convolution,
-dropout 0.1 and a 1x1 classifier; logits are upsampled to the input size.
+The model is :class:`~mixmim.models.segmentation.UperNet` with the auxiliary FCN head (0.4 of its loss);
+the data and augmentation are :mod:`mixmim.data.segmentation` (random resize, category-ratio crop, flip,
+photometric distortion); evaluation is sliding-window inference (:mod:`mixmim.evaluation.sliding`) and
+mIoU at each image's original resolution, every validation image on one process, the confusion matrices
+summed over processes. The encoder comes from any weights a user holds (a pretraining run, an export, a
+fine-tuned classifier's ``model.pt`` or run folder: SimMIM's ADE20K protocol starts from ImageNet
+fine-tuned weights) or is randomly initialised (``--model`` alone).
 
-Data: ``DIR/images/<stem>.<ext>`` and ``DIR/masks/<stem>.png`` (label maps, 255 = ignore).
-Training follows BEiT's recipe in spirit at small scale: AdamW, layer decay, linear warmup then
-linear (poly, power 1) decay; augmentation is resize to the model's size plus horizontal flip, the
-flip a function of the sample's seed. A task of the training loop (torchrun, accumulation, resume,
-NaN skip); mIoU and pixel accuracy from a confusion matrix of pixels summed over processes.
+Files in the run folder besides the loop's: ``model.pt`` (format ``mixmim-upernet/3``: the weights the
+run reports, ``eval.select``), ``best.pt`` with ``eval.select=best``, ``results.json``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, cast
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import Dataset
-from torchvision.ops import Conv2dNormActivation
 
-from mixmim.config import SegmentRunConfig
-from mixmim.data.images import IMAGE_EXTENSIONS, BadImage, load_rgb
-from mixmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from mixmim.evaluation.layer_decay import param_groups as layer_decay_groups
+from mixmim.config import ConfigError, SegmentRunConfig
+from mixmim.data.images import BadImage
+from mixmim.data.segmentation import (
+    IGNORE,
+    Protocol,
+    SegmentationData,
+    SegmentationError,
+    ade20k_pairs,
+    ade20k_root,
+    folder_pairs,
+    infer_num_classes,
+    split_pairs,
+)
+from mixmim.evaluation.layer_decay import dense_param_groups
 from mixmim.evaluation.metrics import segmentation_scores, write_json
-from mixmim.evaluation.sharded import shard_loader, sum_over_processes
-from mixmim.interop.pretrained import build_encoder
-from mixmim.models.dense import MixMIMBackbone
+from mixmim.evaluation.sharded import sum_over_processes
+from mixmim.evaluation.sliding import logits_at, slide_logits
+from mixmim.interop.torch_files import load_torch_file
+from mixmim.models.segmentation import UperNet
 from mixmim.training.task import RunContext, StepOutput, Task, every_epochs
-from mixmim.transfer.classifier import resolve_model
+from mixmim.transfer.classifier import dense_encoder, resolve_model
+from mixmim.transfer.data import seeded_subset
 from mixmim.utils.files import atomic_write
 
 log = logging.getLogger("mixmim")
-IGNORE = 255
+
+SEGMENTER_FORMAT = "mixmim-upernet/3"
 
 
-def _conv(cin: int, cout: int, k: int) -> Conv2dNormActivation:
-    return Conv2dNormActivation(cin, cout, k, norm_layer=nn.BatchNorm2d, activation_layer=nn.ReLU, bias=False)
-
-
-class PyramidPooling(nn.Module):
-    """PSPNet's pyramid pooling: average pools at several scales, 1x1 conv each, upsampled and
-    concatenated with the input, then fused by a 3x3 conv."""
-
-    def __init__(self, cin: int, channels: int, scales: Sequence[int] = (1, 2, 3, 6)):
-        super().__init__()
-        self.stages = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(s), _conv(cin, channels, 1)) for s in scales)
-        self.bottleneck = _conv(cin + len(scales) * channels, channels, 3)
-
-    def forward(self, x: Tensor) -> Tensor:
-        size = x.shape[-2:]
-        pooled = [F.interpolate(stage(x), size=size, mode="bilinear", align_corners=False) for stage in self.stages]
-        return self.bottleneck(torch.cat([x, *pooled], dim=1))
-
-
-class UperHead(nn.Module):
-    """UperNet decode head over multi-scale maps (finest first)."""
-
-    def __init__(self, in_channels: Sequence[int], num_classes: int, channels: int = 512,
-                 pool_scales: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1):
-        super().__init__()
-        self.ppm = PyramidPooling(in_channels[-1], channels, pool_scales)
-        self.lateral = nn.ModuleList(_conv(c, channels, 1) for c in in_channels[:-1])
-        self.fpn = nn.ModuleList(_conv(channels, channels, 3) for _ in in_channels[:-1])
-        self.fuse = _conv(len(in_channels) * channels, channels, 3)
-        self.dropout = nn.Dropout2d(dropout)
-        self.classifier = nn.Conv2d(channels, num_classes, 1)
-
-    def forward(self, feats: Sequence[Tensor]) -> Tensor:
-        levels = [lat(f) for lat, f in zip(self.lateral, feats)] + [self.ppm(feats[-1])]
-        for i in range(len(levels) - 1, 0, -1):  # top-down pathway
-            levels[i - 1] = levels[i - 1] + F.interpolate(levels[i], size=levels[i - 1].shape[-2:], mode="bilinear",
-                                                          align_corners=False)
-        outs = [conv(x) for conv, x in zip(self.fpn, levels[:-1])] + [levels[-1]]
-        size = outs[0].shape[-2:]
-        outs = [outs[0]] + [F.interpolate(x, size=size, mode="bilinear", align_corners=False) for x in outs[1:]]
-        return self.classifier(self.dropout(self.fuse(torch.cat(outs, dim=1))))
-
-
-class UperNet(nn.Module):
-    """MixMIM backbone + UperNet head; ``forward`` returns logits at the input resolution."""
-
-    def __init__(self, encoder: nn.Module, num_classes: int, channels: int = 512):
-        super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes={num_classes} must be at least 1")
-        self.backbone = MixMIMBackbone(encoder)
-        self.head = UperHead(self.backbone.out_channels, num_classes, channels)
-
-    def forward(self, images: Tensor) -> Tensor:
-        logits = self.head(list(self.backbone(images).values()))
-        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
-
-    def group_matcher(self, coarse: bool = False):
-        """Layer-wise lr decay over the encoder's layers; the per-stage norms and the head learn at
-        the full rate (they are new)."""
-        matcher = cast("Callable[[bool], Callable[[str], tuple[int, ...]]]", self.backbone.encoder.group_matcher)
-        inner = matcher(coarse)  # the MixMIM encoder's: a parameter name -> its layer ordinal
-        prefix = "backbone.encoder."
-
-        def ordinal(name: str) -> tuple[int, ...]:
-            return inner(name[len(prefix):]) if name.startswith(prefix) else (3,)
-
-        return ordinal
-
-    def no_weight_decay(self) -> set[str]:
-        return {f"backbone.encoder.{n}" for n in ("absolute_pos_embed", "pos_embed", "cls_token")}
-
-    def no_weight_decay_keywords(self) -> set[str]:
-        # BEiT's segmentation settings (which MixMIM adopts for ADE20K) keep the tables out of decay.
-        return {"relative_position_bias_table"}
-
-
-class SegmentationFolder(Dataset):
-    """Pairs ``images/<stem>.*`` with ``masks/<stem>.png``; resized to ``size`` (masks by nearest
-    neighbour), flipped at random when ``train``, normalised with ImageNet statistics."""
-
-    def __init__(self, root: str | Path, size: int, train: bool, stems: Sequence[str] | None = None):
-        self.root = Path(root).expanduser()
-        images, masks = self.root / "images", self.root / "masks"
-        for folder in (images, masks):
-            if not folder.is_dir():
-                raise FileNotFoundError(f"segmentation folder {folder} does not exist (expected images/ and masks/)")
-        by_stem = {p.stem: p for p in sorted(images.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
-        pairs = [(by_stem[s], masks / f"{s}.png") for s in sorted(by_stem) if (masks / f"{s}.png").is_file()]
-        if stems is not None:
-            wanted = set(stems)
-            pairs = [p for p in pairs if p[0].stem in wanted]
-        if not pairs:
-            raise ValueError(f"{self.root}: no image in images/ has a mask masks/<same stem>.png")
-        self.pairs, self.size, self.train = pairs, size, train
-        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def read_mask(self, index: int) -> np.ndarray:
-        path = self.pairs[index][1]
-        try:
-            with Image.open(path) as handle:
-                if handle.mode not in ("L", "P", "I", "I;16"):
-                    raise ValueError(f"mask {path} has mode {handle.mode}: expected a single-channel label map")
-                return np.array(handle).astype(np.int64)
-        except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
-            raise ValueError(f"cannot read mask {path}: {exc}") from None
-
-    def __getitem__(self, key) -> dict:
-        index, seed = key if isinstance(key, tuple) else (key, key)
-        image_path, _ = self.pairs[index]
-        try:
-            image = load_rgb(image_path)
-        except BadImage as exc:
-            raise ValueError(f"cannot read image {image_path}: {exc}") from None
-        mask = self.read_mask(index)
-        if mask.shape != (image.height, image.width):
-            raise ValueError(f"mask of {image_path.name} is {mask.shape[1]}x{mask.shape[0]}, the image "
-                             f"{image.width}x{image.height}")
-        x = torch.from_numpy(np.asarray(image.resize((self.size, self.size), Image.Resampling.BICUBIC),
-                                        dtype=np.float32))
-        x = (x.permute(2, 0, 1) / 255.0 - self.mean) / self.std
-        y = torch.from_numpy(mask)[None, None].float()
-        y = F.interpolate(y, size=(self.size, self.size), mode="nearest")[0, 0].long()
-        if self.train and torch.rand((), generator=torch.Generator().manual_seed(seed)) < 0.5:
-            x, y = x.flip(-1), y.flip(-1)
-        return {"image": x, "label": y, "index": index, "skipped": []}
-
-
-def infer_num_classes(dataset: SegmentationFolder) -> int:
-    """1 + the largest label (other than 255) found in the masks."""
-    top = -1
-    for i in range(len(dataset)):
-        values = np.unique(dataset.read_mask(i))
-        values = values[values != IGNORE]
-        if values.size:
-            top = max(top, int(values.max()))
-    if top < 0:
-        raise ValueError(f"{dataset.root}: every mask pixel is 255 (ignore); nothing to learn")
-    return top + 1
-
-
-
-def _split_stems(root: str, fraction: float, seed: int) -> tuple[list[str] | None, list[str] | None]:
-    stems = [p[0].stem for p in SegmentationFolder(root, 32, False).pairs]
-    if len(stems) < 2:
-        return None, None  # one image: train and evaluate on it
-    order = np.random.default_rng(seed).permutation(len(stems))
-    n_val = min(len(stems) - 1, max(1, round(fraction * len(stems))))
-    return [stems[i] for i in order[n_val:]], [stems[i] for i in order[:n_val]]
-
-
-def confusion_of_pixels(logits: Tensor, masks: Tensor, weight: Tensor, num_classes: int) -> Tensor:
-    """(C, C) counts of (true, predicted) over the pixels not labelled 255 of the weighted samples."""
-    pred = logits.argmax(1)
-    keep = (masks != IGNORE) & (weight[:, None, None] > 0)
-    if (masks[keep] >= num_classes).any():
-        raise ValueError(f"a mask holds label {int(masks[keep].max())}, the model has {num_classes} classes")
-    return torch.bincount(masks[keep] * num_classes + pred[keep], minlength=num_classes**2).reshape(
+def confusion_of_pixels(prediction: Tensor, label: Tensor, num_classes: int) -> Tensor:
+    """(C, C) counts of (true, predicted) over the pixels not labelled 255."""
+    keep = label != IGNORE
+    truth = label[keep]
+    if truth.numel() and int(truth.max()) >= num_classes:
+        raise ValueError(f"a mask holds label {int(truth.max())}, the model has {num_classes} classes")
+    return torch.bincount(truth * num_classes + prediction[keep], minlength=num_classes**2).reshape(
         num_classes, num_classes)
 
 
 class SegmentTask(Task):
-    """``mixmim segment``: UperNet on the pretrained encoder, evaluated by mIoU."""
+    """``mixmim segment``."""
 
     name = "segment"
     columns = ["miou", "pixel_acc"]
 
     def __init__(self, config: SegmentRunConfig):
         self.config = config
+        g, d = config.segment, config.data
+        given_size = config.model.img_size
         self.pretrained = resolve_model(config)
-        side = cast(int, config.model.img_size)  # resolve_model set it
-        d = config.data
+        if given_size is not None and given_size != g.crop_size:
+            raise ConfigError(f"config key 'model.img_size': {given_size}; the segmenter's encoder sees "
+                              f"segment.crop_size ({g.crop_size}) crops and windows: set --crop-size instead")
+        config.model.img_size = g.crop_size  # the encoder sees the crops (and the evaluation's windows)
         if not d.path:
-            raise ValueError("mixmim segment: give the folder with images/ and masks/ (--data, data.path)")
-        if d.val_path:
-            self.train_set, self.val_set = SegmentationFolder(d.path, side, True), SegmentationFolder(d.val_path, side,
-                                                                                                      False)
+            raise ConfigError("config key 'data.path': mixmim segment needs a folder (--data DIR): ADE20K "
+                              "(images/training, annotations/training) or images/ with masks/")
+        ade = ade20k_root(d.path)
+        self.layout = "ade20k" if ade is not None else "folder"
+        if ade is not None:
+            train, val = ade20k_pairs(ade, "training"), ade20k_pairs(ade, "validation")
+        elif d.val_path:
+            train, val = folder_pairs(d.path), folder_pairs(d.val_path)
         else:
-            train_stems, val_stems = _split_stems(d.path, d.val_fraction, config.train.seed)
-            self.train_set = SegmentationFolder(d.path, side, True, train_stems)
-            self.val_set = SegmentationFolder(d.path, side, False, val_stems)
-        self.num_classes = config.segment.num_classes or infer_num_classes(self.train_set)
+            train, val = split_pairs(folder_pairs(d.path), d.val_fraction, config.train.seed)
+        train = [train[i] for i in seeded_subset(len(train), d.limit_train, config.train.seed)]
+        val = [val[i] for i in seeded_subset(len(val), d.limit_test, config.train.seed + 1)]
+        self.reduce_zero_label = g.reduce_zero_label if g.reduce_zero_label is not None else ade is not None
+        protocol = Protocol(g.crop_size, (g.scale[0], g.scale[1]), (g.ratio_range[0], g.ratio_range[1]),
+                            g.cat_max_ratio, g.photometric)
+        self.train_set = SegmentationData(train, protocol, self.reduce_zero_label)
+        self.val_set = SegmentationData(val, protocol, self.reduce_zero_label)
+        self.stride = g.stride or g.crop_size * 2 // 3
+        self.num_classes = g.num_classes or infer_num_classes(self.train_set)
+        self.train_set.num_classes = self.val_set.num_classes = self.num_classes
         self.best: dict[str, Any] = {}
-        self.last: dict[str, float] = {}
+        self.last: dict[str, Any] = {}
+        self.history: list[dict[str, Any]] = []
+        self.unreadable: list[str] = []
 
+    # ------------------------------------------------------------------ what to train
     def build_model(self) -> nn.Module:
-        m = self.config.model
-        encoder = build_encoder(self.pretrained, img_size=m.img_size, window_size=m.window_size, num_classes=0,
-                                drop_path_rate=m.drop_path_rate, **m.options)
-        self.model = UperNet(encoder, self.num_classes, self.config.segment.channels)
+        g = self.config.segment
+        encoder = dense_encoder(self.pretrained, self.config, g.crop_size, g.mixmim_windows)
+        self.model = UperNet(encoder, self.num_classes, g.channels, g.aux_channels if g.aux_weight > 0 else None,
+                             multi_level=g.vit_levels)
         return self.model
 
     def dataset(self) -> Dataset:
@@ -250,77 +122,119 @@ class SegmentTask(Task):
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         o = self.config.optim
-        return layer_decay_groups(model, o.weight_decay, o.layer_decay or 1.0)
+        # BEiT's segmentation settings keep the relative position tables out of weight decay.
+        return dense_param_groups(model, cast(UperNet, model).encoder, o.weight_decay, o.layer_decay or 1.0,
+                                  ("relative_position_bias_table",))
 
     def repeated_blocks(self, model: nn.Module) -> list[nn.Module]:
-        blocks = getattr(cast(UperNet, model).backbone.encoder, "repeated_blocks", None)  # build_model's
+        blocks = getattr(cast(UperNet, model).encoder, "repeated_blocks", None)
         return list(blocks()) if callable(blocks) else []
 
     def step(self, model: nn.Module, batch: dict) -> StepOutput:
-        images = batch["image"]
+        images, labels = batch["image"], batch["label"]
         if len(images) == 1:
-            self.model.head.eval()  # BatchNorm statistics of one image are degenerate
-        logits = model(images)
-        return StepOutput(F.cross_entropy(logits.float(), batch["label"], ignore_index=IGNORE))
+            self._freeze_batch_statistics()  # BatchNorm statistics of one image are degenerate
+        out = model(images)
+        logits, aux = out if isinstance(out, tuple) else (out, None)
+        main = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE)
+        if aux is None:
+            return StepOutput(main)
+        aux_loss = F.cross_entropy(aux.float(), labels, ignore_index=IGNORE)
+        return StepOutput(main + self.config.segment.aux_weight * aux_loss,
+                          {"loss_main": float(main.detach()), "loss_aux": float(aux_loss.detach())})
 
+    def _freeze_batch_statistics(self) -> None:
+        for module in self.model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+    # ------------------------------------------------------------------ evaluation
     def evaluation_steps(self, total_steps: int, steps_per_epoch: int) -> set[int]:
-        return every_epochs(self.config.eval.every_epochs, total_steps, steps_per_epoch)
+        e = self.config.eval
+        return every_epochs(e.every_epochs, total_steps, steps_per_epoch, e.every_steps)
 
     @torch.no_grad()
     def evaluate(self, run: RunContext, step: int) -> dict[str, float]:
-        """mIoU and pixel accuracy over every pixel whose label is not 255, counts summed over processes."""
-        matrix = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long, device=run.device)
+        """mIoU and pixel accuracy over the validation images at their original resolution: each process
+        takes every ``world_size``-th image, sliding windows, the counts summed over processes."""
+        g = self.config.segment
+        matrix = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long)
         batch = self.config.eval.batch_size or run.micro_batch
+        unreadable = []
         with run.full_module() as model:
             was = model.training
             model.eval()
-            for images, masks, weight in shard_loader(self.val_set, batch, self.config.train.num_workers):
+
+            def predict(windows: Tensor) -> Tensor:
                 with run.autocast():
-                    logits = model(images.to(run.device))
-                matrix += confusion_of_pixels(logits.float(), masks.to(run.device), weight.to(run.device),
-                                              self.num_classes)
+                    return model(windows.to(run.device))
+
+            for index in range(run.rank, len(self.val_set), run.world_size):
+                try:
+                    image, label = self.val_set.evaluation_item(index)
+                except BadImage as exc:
+                    unreadable.append(f"{self.val_set.pairs[index][0]}: {exc}")
+                    continue
+                logits = slide_logits(predict, image.to(run.device), self.num_classes, g.crop_size, self.stride, batch)
+                prediction = logits_at(logits, (label.shape[0], label.shape[1])).argmax(0).cpu()
+                matrix += confusion_of_pixels(prediction, label, self.num_classes)
             model.train(was)
-        matrix = sum_over_processes(matrix)
-        self.last = {**segmentation_scores(matrix.cpu()), "step": step}
+        if unreadable:
+            log.warning("%d unreadable evaluation image(s) left out, e.g. %s", len(unreadable), unreadable[0])
+        self.unreadable = unreadable
+        matrix = sum_over_processes(matrix.to(run.device)).cpu()
+        if int(matrix.sum()) == 0 and unreadable:
+            raise SegmentationError(f"no evaluation image could be read ({unreadable[0]})")
+        self.last = {**segmentation_scores(matrix), "step": step}
+        self.history.append(self.last)
         if self.config.eval.select == "best" and self.last["miou"] > self.best.get("miou", -1.0):
             self.best = dict(self.last)
             self._save(run, "best.pt")
-        log.info("step %d: mIoU %.2f%%, pixel accuracy %.2f%%", step, 100 * self.last["miou"],
-                 100 * self.last["pixel_acc"])
+        log.info("step %d: mIoU %.2f%%, pixel accuracy %.2f%% on %d images", step, 100 * self.last["miou"],
+                 100 * self.last["pixel_acc"], len(self.val_set))
         return {"miou": self.last["miou"], "pixel_acc": self.last["pixel_acc"]}
 
+    # ------------------------------------------------------------------ checkpoints and the end
     def _save(self, run: RunContext, name: str) -> None:
         state = run.full_state_dict()  # every process (FSDP gathers)
         if run.is_main:
+            g = self.config.segment
             atomic_write(run.run_dir / name, lambda tmp: torch.save(
-                {"format": "mixmim-upernet/2", "model": state, "num_classes": self.num_classes,
-                 "img_size": self.config.model.img_size, "step": run.step}, tmp))
+                {"format": SEGMENTER_FORMAT, "model": state, "num_classes": self.num_classes,
+                 "img_size": g.crop_size, "reduce_zero_label": self.reduce_zero_label, "step": run.step}, tmp))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "num_classes": self.num_classes}
+        return {"best": self.best, "history": self.history, "num_classes": self.num_classes}
 
     def load_state_dict(self, state: dict[str, Any], path: Any = None) -> None:
         saved = state.get("num_classes")
         if saved is not None and saved != self.num_classes:
-            from mixmim.config import ConfigError
-
             raise ConfigError(f"--resume: {path} was trained for {saved} classes, the data now has {self.num_classes}")
         self.best = dict(state.get("best") or {})
+        self.history = list(state.get("history") or [])
 
     def finish(self, run: RunContext, summary: dict[str, Any]) -> None:
+        """Report the weights ``eval.select`` keeps (the last ones, or the best evaluation's)."""
         if run.stopped is not None:
             return
+        kept = self.last
+        best_file = run.run_dir / "best.pt"
+        if self.config.eval.select == "best" and self.best and best_file.is_file():
+            run.load_full_state_dict(load_torch_file(best_file)["model"])
+            kept = self.best
         self._save(run, "model.pt")
-        kept = self.best if self.config.eval.select == "best" and self.best else self.last
         results = {"miou": kept.get("miou"), "pixel_acc": kept.get("pixel_acc"), "step": kept.get("step"),
-                   "select": self.config.eval.select, "last": self.last, "num_classes": self.num_classes,
-                   "train_images": len(self.train_set), "val_images": len(self.val_set),
-                   "weights": self.pretrained.source}
+                   "select": self.config.eval.select, "last": self.last, "best": self.best or None,
+                   "history": self.history, "num_classes": self.num_classes, "layout": self.layout,
+                   "reduce_zero_label": self.reduce_zero_label, "train_images": len(self.train_set),
+                   "val_images": len(self.val_set), "unreadable_val_images": len(self.unreadable),
+                   "weights": self.pretrained.source, "checkpoint": self.config.checkpoint}
         if run.is_main:
             write_json(run.run_dir / "results.json", results)
         summary["results"] = results
 
     def describe(self, run: RunContext) -> str:
         c = self.config
-        return (f"{c.name}: UperNet on {self.pretrained.source} weights of {c.model.name} ({c.model.img_size} px): "
-                f"{len(self.train_set)} training / {len(self.val_set)} evaluation images, {self.num_classes} classes")
+        return (f"{c.name}: UperNet on {self.pretrained.source} weights of {c.model.name or self.pretrained.family} "
+                f"({c.segment.crop_size} px crops, {self.layout} layout): {len(self.train_set)} training / "
+                f"{len(self.val_set)} evaluation images, {self.num_classes} classes")
