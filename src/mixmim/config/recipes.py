@@ -23,7 +23,7 @@ RECIPES = Path(__file__).resolve().parents[1] / "configs"
 
 
 # Recipes of the transfer verbs live in a folder named after their verb; every other one pretrains.
-TRANSFER_RECIPES = ("finetune", "linprobe")
+TRANSFER_RECIPES = ("finetune", "linprobe", "detect", "segment")
 
 
 def recipe_verb(name: str) -> str:

@@ -228,6 +228,7 @@ width and the heads' convolutions'. The COCO files: ``data.path`` as COCO
     val_images: str | None = None
     detections_per_image: int = 100
     rois_per_image: int = 512  # proposals sampled per image to train the RoI heads (detectron2's 512)
+    vit_levels: bool = False  # a plain ViT's FPN inputs from blocks 4/6/8/12 (iBOT, MixedAE), not ViTDet's pyramid
 
 
 @dataclass

@@ -49,17 +49,18 @@ class ChannelLayerNorm(nn.LayerNorm):
 
 
 def build_detector(encoder: nn.Module, num_classes: int, kind: str = "mask_rcnn", fpn_channels: int = 256,
-                   **kwargs: Any) -> MaskRCNN:
+                   vit_levels: bool = False, **kwargs: Any) -> MaskRCNN:
     """``kind`` (mask_rcnn | cascade_mask_rcnn) on ``encoder`` for ``num_classes`` object classes
     (torchvision counts the background too: it gets ``num_classes + 1``). Images are resized so that their
     longer side is the encoder's input size (``min_size``/``max_size`` default to it); ``kwargs`` go to
-    torchvision's MaskRCNN."""
+    torchvision's MaskRCNN. A plain ViT feeds the FPN through ViTDet's simple pyramid from its last block,
+    or with ``vit_levels`` from blocks 4/6/8/12 (BEiT's and iBOT's detection backbone, MixedAE Table 1)."""
     if kind not in DETECTORS:
         raise ValueError(f"detect.detector={kind!r}: expected one of {', '.join(DETECTORS)}")
     img_size = cast(GroupedEncoder, encoder).img_size
     kwargs.setdefault("min_size", min(img_size))
     kwargs.setdefault("max_size", max(img_size))
-    backbone = MixMIMFPN(MixMIMBackbone(encoder), fpn_channels)
+    backbone = MixMIMFPN(MixMIMBackbone(encoder, multi_level=vit_levels), fpn_channels)
     norm = partial(ChannelLayerNorm)
     rpn_head = RPNHead(fpn_channels, 3, conv_depth=2)  # 3 aspect ratios per location (torchvision's anchors)
     # The heads' convolutions are as wide as the pyramid (256 in the protocol; narrower in small tests).

@@ -8,11 +8,12 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
+from mixmim.config import ConfigError
 from mixmim.evaluation.layer_decay import param_groups as layer_decay_groups
 from mixmim.interop.meta import CLASSIFIER_FORMAT
 from mixmim.interop.pretrained import build_encoder, input_size
 from mixmim.interop.weights import Pretrained, open_weights
-from mixmim.models.registry import encoder_config
+from mixmim.models.registry import encoder_args, encoder_config
 from mixmim.models.resize import detection_windows
 from mixmim.training.optim import decay_groups
 
@@ -55,12 +56,33 @@ def resolve_model(config: Any) -> Pretrained:
     windows and drop path into ``config.model`` (what config.yaml then shows)."""
     pretrained = open_weights(config.checkpoint, config.model.name)
     m = config.model
+    shape = {k: getattr(m, k) for k in ARCHITECTURE_KEYS if getattr(m, k, None) is not None}
+    if shape and pretrained.source == "random":  # a randomly initialised encoder takes the shape it is given
+        accepted = set(encoder_args(pretrained.family))
+        unknown = sorted(set(shape) - accepted)
+        if unknown:
+            raise ConfigError(f"config key 'model.{unknown[0]}': a {pretrained.family} encoder has no such option")
+        pretrained.config.update(shape)
+    elif shape:
+        differs = {k: v for k, v in shape.items() if _same(pretrained.config.get(k)) != _same(v)}
+        if differs:
+            key, value = next(iter(differs.items()))
+            raise ConfigError(f"config key 'model.{key}': {value}, but {config.checkpoint} holds an encoder with "
+                              f"{key}={pretrained.config.get(key)}; weights cannot change shape (leave it out)")
     m.name = pretrained.model_name or m.name
     img_size, _ = input_size(pretrained, m.img_size)
     m.img_size = img_size if isinstance(img_size, int) else int(img_size[0])
     if m.drop_path_rate is None:
         m.drop_path_rate = FINETUNE_DROP_PATH.get(pretrained.model_name or "", 0.1)  # "": not a registry name
     return pretrained
+
+
+# The encoder's shape in ``model``: a random initialisation takes them; a checkpoint's weights fix them.
+ARCHITECTURE_KEYS = ("patch_size", "embed_dim", "depths", "num_heads", "mlp_ratio")
+
+
+def _same(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def build_classifier(pretrained: Pretrained, config: Any, num_classes: int) -> Classifier:

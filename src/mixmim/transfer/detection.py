@@ -91,7 +91,7 @@ class DetectTask(Task):
         encoder = dense_encoder(self.pretrained, self.config, self.side, d.mixmim_windows)
         sizes: dict[str, Any] = ({"min_size": d.size, "max_size": d.size} if d.augment == "lsj" else
                                  {"min_size": MULTISCALE_SIDES[-1], "max_size": d.max_size})
-        self.model = build_detector(encoder, len(self.classes), d.detector, d.fpn_channels,
+        self.model = build_detector(encoder, len(self.classes), d.detector, d.fpn_channels, d.vit_levels,
                                     detections_per_img=d.detections_per_image,
                                     box_batch_size_per_image=d.rois_per_image, **sizes)
         return self.model
