@@ -229,6 +229,7 @@ width and the heads' convolutions'. The COCO files: ``data.path`` as COCO
     detections_per_image: int = 100
     rois_per_image: int = 512  # proposals sampled per image to train the RoI heads (detectron2's 512)
     vit_levels: bool = False  # a plain ViT's FPN inputs from blocks 4/6/8/12 (iBOT, MixedAE), not ViTDet's pyramid
+    anchor_sizes: list[int] | None = None  # one per pyramid level (5); None: torchvision's 32, 64, ..., 512
 
 
 @dataclass

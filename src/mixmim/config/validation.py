@@ -56,6 +56,9 @@ def validate(config: Any) -> None:
             raise ConfigError(f"config key 'detect.size': {d.size} must be a multiple of 32 (the encoder's stride)")
         if not 0 < d.scale_range[0] <= d.scale_range[1]:
             raise ConfigError(f"config key 'detect.scale_range': {list(d.scale_range)} must satisfy 0 < low <= high")
+        if d.anchor_sizes is not None and (len(d.anchor_sizes) != 5 or min(d.anchor_sizes) < 1):
+            raise ConfigError(f"config key 'detect.anchor_sizes': {d.anchor_sizes}; expected five positive sizes, "
+                              "one per pyramid level")
         if d.detector not in ("mask_rcnn", "cascade_mask_rcnn"):
             raise ConfigError(f"config key 'detect.detector': {d.detector!r}; expected mask_rcnn or "
                               "cascade_mask_rcnn")

@@ -16,8 +16,9 @@ the detection windows of :func:`mixmim.models.resize.detection_windows` if wante
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import cast
 
 import torch.nn.functional as F
@@ -27,38 +28,59 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from mixmim.models.base import GroupedEncoder
 
+LEVEL_STRIDES = (4, 8, 16, 32)  # what FPN, UperNet and the RPN's anchors expect of four levels
+
+
+def _rescale(dim: int, factor: float, norm: Callable[[int], nn.Module], halve: bool) -> tuple[nn.Module, int]:
+    """A map at stride s to stride s / factor: transposed 2x2 convolutions with ``norm`` and GELU
+    between them for factor 2, 4, ...; the map itself for 1; a max pool for 1/2, 1/4, ...; with its
+    channels after (halved at each upsampling with ``halve``, as ViTDet's pyramid)."""
+    if factor == 1:
+        return nn.Identity(), dim
+    if factor < 1:
+        k = round(1 / factor)
+        return nn.MaxPool2d(k, k), dim
+    layers: list[nn.Module] = []
+    cin = dim
+    for i in range(int(math.log2(factor))):
+        cout = cin // 2 if halve else cin
+        if i:
+            layers += [norm(cin), nn.GELU()]
+        layers.append(nn.ConvTranspose2d(cin, cout, 2, 2))
+        cin = cout
+    return nn.Sequential(*layers), cin
+
 
 class SimplePyramid(nn.Module):
-    """ViTDet's simple feature pyramid from one stride-16 map: strides 4, 8, 16, 32."""
+    """ViTDet's simple feature pyramid from one map of a plain ViT: strides 4, 8, 16, 32 by transposed
+    convolutions (channels halved at each) and a max pool; from the stride-16 map of a ViT-B/16: two
+    deconvolutions, one, the map itself, a 2x2 pool. A ViT of another patch size gets the same four
+    strides (a 4-px patch: the map, then pools of 2, 4 and 8)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, stride: int = 16):
         super().__init__()
-        half, quarter = dim // 2, dim // 4
-        self.up4 = nn.Sequential(nn.ConvTranspose2d(dim, half, 2, 2), nn.GroupNorm(1, half), nn.GELU(),
-                                 nn.ConvTranspose2d(half, quarter, 2, 2))
-        self.up8 = nn.ConvTranspose2d(dim, half, 2, 2)
-        self.down32 = nn.MaxPool2d(2, 2)
-        self.channels = [quarter, half, dim, dim]
+        made = [_rescale(dim, stride / t, lambda c: nn.GroupNorm(1, c), halve=True) for t in LEVEL_STRIDES]
+        self.levels = nn.ModuleList(m for m, _ in made)
+        self.channels = [c for _, c in made]
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        return [self.up4(x), self.up8(x), x, self.down32(x)]
+        return [level(x) for level in self.levels]
 
 
 class MultiLevelPyramid(nn.Module):
-    """BEiT's pyramid for segmentation from four blocks of a plain ViT (blocks 4, 6, 8 and 12 of 12, all
-    at stride 16; BEiT, MAE and MixedAE's UperNet): two transposed convolutions with BatchNorm and GELU
-    between them (stride 4), one (stride 8), the map as it is (16), a 2x2 max pool (32)."""
+    """BEiT's pyramid for segmentation from four blocks of a plain ViT (blocks 4, 6, 8 and 12 of 12; BEiT,
+    MAE and MixedAE's UperNet): from a ViT-B/16, two transposed convolutions with BatchNorm and GELU
+    between them (stride 4), one (stride 8), the map as it is (16), a 2x2 max pool (32); another patch
+    size gets the same four strides."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, stride: int = 16):
         super().__init__()
-        self.up4 = nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, 2), nn.BatchNorm2d(dim), nn.GELU(),
-                                 nn.ConvTranspose2d(dim, dim, 2, 2))
-        self.up8 = nn.ConvTranspose2d(dim, dim, 2, 2)
-        self.down32 = nn.MaxPool2d(2, 2)
-        self.channels = [dim, dim, dim, dim]
+        made = [_rescale(dim, stride / t, nn.BatchNorm2d, halve=False) for t in LEVEL_STRIDES]
+        self.levels = nn.ModuleList(m for m, _ in made)
+        self.channels = [c for _, c in made]
 
     def forward(self, maps: Sequence[Tensor]) -> list[Tensor]:
-        return [self.up4(maps[0]), self.up8(maps[1]), maps[2], self.down32(maps[3])]
+        return [level(x) for level, x in zip(self.levels, maps)]
 
 
 # BEiT's blocks for the four levels of a plain ViT, as fractions of its depth (4, 6, 8, 12 of 12).
@@ -93,8 +115,8 @@ class MixMIMBackbone(nn.Module):
         grouped = cast(GroupedEncoder, encoder)
         self.pyramid: SimplePyramid | MultiLevelPyramid | None = None
         if grouped.num_stages == 1:  # a plain ViT: ViTDet's pyramid from its last block, or BEiT's from four
-            self.pyramid = (MultiLevelPyramid(grouped.num_features) if multi_level else
-                            SimplePyramid(grouped.num_features))
+            self.pyramid = (MultiLevelPyramid(grouped.num_features, grouped.stride) if multi_level else
+                            SimplePyramid(grouped.num_features, grouped.stride))
         levels = 4 if self.pyramid is not None else grouped.num_stages
         if not out_indices or any(not 0 <= i < levels for i in out_indices):
             raise ValueError(f"out_indices={tuple(out_indices)}: expected stage indices in 0..{levels - 1}")
@@ -105,7 +127,7 @@ class MixMIMBackbone(nn.Module):
             self.taps = [max(0, round(blocks * f) - 1) for f in VIT_LEVELS]
         if self.pyramid is not None:
             self.out_channels = [self.pyramid.channels[i] for i in self.out_indices]
-            self.strides = [grouped.stride * 2**i // 4 for i in self.out_indices]
+            self.strides = [LEVEL_STRIDES[i] for i in self.out_indices]
         else:
             self.out_channels = [grouped.dims[i] for i in self.out_indices]
             self.strides = [grouped.strides[i] for i in self.out_indices]

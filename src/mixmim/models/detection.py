@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_inference, maskrcnn_loss
@@ -49,12 +50,14 @@ class ChannelLayerNorm(nn.LayerNorm):
 
 
 def build_detector(encoder: nn.Module, num_classes: int, kind: str = "mask_rcnn", fpn_channels: int = 256,
-                   vit_levels: bool = False, **kwargs: Any) -> MaskRCNN:
+                   vit_levels: bool = False, anchor_sizes: tuple[int, ...] | None = None, **kwargs: Any) -> MaskRCNN:
     """``kind`` (mask_rcnn | cascade_mask_rcnn) on ``encoder`` for ``num_classes`` object classes
     (torchvision counts the background too: it gets ``num_classes + 1``). Images are resized so that their
     longer side is the encoder's input size (``min_size``/``max_size`` default to it); ``kwargs`` go to
     torchvision's MaskRCNN. A plain ViT feeds the FPN through ViTDet's simple pyramid from its last block,
-    or with ``vit_levels`` from blocks 4/6/8/12 (BEiT's and iBOT's detection backbone, MixedAE Table 1)."""
+    or with ``vit_levels`` from blocks 4/6/8/12 (BEiT's and iBOT's detection backbone, MixedAE Table 1).
+    ``anchor_sizes``: one anchor side per pyramid level (five; torchvision's 32-512 by default), each at
+    aspect ratios 0.5, 1 and 2."""
     if kind not in DETECTORS:
         raise ValueError(f"detect.detector={kind!r}: expected one of {', '.join(DETECTORS)}")
     img_size = cast(GroupedEncoder, encoder).img_size
@@ -63,6 +66,11 @@ def build_detector(encoder: nn.Module, num_classes: int, kind: str = "mask_rcnn"
     backbone = MixMIMFPN(MixMIMBackbone(encoder, multi_level=vit_levels), fpn_channels)
     norm = partial(ChannelLayerNorm)
     rpn_head = RPNHead(fpn_channels, 3, conv_depth=2)  # 3 aspect ratios per location (torchvision's anchors)
+    if anchor_sizes is not None:
+        if len(anchor_sizes) != 5:
+            raise ValueError(f"anchor_sizes={list(anchor_sizes)}: one size per pyramid level, five of them")
+        kwargs["rpn_anchor_generator"] = AnchorGenerator(tuple((int(s),) for s in anchor_sizes),
+                                                         ((0.5, 1.0, 2.0),) * len(anchor_sizes))
     # The heads' convolutions are as wide as the pyramid (256 in the protocol; narrower in small tests).
     box_head = FastRCNNConvFCHead((fpn_channels, 7, 7), [fpn_channels] * 4, [1024], norm_layer=norm)
     mask_head = MaskRCNNHeads(fpn_channels, [fpn_channels] * 4, 1, norm_layer=norm)

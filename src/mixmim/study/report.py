@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mixmim.study.runner import Study
-from mixmim.study.spec import METRICS, seeds_of
+from mixmim.study.spec import DENSE, seeds_of
 from mixmim.study.statistics import orderings, summarise
 
 
@@ -30,21 +30,21 @@ def write_report(study: Study, rows: list[dict[str, Any]], folder: str | Path) -
                             if k in r} for r in rows]}
     atomic_write_text(folder / "results.json", json.dumps(payload, indent=2) + "\n")
     summary = summarise(rows)
+    metrics = list(study.profile.metrics)
     lines = [f"# Study results: profile `{study.profile.name}`",
              "", f"Code at commit `{commit}`; command: `{study.command}`.", "",
              f"Pretraining budget per arm: {study.profile.images} images (steps = images / the arm's batch). "
-             "Values: top-1 accuracy (%) on the test split, mean +- sample standard deviation over seeds "
-             "(n = number of seeds).", "",
-             "| arm | n | " + " | ".join(METRICS) + " | pretraining (min) |",
-             "| --- | --- | " + " | ".join("---" for _ in METRICS) + " | --- |"]
+             f"Values: {_units(metrics)}, mean +- sample standard deviation over seeds (n = number of seeds).", "",
+             "| arm | n | " + " | ".join(metrics) + " | pretraining (min) |",
+             "| --- | --- | " + " | ".join("---" for _ in metrics) + " | --- |"]
     for arm in study.arms:
         cells = summary.get(arm.name, {})
         n = max((c["n"] for c in cells.values()), default=0)
         values = [f"{100 * cells[m]['mean']:.2f} +- {100 * cells[m]['std']:.2f}" if m in cells else "-"
-                  for m in METRICS]
+                  for m in metrics]
         minutes = max((c["pretrain_seconds"] for c in cells.values()), default=0.0) / 60
         lines.append(f"| `{arm.name}` | {n} | " + " | ".join(values) + f" | {minutes:.1f} |")
-    checks = orderings(summary)
+    checks = [c for c in orderings(summary) if c["metric"] in metrics]
     if checks:
         lines += ["", "## The papers' orderings at this scale", "",
                   "A pair `A > B` *holds* when A's mean exceeds B's by more than the larger spread of the two, "
@@ -56,6 +56,10 @@ def write_report(study: Study, rows: list[dict[str, Any]], folder: str | Path) -
                   + ", ".join(v if len(c["pairs"]) == 1 else f"{p}: {v}" for p, v in zip(c["pairs"], c["verdicts"]))
                   + " |" for c in checks]
     atomic_write_text(folder / "results.md", "\n".join(lines) + "\n")
+    if set(metrics) & set(DENSE):
+        _dense_pictures(study, folder)
+        atomic_write_text(folder / "results.md", "\n".join(lines + _picture_lines(folder)) + "\n")
+        return folder
     accuracy_vs_time(rows, folder / "accuracy_vs_time.png", title="accuracy against pretraining time")
     runs = curve_runs(study, kept=folder / "curves")
     keep_curves(runs, study, folder / "curves")
@@ -112,3 +116,37 @@ def keep_curves(runs: dict[str, Path], study: Study, kept: Path) -> None:
         target = kept / relative.parent.parent / f"{relative.parent.name}.csv"
         target.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(target, out.getvalue())
+
+
+def _units(metrics: list[str]) -> str:
+    units = {"box_ap": "COCO box AP (%)", "mask_ap": "COCO mask AP (%)", "miou": "mIoU (%)"}
+    dense = [units[m] for m in metrics if m in units]
+    classification = [m for m in metrics if m not in units]
+    parts = (["top-1 accuracy (%) on the test split"] if classification else []) + (
+        [", ".join(dense) + " on the benchmark's validation canvases"] if dense else [])
+    return "; ".join(parts)
+
+
+def _dense_pictures(study: Study, folder: Path) -> None:
+    """Each arm's seed-0 ``predictions.png`` of the detection and segmentation runs, copied next to the
+    report (``detections_<arm>.png``, ``segmentation_<arm>.png``) while the runs are on disk."""
+    import shutil
+
+    for arm in study.arms:
+        seed = seeds_of(arm, study.profile)[0]
+        for verb, stem in (("detect", "detections"), ("segment", "segmentation")):
+            found = study.output / "eval" / f"{arm.name}/seed{seed}" / verb / "predictions.png"
+            if found.is_file():
+                shutil.copyfile(found, folder / f"{stem}_{arm.name.replace('/', '_')}.png")
+
+
+def _picture_lines(folder: Path) -> list[str]:
+    pictures = sorted(p.name for p in folder.glob("detections_*.png")) + sorted(
+        p.name for p in folder.glob("segmentation_*.png"))
+    if not pictures:
+        return []
+    return ["", "## Predictions (seed 0, the first validation canvases)", "",
+            "Detections: predicted boxes of score 0.5 or more with class and score, masks tinted in the class's "
+            "colour, true boxes in white. Segmentation rows: canvas, true map, predicted map (background, "
+            "which reduce_zero_label ignores, in black in both maps).", "",
+            *[f"![{p}]({p})" for p in pictures]]

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from mixmim.config import ConfigError, TrainConfig, load_config
-from mixmim.study.spec import METRICS, Arm, Profile, _merge, dataclass_dict, load_arm, seeds_of
+from mixmim.study.spec import DENSE, METRICS, Arm, Profile, _merge, dataclass_dict, load_arm, seeds_of
 from mixmim.utils.provenance import git_commit
 
 log = logging.getLogger("mixmim")
@@ -56,12 +56,21 @@ class Study:
         from mixmim.data.fashion_mnist import read_fashion_mnist
 
         self.train_images = len(read_fashion_mnist("train")[1])
+        unknown = sorted(set(profile.metrics) - set(METRICS))
+        if unknown:
+            raise ConfigError(f"study profile {profile.name!r}: unknown metric(s) {', '.join(unknown)}; known: "
+                              f"{', '.join(METRICS)}")
         for arm in self.arms:  # fail before any work on an arm that does not build
             unknown = sorted(set(arm.metrics) - set(METRICS))
             if unknown:
                 raise ConfigError(f"study arm {arm.name!r}: unknown metric(s) {', '.join(unknown)}; known: "
                                   f"{', '.join(METRICS)}")
             self.run_config(arm, 0)
+
+    def metrics_of(self, arm: Arm) -> list[str]:
+        """What is measured of ``arm``: the metrics of its list that the profile measures, in the
+        profile's order."""
+        return [m for m in self.profile.metrics if m in arm.metrics]
 
     # ------------------------------------------------------------------ configs
     def run_config(self, arm: Arm, seed: int):
@@ -83,6 +92,10 @@ class Study:
         if metric.startswith("finetune_"):
             evaluation = {"test_size": ev["test_size"], "finetune": next(
                 (f for f in ev["finetune"] if f"finetune_{_percent(f['fraction'])}pct" == metric), None)}
+        elif metric in DENSE:
+            dense = ev["dense"]
+            verb = "segment" if metric == "miou" else "detect"
+            evaluation = {"canvases": {k: dense[k] for k in ("train", "val", "size")}, verb: dense[verb]}
         else:
             keys = {"knn": ("bank_size", "test_size", "knn_k", "knn_temperature", "batch_size"),
                     "linprobe": ("bank_size", "test_size", "linprobe_epochs", "linprobe_batch_size", "batch_size")}
@@ -134,7 +147,7 @@ class Study:
         """Pretrain and evaluate one arm's seed; False when a stop request cut it short."""
         from mixmim.utils.files import atomic_write_text
 
-        todo = [m for m in arm.metrics if not self.cached(arm, seed, m)]
+        todo = [m for m in self.metrics_of(arm) if not self.cached(arm, seed, m)]
         if not todo:  # every result cached: the run (and its checkpoints) need not exist any more
             return True
         config = self.run_config(arm, seed)
@@ -262,6 +275,45 @@ class Study:
             yield metric, r["acc1"] / 100.0, time.perf_counter() - start, {
                 "labels": labels, "epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size,
                 "steps": r["step"], "test_images": r["test_samples"]}
+            if self._stopping():
+                return
+        if set(todo) & set(DENSE):
+            yield from self._evaluate_dense(config, weights, seed, [m for m in todo if m in DENSE])
+
+    def _evaluate_dense(self, config, weights: Path, seed: int, todo: list[str]):
+        """Yield (metric, value in [0, 1], seconds, extra) for the dense metrics in ``todo``: ``mixmim
+        detect`` (box and mask AP from one run) and ``mixmim segment`` (mIoU) on the benchmark's canvases,
+        generated once into ``<output>/dense_data``."""
+        from mixmim.study.dense_benchmark import write_dense_benchmark
+        from mixmim.transfer.run import load_transfer_config, run_transfer
+
+        dense = self.profile.evaluation.dense
+        data = write_dense_benchmark(self.output / "dense_data", dense.train, dense.val, dense.size)
+        common = {"checkpoint": str(weights), "output_dir": str(self.output / "eval" / config.name),
+                  "train": {"seed": seed, "device": self.device, "num_workers": 0, "progress": self.progress,
+                            "checkpoint_every": 10**9, "keep_checkpoints": 1, "trackers": ["csv"]},
+                  "eval": {"every_epochs": 0, "every_steps": 0, "select": "last"}}
+        if {"box_ap", "mask_ap"} & set(todo):
+            start = time.perf_counter()
+            tree = _merge(common, {"name": "detect", "data": {"path": str(data / "coco")}})
+            cfg = load_transfer_config("detect", None, list(dense.detect), base=tree)
+            r = run_transfer(cfg, overwrite=True).get("results")
+            seconds = time.perf_counter() - start
+            for metric, key in (("box_ap", "box_AP"), ("mask_ap", "mask_AP")):
+                if metric in todo:
+                    yield metric, (None if r is None else r[key] / 100.0), seconds, {
+                        "steps": None if r is None else r["step"], "val_images": dense.val}
+                    if r is None:
+                        return
+            if self._stopping():
+                return
+        if "miou" in todo:
+            start = time.perf_counter()
+            tree = _merge(common, {"name": "segment", "data": {"path": str(data / "ade")}})
+            cfg = load_transfer_config("segment", None, list(dense.segment), base=tree)
+            r = run_transfer(cfg, overwrite=True).get("results")
+            yield "miou", (None if r is None else r["miou"]), time.perf_counter() - start, {
+                "steps": None if r is None else r["step"], "val_images": dense.val}
 
     def reuse(self, report: str | Path) -> int:
         """Seed the cache with the rows of an earlier report's ``results.json`` (this study's arms and
@@ -284,7 +336,7 @@ class Study:
         for row in rows:
             arm = arms.get(row.get("arm"))
             if arm is None or row.get("seed") not in seeds_of(arm, self.profile) or row.get("metric") not in \
-                    arm.metrics:
+                    self.metrics_of(arm):
                 continue
             if row.get("settings", self.settings(arm, row["metric"])) != self.settings(arm, row["metric"]):
                 stale.append(f"{arm.name}/seed{row['seed']}/{row['metric']}")
@@ -304,7 +356,7 @@ class Study:
         rows = []
         for arm in self.arms:
             for seed in seeds_of(arm, self.profile):
-                for metric in arm.metrics:
+                for metric in self.metrics_of(arm):
                     path = self.result_path(arm, seed, metric)
                     if path.is_file():
                         rows.append(json.loads(path.read_text()))

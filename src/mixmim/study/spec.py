@@ -12,10 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mixmim.config import RECIPES, ConfigError, build_dataclass, read_yaml
+from mixmim.config import RECIPES, ConfigError, build_dataclass, read_recipe, read_yaml
 
 STUDY_CONFIGS = RECIPES / "study"  # profiles and arms, shipped with the package
-METRICS = ("knn", "linprobe", "finetune_1pct", "finetune_10pct")
+CLASSIFICATION = ("knn", "linprobe", "finetune_1pct", "finetune_10pct")
+# Dense transfer on the benchmark of mixmim.study.dense_benchmark: box and mask AP of ``mixmim detect``,
+# mIoU of ``mixmim segment`` (issue 32).
+DENSE = ("box_ap", "mask_ap", "miou")
+METRICS = CLASSIFICATION + DENSE
 
 
 @dataclass
@@ -26,6 +30,18 @@ class FinetuneSettings:
 
     fraction: float
     overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DenseSettings:
+    """The dense benchmark's canvases (:func:`mixmim.study.dense_benchmark.write_dense_benchmark`) and the
+    dotted overrides of ``mixmim detect`` / ``mixmim segment`` on them."""
+
+    train: int = 2000
+    val: int = 300
+    size: int = 64
+    detect: list[str] = field(default_factory=list)
+    segment: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -40,6 +56,7 @@ class EvaluationSettings:
     linprobe_batch_size: int = 256
     finetune: list[FinetuneSettings] = field(default_factory=list)
     batch_size: int = 256  # feature extraction
+    dense: DenseSettings = field(default_factory=DenseSettings)
 
 
 @dataclass
@@ -53,6 +70,7 @@ class Profile:
     images: int = 100_000  # pretraining budget per arm, in images seen
     seeds: int = 3  # for arms with ``seeds: all``
     arms: list[str] = field(default_factory=list)
+    metrics: list[str] = field(default_factory=lambda: list(CLASSIFICATION))  # what this profile measures
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
 
 
@@ -65,7 +83,8 @@ class Arm:
     paper: str = ""  # the table row it stands for
     pretrain: bool = True
     seeds: str = "one"  # "all": the profile's seeds; "one": seed 0
-    metrics: list[str] = field(default_factory=lambda: list(METRICS))  # a subset for cheap sweeps
+    metrics: list[str] = field(default_factory=lambda: list(METRICS))  # a subset for cheap sweeps (and the
+    # profile's metrics: an arm measures those of its list that its profile measures)
     run: dict[str, Any] = field(default_factory=dict)
 
 
@@ -73,7 +92,7 @@ def load_profile(name_or_path: str) -> Profile:
     path = Path(name_or_path)
     if not path.suffix:
         path = STUDY_CONFIGS / "profiles" / f"{name_or_path}.yaml"
-    tree = read_yaml(path)
+    tree = read_recipe(path)  # a profile may name a base profile (base: cpu.yaml)
     return build_dataclass(Profile, {"name": path.stem, **tree})
 
 

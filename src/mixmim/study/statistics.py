@@ -35,6 +35,7 @@ PAPER_ORDERINGS: list[tuple[str, list[str | tuple[str, ...]]]] = [
     ("MixMIM Table 10 (how the encoder tells images apart)", ["mixmim", "mixmim_mix_embedding",
                                                                "mixmim_no_unmixing"]),
     ("pretraining pays", ["mixmim", "random"]),
+    ("pretraining pays (MAE)", ["mae", "random"]),
 ]
 
 

@@ -10,7 +10,8 @@ predicts its share of the images, the predictions are gathered, every image coun
 
 Files in the run folder besides the loop's: ``model.pt`` (format ``mixmim-detector/1``: the weights the
 run reports, the detector, the categories), ``best.pt`` with ``eval.select=best``, ``results.json``,
-``predictions.json`` (COCO results of the reported weights' last evaluation).
+``predictions.json`` (COCO results of the reported weights' last evaluation), ``predictions.png`` (the
+first evaluation images with those detections).
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ import math
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from mixmim.config import ConfigError, DetectRunConfig
 from mixmim.data.coco import MULTISCALE_SIDES, CocoDetection, CocoLayout, collate_detection, find_coco_layout
+from mixmim.data.images import BadImage
 from mixmim.evaluation.coco_eval import coco_evaluate, to_coco_results
 from mixmim.evaluation.layer_decay import dense_param_groups
 from mixmim.evaluation.metrics import write_json
@@ -93,7 +96,8 @@ class DetectTask(Task):
                                  {"min_size": MULTISCALE_SIDES[-1], "max_size": d.max_size})
         self.model = build_detector(encoder, len(self.classes), d.detector, d.fpn_channels, d.vit_levels,
                                     detections_per_img=d.detections_per_image,
-                                    box_batch_size_per_image=d.rois_per_image, **sizes)
+                                    box_batch_size_per_image=d.rois_per_image,
+                                    anchor_sizes=tuple(d.anchor_sizes) if d.anchor_sizes else None, **sizes)
         return self.model
 
     def dataset(self):
@@ -212,7 +216,29 @@ class DetectTask(Task):
         if run.is_main:
             atomic_write_text(run.run_dir / "predictions.json", json.dumps(predictions) + "\n")
             write_json(run.run_dir / "results.json", results)
+            self._picture(predictions, run.run_dir / "predictions.png")
         summary["results"] = results
+
+    def _picture(self, predictions: list[dict[str, Any]], path: Any, count: int = 4) -> None:
+        """The first ``count`` evaluation images with the reported weights' detections (score >= 0.5,
+        masks tinted, class and score) and the true boxes in white."""
+        from mixmim.data.images import load_rgb
+        from mixmim.viz.dense import draw_detections, grid
+
+        names = {int(c["id"]): str(c.get("name", c["id"])) for c in self.train_set.categories}
+        pictures = []
+        for index in self.val_indices[:count]:
+            info = self.val_set.image_info(index)
+            try:
+                image = np.asarray(load_rgb(self.val_set.name(index)))
+            except BadImage:
+                continue
+            mine = [p for p in predictions if p["image_id"] == info["id"]]
+            truth = [a["bbox"] for a in self.val_set.coco.imgToAnns.get(info["id"], []) if not a.get("iscrowd")]
+            scale = max(1, 256 // max(image.shape[:2]))
+            pictures.append(draw_detections(image, mine, names, truth, scale=scale))
+        if pictures:
+            grid([pictures], path)
 
     def describe(self, run: RunContext) -> str:
         c = self.config

@@ -11,7 +11,8 @@ fine-tuned classifier's ``model.pt`` or run folder: SimMIM's ADE20K protocol sta
 fine-tuned weights) or is randomly initialised (``--model`` alone).
 
 Files in the run folder besides the loop's: ``model.pt`` (format ``mixmim-upernet/3``: the weights the
-run reports, ``eval.select``), ``best.pt`` with ``eval.select=best``, ``results.json``.
+run reports, ``eval.select``), ``best.pt`` with ``eval.select=best``, ``results.json``, ``predictions.png``
+(the first evaluation images: image, true map, predicted map).
 """
 
 from __future__ import annotations
@@ -223,6 +224,7 @@ class SegmentTask(Task):
             run.load_full_state_dict(load_torch_file(best_file)["model"])
             kept = self.best
         self._save(run, "model.pt")
+        self._picture(run, run.run_dir / "predictions.png")
         results = {"miou": kept.get("miou"), "pixel_acc": kept.get("pixel_acc"), "step": kept.get("step"),
                    "select": self.config.eval.select, "last": self.last, "best": self.best or None,
                    "history": self.history, "num_classes": self.num_classes, "layout": self.layout,
@@ -232,6 +234,33 @@ class SegmentTask(Task):
         if run.is_main:
             write_json(run.run_dir / "results.json", results)
         summary["results"] = results
+
+    @torch.no_grad()
+    def _picture(self, run: RunContext, path: Any, count: int = 4) -> None:
+        """The first ``count`` evaluation images: image, true map, the reported weights' map (every
+        process takes part in gathering the module; the main one draws)."""
+        from mixmim.viz.dense import grid, segmentation_row
+
+        g = self.config.segment
+        rows = []
+        with run.full_module() as model:
+            was = model.training
+            model.eval()
+            for index in range(min(count, len(self.val_set))):
+                try:
+                    image, label = self.val_set.evaluation_item(index)
+                    raw, _ = self.val_set.read(index)
+                except BadImage:
+                    continue
+                with run.autocast():
+                    logits = slide_logits(lambda w: model(w.to(run.device)), image.to(run.device), self.num_classes,
+                                          g.crop_size, self.stride)
+                prediction = logits_at(logits, (label.shape[0], label.shape[1])).argmax(0).cpu().numpy()
+                scale = max(1, 256 // max(raw.shape[:2]))
+                rows.append(segmentation_row(raw, label.numpy(), prediction, scale=scale))
+            model.train(was)
+        if run.is_main and rows:
+            grid(rows, path)
 
     def describe(self, run: RunContext) -> str:
         c = self.config
