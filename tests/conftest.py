@@ -230,3 +230,13 @@ def torchrun_verb(nproc: int, verb: str, args: list[str], timeout: int = 600):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                            "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "mixmim", verb, *args],
                           capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture
+def fake_fashion_mnist(tmp_path, monkeypatch):
+    """A small stand-in for Debian's Fashion-MNIST (same IDX files), found through MIXMIM_FASHION_MNIST."""
+    from test_study import write_fashion_mnist
+
+    folder = write_fashion_mnist(tmp_path / "fmnist")
+    monkeypatch.setenv("MIXMIM_FASHION_MNIST", str(folder))
+    return folder

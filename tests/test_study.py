@@ -36,11 +36,6 @@ def write_fashion_mnist(folder, n_train: int = 300, n_test: int = 100, seed: int
     return folder
 
 
-@pytest.fixture
-def fake_fashion_mnist(tmp_path, monkeypatch):
-    folder = write_fashion_mnist(tmp_path / "fmnist")
-    monkeypatch.setenv("MIXMIM_FASHION_MNIST", str(folder))
-    return folder
 
 
 def test_quick_study_runs_end_to_end_caches_and_reports(fake_fashion_mnist, tmp_path, capsys):
@@ -253,13 +248,14 @@ def test_reused_results_need_no_run_on_disk(fake_fashion_mnist, tmp_path, monkey
 
     study = Study(load_profile("quick"), tmp_path / "study", arms=["mixmim"])
     arm = study.arms[0]
+    measured = study.metrics_of(arm)  # the quick profile's: the classification metrics
     rows = [{"arm": a, "seed": 0, "metric": m, "value": 0.5, "commit": "abc"} for a in ("mixmim", "mae")
-            for m in METRICS]
+            for m in METRICS]  # the dense metrics' rows are not this profile's: not taken
     report = tmp_path / "results.json"
     report.write_text(json.dumps({"commit": "abc", "command": "mixmim study", "results": rows}))
-    assert study.reuse(report) == len(METRICS)
+    assert study.reuse(report) == len(measured) == 4
     assert study.reuse(report) == 0  # never over a cached result
-    assert {r["commit"] for r in study.collect()} == {"abc"} and len(study.collect()) == len(METRICS)
+    assert {r["commit"] for r in study.collect()} == {"abc"} and len(study.collect()) == len(measured)
     pretrained = []
     monkeypatch.setattr(Study, "_pretrain", lambda self, config: pretrained.append(config.name) or (None, 0.0))
     monkeypatch.setattr(Study, "_evaluate", lambda self, config, weights, seed, todo: iter(()))
@@ -326,10 +322,11 @@ def test_results_are_keyed_by_the_settings_that_made_them(fake_fashion_mnist, tm
     the study's learnable positions) does not silently take the old result, --reuse skips such rows,
     and a metric's fingerprint ignores the settings of the other metrics."""
     from mixmim.config import ConfigError
-    from mixmim.study import METRICS, Study, load_profile
+    from mixmim.study import Study, load_profile
 
     study = Study(load_profile("quick"), tmp_path / "study", arms=["mixmim"])
     arm = study.arms[0]
+    METRICS = study.metrics_of(arm)  # noqa: N806 (the quick profile's metrics)
     before = {m: study.settings(arm, m) for m in METRICS}
     assert len(set(before.values())) == len(METRICS)  # each metric its own
     study.profile.evaluation.finetune[1].overrides.append("train.epochs=2")
