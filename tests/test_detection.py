@@ -280,3 +280,47 @@ def test_detect_scores_the_same_on_one_and_two_gloo_processes(coco):
     b = sorted((p["image_id"], p["category_id"], round(p["score"], 4)) for p in
                json.loads((coco / "two_processes" / "predictions.json").read_text()))
     assert a == b and len({p[0] for p in a}) >= 1
+
+
+def test_the_verbs_evaluation_of_fixed_detections_equals_pycocotools(coco, tmp_path):
+    """DetectTask.evaluate on a model whose detections are fixed (the ground truth with one box shifted
+    per image): the verb's AP is COCOeval's on the same detections written by hand."""
+    import contextlib
+
+    from pycocotools.cocoeval import COCOeval
+
+    from mixmim.transfer.detection import DetectTask
+
+    task = DetectTask(load_transfer_config("detect", None, detect_overrides(coco, "fixed")))
+    fixed = {}
+    for image_id, out in _ground_truth_outputs(task.val_set):
+        out = {k: v.clone() for k, v in out.items()}
+        out["boxes"][0] += torch.tensor([6.0, 3.0, 6.0, 3.0])
+        fixed[image_id] = out
+    order = iter(sorted(fixed))  # the task predicts its images in index order, which is id order here
+
+    class Fixed(torch.nn.Module):
+        def forward(self, images):
+            return [fixed[next(order)] for _ in images]
+
+    class Run:
+        device, rank, world_size, is_main, micro_batch, run_dir, step = torch.device("cpu"), 0, 1, True, 2, tmp_path, 0
+
+        def autocast(self):
+            return contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def full_module(self):
+            yield Fixed()
+
+    got = task.evaluate(Run(), 1)
+    direct = [{"image_id": i, "category_id": task.val_set.category_of[int(label)], "score": float(score),
+               "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]}
+              for i, out in fixed.items() for b, label, score in zip(out["boxes"].tolist(), out["labels"],
+                                                                     out["scores"])]
+    evaluator = COCOeval(task.val_set.coco, task.val_set.coco.loadRes(direct), "bbox")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    assert 20 < got["box_AP"] < 100
+    assert got["box_AP"] == pytest.approx(100 * evaluator.stats[0], abs=1e-9)
