@@ -12,9 +12,10 @@ from conftest import small_run
 from mixmim.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-# Pretraining recipes (the transfer verbs' small runs are tests/test_transfer_recipes.py's).
+# Pretraining recipes (the transfer verbs' small runs are tests/test_transfer_recipes.py's and
+# tests/test_dense_recipes.py's).
 RECIPES = sorted(p for p in CONFIGS.rglob("*.yaml")
-                 if not {"study", "finetune", "linprobe"} & set(p.relative_to(CONFIGS).parts)
+                 if not {"study", "finetune", "linprobe", "detect", "segment"} & set(p.relative_to(CONFIGS).parts)
                  and "Run it small" in p.read_text())
 
 
