@@ -226,3 +226,27 @@ def test_flex_itself_refuses_a_cpu_tensor():
     q = torch.randn(1, 1, 1, 16, 8)
     with pytest.raises(ValueError, match="CUDA only"):
         flex_window_attention(q, q, q, torch.zeros(49, 1), relative_position_index(4), None, 0.3)
+
+
+def test_auto_self_check_under_bf16_autocast_trusts_a_correct_flex_and_refuses_a_wrong_one(monkeypatch):
+    """Issue 33: the self-check runs inside the first forward, under the run's autocast. In bf16 two
+    correct implementations differ by about 1e-2, above the check's 1e-3, so every bf16 run fell back to
+    the fast path. The check now runs in float32 outside autocast: a flex that computes the same maths
+    another way (here the reference path) passes under bf16 autocast, a planted error still fails."""
+    import mixmim.models.attention as A
+
+    def same_maths(q, k, v, table, rel_index, layout, scale, dropout=0.0):
+        n = q.shape[-2]
+        bias = table[rel_index.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1)
+        return A.reference_window_attention(q, k, v, bias, layout, scale)
+
+    monkeypatch.setattr(A, "flex_window_attention", same_maths)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert A._flex_self_check(torch.device("cpu"))
+
+    def off(*args, **kwargs):
+        return same_maths(*args, **kwargs) + 2e-3
+
+    monkeypatch.setattr(A, "flex_window_attention", off)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.warns(UserWarning, match="differs from the fast path"):
+        assert not A._flex_self_check(torch.device("cpu"))

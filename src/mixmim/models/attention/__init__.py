@@ -92,7 +92,15 @@ def choose_impl(impl: str, device: torch.device, dropout: float = 0.0) -> str:
 
 
 def _flex_self_check(device: torch.device, tol: float = 1e-3) -> bool:
-    """FlexAttention against the fast path on a small grouped window problem, on ``device``."""
+    """FlexAttention against the fast path on a small grouped window problem, on ``device``, in float32
+    outside any autocast: the check runs inside the first forward, and under a bf16 autocast two correct
+    implementations differ by about 1e-2 (bf16's resolution), which would send every bf16 run to the
+    fast path. Whether flex is *correct* is a float32 question; the tolerance is float32's."""
+    with torch.autocast(device_type=device.type, enabled=False):
+        return _compare_flex(device, tol)
+
+
+def _compare_flex(device: torch.device, tol: float) -> bool:
     try:
         g = torch.Generator(device="cpu").manual_seed(0)
         window, heads, dim = 4, 2, 16
