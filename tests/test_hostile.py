@@ -648,3 +648,18 @@ def test_what_a_resume_may_change():
     assert config_changes(saved, same) == []
     other = {**same, "data": {"path": "others", "source": "folder"}, "train": {**same["train"], "seed": 1}}
     assert [k for k, _, _ in config_changes(saved, other)] == ["data.path", "train.seed"]
+
+
+def test_a_batch_that_does_not_fit_the_device_names_the_accum_steps_to_use(tmp_path, monkeypatch, capsys):
+    """Issue 33: a recipe's batch (1024 for mixmim_base_in1k, 8 GPUs' worth) on one device runs out of
+    memory in its first step; the error says which train.accum_steps keeps the global batch."""
+    from mixmim.training.pretrain import PretrainTask
+
+    def out_of_memory(self, model, batch):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(PretrainTask, "step", out_of_memory)
+    code = cli(["pretrain", *tiny_run(tmp_path, "train.batch_size=8", "train.accum_steps=2")])
+    line = _one_line_error(capsys, code, "out of memory", "micro-batches of 4", "train.accum_steps=4",
+                           "global batch 8", "model.grad_checkpointing=true")
+    assert "20.00 GiB" not in line  # the advice, not torch's allocator report

@@ -282,11 +282,14 @@ class Trainer:
             last = a == len(micro_batches) - 1
             if self.fsdp:
                 cast("FSDPModule", self.wrapped).set_requires_gradient_sync(last)  # fully_shard made it one
-            with self._sync_context(last):
-                with self.autocast():
-                    out = self.task.step(self.wrapped, batch)
-                scaled = out.loss / len(micro_batches)
-                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            try:
+                with self._sync_context(last):
+                    with self.autocast():
+                        out = self.task.step(self.wrapped, batch)
+                    scaled = out.loss / len(micro_batches)
+                    (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            except torch.OutOfMemoryError:
+                raise UserError(self._out_of_memory_advice(len(batch.get("index", ())) or None)) from None
             losses.append(out.loss.detach().float())
             for key, value in out.metrics.items():
                 self.method_metrics.setdefault(key, []).append(float(value))
@@ -298,6 +301,21 @@ class Trainer:
             return None
         self._update()
         return float(loss)
+
+    def _out_of_memory_advice(self, micro: int | None) -> str:
+        """One line for a micro-batch that does not fit the device: the ``train.accum_steps`` that keeps
+        the global batch in micro-batches half the size (a recipe's batch 1024 is 8 GPUs' batch)."""
+        t = self.config.train
+        micro = micro or t.batch_size // max(1, self.info.world_size * t.accum_steps)
+        doubled = t.accum_steps * 2
+        hint = (f"try train.accum_steps={doubled} (the same global batch {t.batch_size} in micro-batches of "
+                f"{max(1, micro // 2)})" if micro > 1 else "the batch cannot be split further; try a smaller "
+                "model.img_size or model.grad_checkpointing=true")
+        if micro > 1 and not getattr(getattr(self.config, "model", None), "grad_checkpointing", True):
+            hint += ", or model.grad_checkpointing=true"
+        return (f"out of memory on {self.device} at step {self.step + 1} with micro-batches of {micro} images "
+                f"(train.batch_size {t.batch_size} over {self.info.world_size} process(es) x train.accum_steps "
+                f"{t.accum_steps}): {hint}")
 
     def _update(self) -> None:
         if self.scaler is not None:
