@@ -79,3 +79,23 @@ def _initial_state(tmp_path) -> dict:
     config = load_config(None, tiny_run(tmp_path))
     torch.manual_seed(config.train.seed)
     return build_method(config).state_dict()
+
+
+def test_fsdp_of_a_bf16_run_gathers_in_bf16_and_reduces_in_fp32(monkeypatch):
+    """Issue 33: FSDP had no mixed-precision policy, so a bf16 run gathered parameters and reduced
+    gradients in float32. Every unit (each block, then the root) now gets bf16 parameters and float32
+    reduction when the run is bf16, and FSDP's defaults otherwise."""
+    import torch.distributed.fsdp as fsdp
+
+    from mixmim.training import distributed as D
+
+    calls = []
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module, **kw: calls.append((module, kw["mp_policy"])))
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    info = D.DistInfo(rank=0, world_size=2)
+    D.wrap(model, info, torch.device("cpu"), "fsdp", blocks=list(model), param_dtype=torch.bfloat16)
+    assert [m for m, _ in calls] == [model[0], model[1], model]
+    assert all(p.param_dtype == torch.bfloat16 and p.reduce_dtype == torch.float32 for _, p in calls)
+    calls.clear()
+    D.wrap(model, info, torch.device("cpu"), "fsdp", blocks=list(model))
+    assert all(p.param_dtype is None and p.reduce_dtype is None for _, p in calls)

@@ -110,7 +110,8 @@ class Trainer:
             self.total_steps = min(self.total_steps, t.max_steps) if t.epochs else t.max_steps
         self.lr_batch = task.lr_batch(self.global_batch)
         self.schedule = build_schedule(self.config.optim, self.total_steps, self.steps_per_epoch, self.lr_batch)
-        self.wrapped = D.wrap(self.model, info, device, t.distributed, task.repeated_blocks(self.model))
+        self.wrapped = D.wrap(self.model, info, device, t.distributed, task.repeated_blocks(self.model),
+                              param_dtype=torch.bfloat16 if self.amp == "bf16" else None)
         self.optimizer = build_optimizer(task.param_groups(D.unwrap(self.wrapped)), self.config.optim,
                                          self.schedule.peak, device)
         self.scaler = torch.amp.GradScaler(device.type) if self.amp == "fp16" else None
