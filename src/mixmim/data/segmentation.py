@@ -256,7 +256,10 @@ class SegmentationData(torch.utils.data.Dataset):
 
     def evaluation_item(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(the normalised image resized to ``scale``, aspect kept; the label map at the original size)."""
-        image, mask = self.read(index)
+        return self.evaluation_input(*self.read(index))
+
+    def evaluation_input(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`evaluation_item` of an image and mask already read."""
         resized, _ = _resize(image, None, rescale_size(image.shape[0], image.shape[1], self.protocol.scale))
         return self.normalise(resized), torch.from_numpy(mask)
 

@@ -139,21 +139,11 @@ def dense_param_groups(model: nn.Module, encoder: nn.Module, weight_decay: float
     keeps the relative position tables out). MixMIM Table 4's 0.85 / 0.9 for B / L."""
     if not 0.0 < layer_decay <= 1.0:
         raise ValueError(f"layer_decay={layer_decay} must be in (0, 1]")
-    owned = {id(p): name for name, p in encoder.named_parameters()}
-    ids = layer_ids(encoder) if layer_decay < 1.0 else {}
-    top = max(ids.values(), default=0) + 1
-    patterns = no_weight_decay_patterns(encoder)
-    groups: dict[tuple[float, bool], dict[str, Any]] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        inner = owned.get(id(param))
-        scale = layer_decay ** (top - ids[inner]) if inner is not None and inner in ids else 1.0
-        no_decay = param.ndim <= 1 or name.endswith(".bias") or (
-            inner is not None and any(fnmatch.fnmatch(inner, p) for p in patterns)) or any(
-            k in name for k in no_decay_keywords)
-        key = (scale, no_decay)
-        if key not in groups:
-            groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else weight_decay, "lr_scale": scale}
-        groups[key]["params"].append(param)
-    return list(groups.values())
+    path = next(name for name, module in model.named_modules() if module is encoder)
+    prefix = f"{path}." if path else ""
+    inner = layer_ids(encoder)
+    heads = max(inner.values(), default=-1) + 1  # one above the encoder's last layer: scale 1
+    ids = {name: inner.get(name[len(prefix):], heads) if name.startswith(prefix) else heads
+           for name, _ in model.named_parameters()}
+    patterns = {prefix + p for p in no_weight_decay_patterns(encoder)} | {f"*{k}*" for k in no_decay_keywords}
+    return _grouped(model, ids, heads + 1, weight_decay, layer_decay, patterns)

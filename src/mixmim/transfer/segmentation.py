@@ -248,10 +248,10 @@ class SegmentTask(Task):
             model.eval()
             for index in range(min(count, len(self.val_set))):
                 try:
-                    image, label = self.val_set.evaluation_item(index)
-                    raw, _ = self.val_set.read(index)
+                    raw, mask = self.val_set.read(index)
                 except BadImage:
                     continue
+                image, label = self.val_set.evaluation_input(raw, mask)
                 with run.autocast():
                     logits = slide_logits(lambda w: model(w.to(run.device)), image.to(run.device), self.num_classes,
                                           g.crop_size, self.stride)
