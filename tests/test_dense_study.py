@@ -54,6 +54,9 @@ def test_a_small_patch_vit_gives_the_pyramids_strides_4_to_32():
         feats = backbone(torch.randn(1, 3, 64, 64))
         assert backbone.strides == [4, 8, 16, 32]
         assert [tuple(f.shape[-2:]) for f in feats.values()] == [(16, 16), (8, 8), (4, 4), (2, 2)]
+        grid = torch.randn(1, 32, 16, 16)  # the stride-4 map itself: no level may be cropped into shape
+        levels = backbone.pyramid([grid] * 4 if multi_level else grid)
+        assert [tuple(f.shape[-2:]) for f in levels] == [(16, 16), (8, 8), (4, 4), (2, 2)]
 
 
 def test_dense_quick_study_runs_end_to_end_and_reports(fake_fashion_mnist, tmp_path):

@@ -92,6 +92,20 @@ def test_large_scale_jitter_keeps_boxes_on_their_masks_and_is_a_function_of_the_
     assert out_image.shape == (3, 32, 32) and out["boxes"].tolist() == [[0.0, 0.0, 32.0, 32.0]]
 
 
+def test_multiscale_draws_the_shorter_side_from_the_protocols_sides_under_the_longer_cap(coco):
+    ds = CocoDetection(coco / "coco/annotations/instances_train2017.json", coco / "coco/train2017", "multiscale",
+                       max_size=90, sides=(48, 64, 80))
+    seen = set()
+    for seed in range(12):
+        item = ds[(1, seed)]  # image 1 is 56 x 64
+        h, w = item["image"].shape[-2:]
+        assert max(h, w) <= 90 and (min(h, w) in (48, 64, 80) or max(h, w) >= 89)
+        seen.add(min(h, w))
+        boxes, masks = item["target"]["boxes"], item["target"]["masks"]
+        assert masks.shape[-2:] == (h, w) and float(boxes[:, 2].max()) <= w and float(boxes[:, 3].max()) <= h
+    assert len(seen) >= 2 and torch.equal(ds[(1, 3)]["image"], ds[(1, 3)]["image"])
+
+
 # ---------------------------------------------------------------------------------------------- COCOeval
 def _ground_truth_outputs(ds: CocoDetection) -> list[tuple[int, dict]]:
     """The validation images' ground truth as the detector's outputs (xyxy boxes, labels 1..K, mask

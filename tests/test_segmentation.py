@@ -202,6 +202,8 @@ def test_segment_trains_evaluates_and_writes_its_files(ade):
     assert r["val_images"] == 5 and 0.0 <= r["miou"] <= 1.0
     rows = list(csv.DictReader(open(ade / "two" / "metrics.csv", newline="")))
     assert {"loss_main", "loss_aux"} <= set(rows[0]) and all(np.isfinite(list(_losses(ade / "two").values())))
+    for row in rows:  # one micro-batch per step, logged every step: the loss is main + 0.4 x auxiliary
+        assert float(row["loss"]) == pytest.approx(float(row["loss_main"]) + 0.4 * float(row["loss_aux"]), rel=1e-5)
 
 
 def test_segment_resumes_after_sigterm_to_the_uninterrupted_losses(ade):
