@@ -180,3 +180,50 @@ def test_simmim_mask_is_the_authors_mask_generator():
         assert torch.equal(case["patch_mask"], cells.repeat_interleave(scale, 1).repeat_interleave(scale, 2))
         count = int(torch.tensor(cells[0].numel() * c["mask_ratio"]).ceil())
         assert (cells.flatten(1).sum(1) == count).all()
+
+
+# ------------------------------------------------------------------------------------ MixMIM release
+def mixmim_release(impl: str):
+    """The release's MixMIM in the fixture's configuration, its weights under our names, in float64."""
+    case = load("mixmim_release")
+    model = mixmim.create_pretrainer("mixmim", "mixmim_base", attention_impl=impl, **case["config"])
+    model.load_state_dict(mixmim.convert_official(case["pretrain_state_dict"]), strict=True)
+    return case, model.double().eval()
+
+
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+def test_mixmim_equals_the_release(impl):
+    """Loss, both reconstructions (rows 0..B-1: the mask==0 group, B..2B-1: the mask==1 group),
+    gradients and a fine-tuning classifier's logits, as the release's code gives them, with four
+    images so that the partner rule (image B-1-i) is pinned. The reconstruction is stored in float32."""
+    case, model = mixmim_release(impl)
+    out = model(case["images"].double(), mask=case["mask_stage4"], picture=True)
+    torch.testing.assert_close(out.loss, case["loss"], **TOL)
+    torch.testing.assert_close(out.picture.reconstruction.float(), case["reconstruction"], rtol=1e-6, atol=1e-6)
+    out.loss.backward()
+    params = dict(model.named_parameters())
+    for key, grad in mixmim.convert_official(case["grads"], target="pretrainer").items():
+        torch.testing.assert_close(params[key].grad, grad, **TOL, msg=lambda m, key=key: f"{key}: {m}")
+
+    encoder_cfg = {k: v for k, v in case["config"].items() if not k.startswith("decoder")}
+    classifier = mixmim.create_classifier("mixmim_base", num_classes=10, attention_impl=impl, **encoder_cfg)
+    state = mixmim.convert_official(case["pretrain_state_dict"], target="encoder")
+    state.update(case["finetune_head"])
+    classifier.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        logits = classifier.double().eval()(case["images"].double())
+    torch.testing.assert_close(logits, case["logits"], **TOL)
+
+
+def test_mixmim_release_case_is_not_degenerate():
+    """Every stage's windows straddle both groups (so the group restriction is exercised everywhere)."""
+    case, model = mixmim_release("fast")
+    mask = case["mask_stage4"]
+    assert 0 < int(mask.sum()) < mask.numel()
+    for stage, window in enumerate(case["config"]["window_size"]):
+        groups = model.encoder.stage_groups(mask[None], stage)[0]
+        side = groups.shape[-1]
+        window = min(window, side)
+        windows = groups.reshape(side // window, window, side // window, window).transpose(1, 2).flatten(2)
+        mixed = (windows.amin(-1) != windows.amax(-1)).sum()
+        assert mixed >= 1, f"stage {stage + 1}: no window holds both groups"
