@@ -254,3 +254,16 @@ def test_compile_blocks_compiles_every_repeated_block(name):
     assert all(getattr(b, "_compiled_call_impl", None) is not None for b in blocks)
     others = [m for m in encoder.modules() if getattr(m, "_compiled_call_impl", None) is not None]
     assert {id(m) for m in others} == {id(b) for b in blocks}
+
+
+def test_compile_blocks_asks_for_static_shapes(monkeypatch):
+    """Every stage's blocks compile with static shapes (automatic dynamic shapes made a graph that
+    Inductor failed to generate under bf16 autocast); ``dynamic`` may still be given."""
+    seen = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **kw: seen.append(kw))
+    encoder = _tiny("mixmim_tiny")
+    encoder.compile_blocks()
+    assert seen and all(kw == {"dynamic": False} for kw in seen)
+    seen.clear()
+    encoder.compile_blocks(dynamic=True, mode="max-autotune")
+    assert all(kw == {"dynamic": True, "mode": "max-autotune"} for kw in seen)

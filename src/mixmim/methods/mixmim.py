@@ -32,7 +32,7 @@ from mixmim.methods.decoding import build_decoder
 from mixmim.methods.masking import as_grid_masks, block_groups, partner_sources, random_groups, token_cells
 from mixmim.methods.options import MixMIMConfig
 from mixmim.methods.patches import masked_mse, patch_targets
-from mixmim.models.base import resize_groups
+from mixmim.models.base import resize_groups, upload_groups
 
 if TYPE_CHECKING:
     from mixmim.methods.base import Encoder
@@ -144,7 +144,7 @@ class MixMIM(PretrainMethod):
         else:
             groups = self.check_mask(mask, b)
             tokens_at = self._token_cells_for(groups, token_mask)
-        groups = groups.to(images.device)
+        groups = upload_groups(groups, images.device)  # the host copy stays for the attention plans
         if self.config.filling != "mix":
             return self._forward_filled(images, groups, self.wants_picture(picture))
 

@@ -37,6 +37,33 @@ if TYPE_CHECKING:
     from mixmim.models.attention import AttentionImpl
 
 
+def upload(t: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on ``device``: through pinned memory without waiting, on CUDA (the caching host
+    allocator keeps the pinned block alive until the copy is done)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def upload_groups(groups: Tensor, device: torch.device) -> Tensor:
+    """A group map drawn on the host, on ``device``, remembering its host copy (:func:`host_groups`):
+    layers that plan on the host (MixMIM's gathered attention) read the copy instead of copying the
+    map back from the device, which would wait for all queued work."""
+    if groups.device == torch.device(device):
+        return groups
+    moved = upload(groups, torch.device(device))
+    if groups.device.type == "cpu":
+        moved._host_groups = groups  # type: ignore[attr-defined]
+    return moved
+
+
+def host_groups(groups: Tensor) -> Tensor | None:
+    """The host copy of a group map (itself when it is on the host), or None when there is none."""
+    if groups.device.type == "cpu":
+        return groups
+    return getattr(groups, "_host_groups", None)
+
+
 def resize_groups(groups: Tensor, size: Sequence[int]) -> Tensor:
     """Nearest-neighbour resampling of a ``(G, h, w)`` group map to ``size = (H, W)``, where each
     side is a whole multiple or a whole division of the map's side (cells stay aligned)."""
@@ -183,7 +210,11 @@ class GroupedEncoder:
 
     def compile_blocks(self, **compile_kwargs: Any) -> None:
         """``torch.compile`` every block of :meth:`repeated_blocks` in place (the group plans and masks
-        are built outside the blocks, so they stay out of the graphs)."""
+        are built outside the blocks, so they stay out of the graphs). Static shapes unless
+        ``dynamic`` is given: the blocks of each stage see one shape, and after the second stage's
+        recompilation Dynamo's automatic dynamic shapes made a symbolic graph that Inductor (torch
+        2.14) failed to generate under a bf16 autocast ("expected [s20] to have been codegen-ed")."""
+        compile_kwargs.setdefault("dynamic", False)
         for blk in self.repeated_blocks():
             blk.compile(**compile_kwargs)
 

@@ -20,7 +20,7 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
 from mixmim.models.attention import AttentionImpl, GroupLayout, WindowAttention, window_partition, window_reverse
-from mixmim.models.base import GroupedEncoder
+from mixmim.models.base import GroupedEncoder, host_groups
 from mixmim.models.pos_embed import sincos_2d
 
 
@@ -78,17 +78,18 @@ class MixMIMStage(nn.Module):
         self.downsample = PatchMerging(dim) if downsample else None
 
     def forward(self, x: Tensor, hw: tuple[int, int], groups: Tensor | None, num_groups: int,
-                run_block: Callable[..., Tensor] | None = None) -> Tensor:
-        """The blocks on ``x`` (B, h*w, C); ``groups`` (G, h, w) restrict attention. ``run_block(blk,
-        *args)`` runs each block (the encoder's :meth:`~mixmim.models.base.GroupedEncoder.run_block`,
-        which checkpoints); by default the block is called."""
+                run_block: Callable[..., Tensor] | None = None, host: Tensor | None = None) -> Tensor:
+        """The blocks on ``x`` (B, h*w, C); ``groups`` (G, h, w) restrict attention (``host``: the
+        same map in host memory, which the attention plans are built from). ``run_block(blk, *args)``
+        runs each block (the encoder's :meth:`~mixmim.models.base.GroupedEncoder.run_block`, which
+        checkpoints); by default the block is called."""
         layouts: dict[int, GroupLayout] = {}  # one per window size: the plan is built once per stage
         for blk in self.blocks:
             layout = None
             if groups is not None:
                 ws = cast(MixMIMBlock, blk).window_size
                 if ws not in layouts:
-                    layouts[ws] = GroupLayout.from_grid(groups, ws, num_groups)
+                    layouts[ws] = GroupLayout.from_grid(groups, ws, num_groups, host)
                 layout = layouts[ws]
             x = blk(x, hw, layout) if run_block is None else run_block(blk, x, hw, layout)
         return x
@@ -268,10 +269,12 @@ class MixMIMTransformer(GroupedEncoder, nn.Module):
     def _run_stages(self, x: Tensor, groups: Tensor | None, restrict_attention: bool,
                     stage_embeds: Sequence[Tensor] | None, num_groups: int | None, count: int) -> list[Tensor]:
         """:meth:`forward_stages` for the first ``count`` stages."""
+        host = host_groups(groups) if groups is not None else None  # plans are built from it, not from `groups`
         if groups is not None and num_groups is None:
-            num_groups = int(groups.max()) + 1
+            num_groups = int((host if host is not None else groups).max()) + 1
         if groups is not None:
             groups = self.stage_groups(groups, self.num_stages - 1)
+            host = self.stage_groups(host, self.num_stages - 1) if host is not None else None
         self.check_stage_embeds(stage_embeds, groups)
         x = x + self.absolute_pos_embed
         outs = []
@@ -281,7 +284,8 @@ class MixMIMTransformer(GroupedEncoder, nn.Module):
             if stage_embeds is not None:
                 assert ids is not None  # check_stage_embeds: stage embeddings come with a group map
                 x = x + stage_embeds[i][ids.reshape(ids.shape[0], -1)].to(x.dtype)
-            x = stage(x, (gh, gw), ids if restrict_attention else None, num_groups or 1, self.run_block)
+            host_ids = self.stage_groups(host, i) if host is not None and restrict_attention else None
+            x = stage(x, (gh, gw), ids if restrict_attention else None, num_groups or 1, self.run_block, host_ids)
             outs.append(x)
             if stage.downsample is not None and i + 1 < count:
                 x = stage.downsample(x, (gh, gw))

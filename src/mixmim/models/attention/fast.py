@@ -32,14 +32,20 @@ _RECOMPUTE_BUDGET = 1 << 23
 class _BiasedAttention(torch.autograd.Function):
     """softmax(q k^T * scale + bias) v with a learnable bias shared over the leading axis.
 
-    Forward: PyTorch's fused CPU flash kernel, which keeps only the output and the log-sum-exp
-    (no (L, L) matrix survives the forward). Backward: the attention matrix is recomputed in chunks
-    from the log-sum-exp, which also yields the bias gradient that the fused backward does not
-    provide (the same recompute as FlashAttention's backward, Dao 2022, section 3.1)."""
+    Forward: on the CPU PyTorch's fused flash kernel, which keeps only the output and the log-sum-exp
+    (no (L, L) matrix survives the forward); elsewhere SDPA with the bias as a constant (a kernel
+    asked for the bias gradient allocates it at the whole batch's size: CUDA's memory-efficient
+    kernel writes a (B, heads, L, L) gradient for a (1, heads, L, L) bias, 3.4 GiB at mixmim_base's
+    batch 128). Backward: the attention matrix is recomputed in chunks (from the log-sum-exp, or
+    with it where the kernel did not return it), which also yields the bias gradient, summed over
+    the batch as it goes (the same recompute as FlashAttention's backward, Dao 2022, section 3.1)."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> Tensor:
-        out, lse = _flash_cpu(q, k, v, bias, scale)
+        if _flash_kernel_applies(q):
+            out, lse = _flash_cpu(q, k, v, bias, scale)
+        else:
+            out, lse = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale), q.new_empty(0)
         ctx.save_for_backward(q, k, v, bias, out, lse)
         ctx.scale = scale
         return out
@@ -47,8 +53,19 @@ class _BiasedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         q, k, v, bias, out, lse = ctx.saved_tensors
-        dq, dk, dv, dbias = _attention_grads(q, k, v, bias, out, lse, grad_out, ctx.scale)
+        dq, dk, dv, dbias = _attention_grads(q, k, v, bias, out, lse if lse.numel() else None, grad_out, ctx.scale)
         return dq, dk, dv, dbias.to(bias.dtype) if ctx.needs_input_grad[3] else None, None
+
+
+def _flash_kernel_applies(q: Tensor) -> bool:
+    """Whether PyTorch's fused CPU kernel (which returns the log-sum-exp) computes the forward."""
+    return q.device.type == "cpu"
+
+
+def _recompute_budget(device: torch.device) -> int:
+    """Elements of the attention matrices one backward chunk materialises: 8 Mi on the CPU (cache
+    sized), 64 Mi elsewhere (fewer, larger kernels; 256 MiB of float32 scores per chunk)."""
+    return _RECOMPUTE_BUDGET if device.type == "cpu" else _RECOMPUTE_BUDGET * 8
 
 
 def _flash_cpu(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -57,18 +74,19 @@ def _flash_cpu(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> t
                                                                       scale=scale)
 
 
-def _attention_grads(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor,
-                     scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of softmax(q k^T * scale + bias) v from the output and its log-sum-exp: the
-    attention matrix is recomputed in chunks of at most ``_RECOMPUTE_BUDGET`` elements. ``out`` and
-    ``grad_out`` may be strided views. Returns dq, dk, dv and the float32 bias gradient (1, H, L, L)."""
+def _attention_grads(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, out: Tensor, lse: Tensor | None,
+                     grad_out: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of softmax(q k^T * scale + bias) v from the output and its log-sum-exp (None: taken
+    from the recomputed scores): the attention matrix is recomputed in chunks of at most
+    :func:`_recompute_budget` elements. ``out`` and ``grad_out`` may be strided views. Returns dq,
+    dk, dv and the float32 bias gradient (1, H, L, L)."""
     b, h, n, _ = q.shape
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dbias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
     delta = (grad_out.float() * out.float()).sum(-1, keepdim=True)
     grad_out = grad_out.contiguous()
     qs = q * scale  # scale the (L, d) queries once instead of every (L, L) score
-    rows = max(1, _RECOMPUTE_BUDGET // (n * n))
+    rows = max(1, _recompute_budget(q.device) // (n * n))
     step_b, step_h = (max(1, rows // h), h) if rows >= h else (1, rows)
     for i in range(0, b, step_b):
         for j in range(0, h, step_h):
@@ -76,7 +94,7 @@ def _attention_grads(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, out: Tensor,
             whole = step_b >= b and step_h >= h
             qc, ks, vs, gs = (t if whole else t[sl] for t in (qs, k, v, grad_out))
             p = torch.matmul(qc, ks.transpose(-1, -2)).float().add_(bias[:, sl[1]])
-            p = p.sub_(lse[sl].unsqueeze(-1)).exp_()
+            p = p.sub_(lse[sl].unsqueeze(-1) if lse is not None else p.logsumexp(-1, keepdim=True)).exp_()
             gv = torch.matmul(p.to(vs.dtype).transpose(-1, -2), gs)
             ds = torch.matmul(gs, vs.transpose(-1, -2)).float().sub_(delta[sl]).mul_(p)
             del p
@@ -91,10 +109,10 @@ def _attention_grads(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, out: Tensor,
 
 def biased_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float, dropout: float = 0.0) -> Tensor:
     """softmax(q k^T * scale + bias) v for q, k, v (B, H, L, d) and bias (1, H, L, L) (-inf allowed,
-    never a whole row). CPU without dropout: :class:`_BiasedAttention`; elsewhere SDPA, whose CUDA
-    memory-efficient kernel already returns the bias gradient."""
+    never a whole row). Without dropout: :class:`_BiasedAttention`, whose bias gradient is summed over
+    the batch as it is computed (never the batch's size); with dropout SDPA (its own backward)."""
     bias = bias.to(q.dtype)
-    if q.device.type == "cpu" and dropout == 0.0 and q.dtype in (torch.float32, torch.bfloat16, torch.float16):
+    if dropout == 0.0 and q.dtype in (torch.float32, torch.bfloat16, torch.float16):
         return _BiasedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), bias.contiguous(), scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
 

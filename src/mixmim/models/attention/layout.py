@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from mixmim.models.base import upload
 
 # Gather into dense sequences only when it removes at least this share of the query-key pairs; below
 # that the copies cost more than the saved pairs and one mask per window (shared by the batch) wins.
@@ -58,7 +59,7 @@ class GroupPlan:
     gather: Tensor  # (P,) flat token index of every padded sequence position (pads point at token 0)
     scatter: Tensor  # (T,) position of every flat token in the gathered order
     buckets: list[tuple[int, int]]  # (number of sequences, padded length) per bucket, in gather order
-    rel_index: list[Tensor]  # per bucket (n, L, L) row of the bias table; padded keys -> the extra row
+    rel_index: list[Tensor]  # per bucket (n, L, L) int32 row of the bias table; padded keys -> the extra row
     additive: Tensor | None = None  # (nW, 1, N, N) 0 / -inf: set when gathering would not pay off
 
     @property
@@ -79,13 +80,18 @@ class GroupLayout:
     ids: Tensor
     num_groups: int
     window: int = 0
+    host_ids: Tensor | None = None  # the same ids in host memory, when the map came from there
     _plan: GroupPlan | None = field(default=None, repr=False)
     _flex_mask: tuple | None = field(default=None, repr=False)  # (key, BlockMask), see flex.py
 
     @classmethod
-    def from_grid(cls, ids: Tensor, window: int, num_groups: int) -> GroupLayout:
-        """``ids``: (G, H, W) group ids on this stage's grid."""
-        return cls(window_partition(ids, window), num_groups, window)
+    def from_grid(cls, ids: Tensor, window: int, num_groups: int, host: Tensor | None = None) -> GroupLayout:
+        """``ids``: (G, H, W) group ids on this stage's grid; ``host``: the same map in host memory
+        (the plan is then built from it, without copying ``ids`` back from the device)."""
+        if host is None and ids.device.type == "cpu":
+            host = ids
+        return cls(window_partition(ids, window), num_groups, window,
+                   window_partition(host, window) if host is not None else None)
 
     @property
     def shared(self) -> bool:
@@ -93,9 +99,12 @@ class GroupLayout:
 
     @torch.compiler.disable
     def plan(self) -> GroupPlan:
-        """Built on first use (data dependent, host side; kept out of compiled graphs)."""
+        """Built on first use (data dependent, on the host; kept out of compiled graphs) from the host
+        copy of the ids, and uploaded once; without a host copy the ids are copied back first (which
+        waits for the device)."""
         if self._plan is None:
-            self._plan = _build_plan(self.ids, self.window or int(round(self.ids.shape[-1] ** 0.5)))
+            host = self.host_ids if self.host_ids is not None else self.ids.cpu()
+            self._plan = _build_plan(host, self.window or int(round(self.ids.shape[-1] ** 0.5)), self.ids.device)
         return self._plan
 
 
@@ -129,9 +138,10 @@ def _bucket_lengths(lengths: list[int], overhead: float) -> list[int]:
     return ends[::-1]
 
 
-def _build_plan(ids: Tensor, window: int) -> GroupPlan:
-    device = ids.device
-    ids = ids.cpu()
+def _build_plan(ids: Tensor, window: int, device: torch.device) -> GroupPlan:
+    """The plan of host ids (G, nW, N), its index tensors uploaded to ``device``. Tensor code over
+    all sequences at once: the Python work is per bucket (at most N + 1 of them), not per sequence
+    (per-sample masks at batch 128 give ~12 500 sequences)."""
     g, nw, n = ids.shape
     flat = ids.reshape(-1)
     # Stable sort by (image, window, group) keeps the row-major token order inside every sequence.
@@ -139,29 +149,32 @@ def _build_plan(ids: Tensor, window: int) -> GroupPlan:
     order = torch.sort(key, stable=True).indices
     _, counts = torch.unique_consecutive(key[order], return_counts=True)
     starts = torch.cumsum(counts, 0) - counts
-    seqs = sorted(zip(counts.tolist(), starts.tolist()), key=lambda c: -c[0])
-    ends = _bucket_lengths([c for c, _ in seqs], overhead=n * n / 2)
-    rpi = relative_position_index(window)
-    pad_row = (2 * window - 1) ** 2
-    gather, real, buckets, rel_index, begin = [], [], [], [], 0
-    for end in ends:
-        length = seqs[begin][0]
-        sizes = torch.tensor([c for c, _ in seqs[begin:end]])
-        tokens = torch.stack([F.pad(order[start:start + count], (0, length - count))
-                              for count, start in seqs[begin:end]])  # (n_b, L) flat token index
-        valid = torch.arange(length) < sizes[:, None]
-        local = tokens % n
-        rel = rpi[local[:, :, None], local[:, None, :]]
-        rel_index.append(torch.where(valid[:, None, :], rel, pad_row).to(device))
-        gather.append(tokens.reshape(-1))
-        real.append(valid.reshape(-1))
-        buckets.append((end - begin, length))
-        begin = end
+    longest_first = torch.sort(counts, descending=True, stable=True).indices  # ties keep (image, window) order
+    counts, starts = counts[longest_first], starts[longest_first]
+    lengths = counts.tolist()
+    ends = _bucket_lengths(lengths, overhead=n * n / 2)
+    buckets = [(end - begin, lengths[begin]) for begin, end in zip([0, *ends[:-1]], ends)]
     if g == 1 and sum(c * length**2 for c, length in buckets) > (1 - _GATHER_MIN_SAVING) * nw * n * n:
         same = ids[0, :, :, None] == ids[0, :, None, :]
         additive = torch.zeros(same.shape).masked_fill_(~same, float("-inf")).unsqueeze(1)
-        return GroupPlan(torch.empty(0), torch.empty(0), [], [], additive.to(device))
+        return GroupPlan(torch.empty(0), torch.empty(0), [], [], upload(additive, device))
+    # relative_position_index(window)[a, b] == code[a] - code[b] + offset with code = row * (2w - 1) + col:
+    # a broadcast difference instead of an (n_b, L, L) gather (the bulk of a per-sample plan).
+    span = 2 * window - 1
+    local_code = (torch.arange(n, dtype=torch.int32) // window) * span + torch.arange(n, dtype=torch.int32) % window
+    offset, pad_row = (window - 1) * span + window - 1, span**2
+    gather, real, rel_index = [], [], []
+    for (count, length), begin in zip(buckets, [0, *ends[:-1]]):
+        position = torch.arange(length)
+        valid = position < counts[begin:begin + count, None]  # (n_b, L)
+        at = (starts[begin:begin + count, None] + position).clamp_(max=order.numel() - 1)
+        tokens = torch.where(valid, order[at], 0)  # (n_b, L) flat token index; pads -> token 0
+        code = local_code[tokens % n]
+        rel = (code[:, :, None] - code[:, None, :]).add_(offset).masked_fill_(~valid[:, None, :], pad_row)
+        rel_index.append(upload(rel, device))  # int32: (2w - 1)^2 + 1 rows at most
+        gather.append(tokens.reshape(-1))
+        real.append(valid.reshape(-1))
     gather_all, is_real = torch.cat(gather), torch.cat(real)
     scatter = torch.empty(g * nw * n, dtype=torch.long)
     scatter[gather_all[is_real]] = torch.nonzero(is_real).flatten()
-    return GroupPlan(gather_all.to(device), scatter.to(device), buckets, rel_index)
+    return GroupPlan(upload(gather_all, device), upload(scatter, device), buckets, rel_index)
