@@ -1,7 +1,7 @@
-"""Print one table from the JSON files the benchmarks write (``gpu_suite.sh``'s last step): every
-throughput row (images/s, ratio to its base variant, peak memory, MFU, and the GPU-hours that the
-papers' 300-epoch ImageNet-1K pretraining would take at that rate, an extrapolation) and the pass /
-fail lines of the correctness checks.
+"""Print one table from the JSON files the benchmarks write (``pretrain_throughput.py`` and the
+sections of ``gpu_check.py``): every throughput row (images/s, ratio to its base variant, peak
+memory, MFU, and the GPU-hours that the papers' 300-epoch ImageNet-1K pretraining would take at that
+rate, an extrapolation) and the pass / fail lines of the checks.
 
     python benchmarks/summarize_results.py benchmarks/results/cuda_*.json
 """
@@ -35,19 +35,24 @@ def rows_of(path: Path) -> list[str]:
             lines.append(f"| {r['model']} | {r['variant']} | {r['batch']} | {r['images_per_s']:.1f} | "
                          f"{r.get('speed_vs_baseline', float('nan')):.2f} | {mem:.2f} GiB | "
                          f"{'' if mfu is None else f'{100 * mfu:.1f}%'} | {gpu_hours(r['images_per_s']):.0f} |")
-    if "golden" in data:
-        for impl, g in data["golden"].items():
-            lines.append(f"check golden/{impl}: {'pass' if g['pass'] else 'FAIL'} (loss rel {g['loss_rel']:.1e}, "
-                         f"reconstruction {g['reconstruction_abs']:.1e}, logits {g['logits_abs']:.1e})")
-    if "train" in data:
-        t = data["train"]
-        lines.append(f"check train {t['model']} {t['amp']}: {'pass' if t['pass'] else 'FAIL'} "
-                     f"(loss {t['first_mean']:.3f} -> {t['last_mean']:.3f} over {t['steps']} steps)")
-    if "peak" in data:
-        lines.append(f"measured {data['peak']['amp']} matmul peak: {data['peak']['tflops']:.0f} TFLOP/s")
-    if "worst_rel" in data:
-        lines.append(f"check flex/fast vs reference: {'pass' if data['pass'] else 'FAIL'} "
-                     f"(worst relative error {data['worst_rel']:.1e})")
+    if data.get("section") == "throughput":  # gpu_check.py
+        for r in data.get("rows", []):
+            if "images_per_s" not in r:
+                lines.append(f"| {r.get('model')} | {r.get('variant')} | {r.get('batch')} | {r.get('error', 'failed')} "
+                             "| | | | |")
+                continue
+            mfu, mem = r.get("mfu_nominal"), r.get("peak_memory_bytes")
+            lines.append(f"| {r['model']} | {r['variant']} | {r['batch']} | {r['images_per_s']:.1f} | "
+                         f"{r.get('speed_vs_reference', float('nan')):.2f} | "
+                         f"{'-' if not mem else f'{mem / 2**30:.2f} GiB'} | "
+                         f"{'' if mfu is None else f'{100 * mfu:.1f}%'} | {gpu_hours(r['images_per_s']):.0f} |")
+        if "measured_peak" in data:
+            lines.append(f"measured bf16 matmul peak: {data['measured_peak']['tflops']:.0f} TFLOP/s "
+                         f"(nominal {data.get('nominal_bf16_tflops')})")
+    if data.get("section") in ("correctness", "loop", "env", "syncs"):
+        lines.append(f"gpu_check {data['section']}: {data.get('status')}"
+                     + (f" ({data['error'].splitlines()[0]})" if data.get("error") else "")
+                     + (f"; failed: {', '.join(data['failed'])}" if data.get("failed") else ""))
     return lines
 
 
