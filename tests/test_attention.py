@@ -252,6 +252,39 @@ def test_auto_self_check_under_bf16_autocast_trusts_a_correct_flex_and_refuses_a
         assert not A._flex_self_check(torch.device("cpu"))
 
 
+class _NaNGradient(torch.autograd.Function):
+    """The identity forward, a NaN gradient backward: what PyTorch reports of some flex backward passes."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def test_auto_self_check_refuses_a_flex_whose_gradients_are_wrong_or_not_finite(monkeypatch):
+    """The self-check backpropagates too: a flex with the right outputs and NaN gradients (PyTorch has
+    reported them for lengths that are not multiples of 128 with a score_mod), or a wrong bias-table
+    gradient, sends "auto" to the fast path."""
+    import mixmim.models.attention as A
+
+    def nan_backward(*args, **kwargs):
+        return _NaNGradient.apply(A.fast_window_attention(*args, **kwargs))
+
+    monkeypatch.setattr(A, "flex_window_attention", nan_backward)
+    with pytest.warns(UserWarning, match="differs from the fast path by inf"):
+        assert not A._flex_self_check(torch.device("cpu"))
+
+    def table_twice(q, k, v, table, *args, **kwargs):  # the table's gradient doubled, the output the same
+        return A.fast_window_attention(q, k, v, 2 * table - table.detach(), *args, **kwargs)
+
+    monkeypatch.setattr(A, "flex_window_attention", table_twice)
+    with pytest.warns(UserWarning, match="output or gradients"):
+        assert not A._flex_self_check(torch.device("cpu"))
+
+
 def test_bucket_plan_is_the_same_optimum_over_runs_of_equal_lengths():
     """Issue 33: the plan's buckets, computed over the runs of equal lengths, have the cost of the
     optimum over every cut (the quadratic programme it replaced, kept here as the reference), and a
