@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import header_command
@@ -33,7 +34,7 @@ def test_there_is_a_recipe_per_row():
         "finetune/mixmim_base_384_100ep", "finetune/simmim_swin_base_224_100ep",
         "finetune/simmim_swin_base_224_from800ep", "finetune/simmim_swin_large_224_from800ep",
         "finetune/simmim_vit_base_224_100ep", "finetune/mae_vit_base_100ep", "finetune/mae_vit_large_50ep",
-        "finetune/mixedae_vit_base_100ep", "linprobe/mae_vit_base_90ep"}
+        "finetune/mixedae_vit_base_100ep", "finetune/mixmae_base_224_100ep", "linprobe/mae_vit_base_90ep"}
 
 
 @pytest.mark.parametrize("name", TRANSFER)
@@ -59,7 +60,8 @@ def _schedule(name: str, data: Path, steps_per_epoch: int = 100):
     ("finetune/mae_vit_base_100ep", 5e-4 * 1024 / 256, 5, 0.65, 0.1, 100),     # MAE A.1
     ("finetune/mae_vit_large_50ep", 1e-3 * 1024 / 256, 5, 0.75, 0.2, 50),
     ("finetune/mixedae_vit_base_100ep", 5e-4 * 1024 / 256, 5, 0.65, 0.1, 100),  # MixedAE Table 5
-    ("finetune/mixedae_vit_large_50ep", 1e-3 * 512 / 256, 5, 0.75, 0.2, 50),
+    ("finetune/mixedae_vit_large_50ep", 1e-3 * 512 / 256, 5, 0.75, 0.1, 50),   # Table 5: one drop path, 0.1
+    ("finetune/mixmae_base_224_100ep", 5e-4 * 1024 / 256, 5, 0.7, 0.15, 100),  # MixMAE supplement Table 2
     ("finetune/simmim_swin_base_224_100ep", 5e-3, 20, 0.9, 0.1, 100),          # SimMIM 4.1.1: 5e-3 at 2048
     ("finetune/simmim_swin_base_224_from800ep", 5e-3, 20, 0.8, 0.1, 100),
     ("finetune/simmim_swin_large_224_from800ep", 5e-3, 20, 0.75, 0.1, 100),
@@ -107,3 +109,75 @@ def test_small_run_trains_two_steps(name, class_folder, tmp_path):
     assert 0.0 <= results["acc1"] <= 100.0
     with open(tmp_path / "run" / "metrics.csv") as handle:
         assert [row["step"] for row in csv.DictReader(handle)][-1] == "2"  # two steps, then the evaluation
+
+
+def _built(name: str, checkpoint: Path, data: Path, *overrides: str):
+    """The classifier and optimiser groups the fine-tuning verb builds for recipe ``name`` from ``checkpoint``."""
+    from mixmim.transfer.classifier import build_classifier, classifier_groups, resolve_model
+
+    config = load_transfer_config("finetune", recipe_path(name), [f"data.path={data}", f"checkpoint={checkpoint}",
+                                                                  *overrides])
+    model = build_classifier(resolve_model(config), config, num_classes=3)
+    return config, model, classifier_groups(model, config.optim)
+
+
+@pytest.fixture(scope="module")
+def mae_encoder(tmp_path_factory):
+    """An MAE-pretrained ViT's encoder export (final norm included, as MAE's checkpoints have it)."""
+    import mixmim
+    from mixmim.interop.export import save_encoder
+
+    torch.manual_seed(0)
+    model = mixmim.create_pretrainer("mae", "vit_tiny", img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2,
+                                     decoder_dim=16, decoder_depth=1, decoder_num_heads=2)
+    with torch.no_grad():
+        model.encoder.norm.weight.uniform_(0.5, 1.5)  # a trained norm: not what a fresh LayerNorm holds
+    path = tmp_path_factory.mktemp("mae") / "encoder"
+    save_encoder(model.encoder, path)
+    return path.with_suffix(".safetensors"), model.encoder
+
+
+@pytest.mark.parametrize("name, drop_path, layer_decay", [
+    ("finetune/mae_vit_base_100ep", 0.1, 0.65), ("finetune/mae_vit_large_50ep", 0.2, 0.75),
+    ("finetune/mixedae_vit_base_100ep", 0.1, 0.65), ("finetune/mixedae_vit_large_50ep", 0.1, 0.75),
+    ("finetune/simmim_vit_base_224_100ep", 0.1, 0.65)])
+def test_vit_finetune_recipes_build_the_papers_model(name, drop_path, layer_decay, mae_encoder, class_folder):
+    """The built model, not the YAML: MAE's main_finetune.py (global_pool=True) and SimMIM's ViT (BEiT's
+    mean pooling) average the patch tokens and normalise after the pooling (fc_norm, the pretrained
+    final norm dropped, fc_norm fresh: MAE's only missing keys are head.* and fc_norm.*); drop path
+    in every block; layer decay in the optimiser's groups."""
+    checkpoint, pretrained = mae_encoder
+    config, model, groups = _built(name, checkpoint, class_folder, "model.img_size=32")
+    encoder = model.encoder
+    assert encoder.global_pool == "avg" and isinstance(encoder.norm, torch.nn.Identity)
+    assert isinstance(encoder.fc_norm, torch.nn.LayerNorm)
+    assert torch.equal(encoder.fc_norm.weight, torch.ones(16)) and torch.equal(encoder.fc_norm.bias, torch.zeros(16))
+    rates = [getattr(b.drop_path1, "drop_prob", 0.0) for b in encoder.blocks]
+    assert rates == pytest.approx([0.0, drop_path])  # timm's rule: linear from 0 to the rate over the blocks
+    torch.testing.assert_close(encoder.blocks[0].attn.qkv.weight, pretrained.blocks[0].attn.qkv.weight)
+    encoder.eval()
+    x = torch.randn(2, 3, 32, 32)
+    tokens = encoder.blocks(encoder._pos_embed(encoder.patch_embed(x)))
+    want = encoder.head(encoder.fc_norm(tokens[:, encoder.num_prefix_tokens:].mean(1)))
+    torch.testing.assert_close(model(x), want)
+    scales = sorted({round(g["lr_scale"], 10) for g in groups})
+    assert scales[-1] == pytest.approx(1.0) and scales[-2] == pytest.approx(layer_decay)
+    assert scales[0] == pytest.approx(layer_decay ** (len(encoder.blocks) + 1))
+
+
+@pytest.mark.parametrize("name, drop_path", [("finetune/mixmim_base_224_100ep", 0.1),
+                                             ("finetune/mixmae_base_224_100ep", 0.15),
+                                             ("finetune/mixmim_large_224_50ep", 0.2)])
+def test_mixmim_finetune_recipes_build_their_papers_drop_path(name, drop_path, class_folder, tmp_path):
+    """MixMIM Table 12 gives drop path 0.1 for B, MixMAE's supplement Table 2 0.15: read from the built
+    blocks (timm's linear rule: the last block gets the recipe's rate)."""
+    import mixmim
+    from mixmim.interop.export import save_encoder
+
+    encoder = mixmim.create_encoder("mixmim_tiny", img_size=64, embed_dim=16, depths=(1, 1, 1, 1),
+                                    num_heads=(1, 1, 1, 1), window_size=(4, 4, 4, 2))
+    save_encoder(encoder, tmp_path / "encoder")
+    _, model, _ = _built(name, tmp_path / "encoder.safetensors", class_folder, "model.img_size=64",
+                         "model.window_size=[4,4,4,2]")
+    rates = [m.drop_prob for m in model.encoder.modules() if type(m).__name__ == "DropPath"]
+    assert rates and max(rates) == pytest.approx(drop_path)

@@ -47,8 +47,22 @@ def build_encoder(pretrained: Pretrained, **overrides: Any) -> nn.Module:
         # A head of another class count (a release fine-tuning checkpoint) is replaced by a new one.
         state = {k: v for k, v in pretrained.state.items()
                  if not (k.startswith("head.") and (k not in target or target[k].shape != v.shape))}
-        load_resized(model, state, source_grid=cast("GroupedEncoder", source).grids[0])
+        fresh = ["head."]
+        if _norm_moved_after_pooling(state, target):
+            # timm's global_pool="avg" puts the final norm after the pooling (fc_norm): as MAE's
+            # main_finetune.py (its only missing keys: head.* and fc_norm.*) and BEiT's mean pooling, the
+            # pretrained norm is dropped and fc_norm starts fresh.
+            state = {k: v for k, v in state.items() if not k.startswith("norm.")}
+            fresh.append("fc_norm.")
+        load_resized(model, state, source_grid=cast("GroupedEncoder", source).grids[0], allow_missing=fresh)
     return model
+
+
+def _norm_moved_after_pooling(state: Mapping[str, Any], target: Mapping[str, Any]) -> bool:
+    """Whether weights with a final ``norm`` meet an encoder whose final norm is ``fc_norm`` (after an
+    average pooling) and the weights have none."""
+    return ("norm.weight" in state and "norm.weight" not in target and "fc_norm.weight" in target
+            and "fc_norm.weight" not in state)
 
 
 def _check_sizes(cls: type, config: Mapping[str, Any], family: str) -> None:
