@@ -181,3 +181,15 @@ def test_mixmim_finetune_recipes_build_their_papers_drop_path(name, drop_path, c
                          "model.window_size=[4,4,4,2]")
     rates = [m.drop_prob for m in model.encoder.modules() if type(m).__name__ == "DropPath"]
     assert rates and max(rates) == pytest.approx(drop_path)
+
+
+@pytest.mark.parametrize("name", ["finetune/mae_vit_base_100ep", "linprobe/mae_vit_base_90ep",
+                                  "segment/mixmim_base_upernet_16k", "detect/mixmim_base_maskrcnn_55ep"])
+def test_print_config_of_a_transfer_recipe_needs_no_data(name, capsys):
+    """What a recipe resolves to can be read before the data is chosen: data.path null and a last line
+    saying it is still to be given (it used to refuse to print)."""
+    assert main([recipe_verb(name), "-c", name, "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert out.rstrip().splitlines()[-1] == "# data.path is still to be given: --data DIR (or data.path=DIR)"
+    printed = yaml.safe_load(out)
+    assert printed["name"] == Path(name).name and printed["data"]["path"] is None

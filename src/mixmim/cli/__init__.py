@@ -19,7 +19,8 @@ VERBS: dict[str, str] = {
     "segment": "train UperNet semantic segmentation on the encoder (ADE20K protocol; ADE20K or images/ + masks/)",
     "detect": "train Mask R-CNN / Cascade Mask R-CNN on the encoder, COCO box and mask AP (COCO-format data)",
     "convert": "turn a release checkpoint into this project's names (.pt or .safetensors)",
-    "export": "export a checkpoint's encoder as safetensors + JSON (loadable by timm.create_model)",
+    "export": "export a checkpoint's encoder as a Hub/timm folder (config.json + model.safetensors + model card, "
+              "which timm.create_model('local-dir:FOLDER') loads) or a safetensors + JSON pair",
     "info": "list the named models with parameters and FLOPs at 224",
     "study": "pretrain every arm of a study (random init, MixMIM, SimMIM, ablations...) and report what each buys",
     "shards": "pack an image folder into WebDataset tar shards (read map-style through an index)",

@@ -136,15 +136,31 @@ def _yaml(value: Any) -> str:
 def run_transfer_verb(args: argparse.Namespace, verb: str, specs: list[tuple[str, str, Any, str]],
                       extra: Callable[[argparse.Namespace], list[str]] | None = None):
     """Resolve the config (``--print-config`` prints it and returns None), then run the verb: its summary."""
-    from mixmim.config import dump_config
     from mixmim.transfer.run import load_transfer_config, run_transfer
 
     resume, allow_changes = check_run_folder_options(args)
-    config = load_transfer_config(verb, args.config, shorthand_overrides(args, specs, extra))
+    overrides = shorthand_overrides(args, specs, extra)
     if args.print_config:
-        print(dump_config(config), end="")
+        print(_printable_config(verb, args.config, overrides), end="")
         return None
+    config = load_transfer_config(verb, args.config, overrides)
     return run_transfer(config, resume=resume, overwrite=args.overwrite, allow_changes=allow_changes)
+
+
+def _printable_config(verb: str, recipe: str | None, overrides: list[str]) -> str:
+    """The resolved config as YAML; a recipe printed before its data is chosen shows ``data.path: null``
+    and a last line saying it is still to be given (the run itself refuses without it)."""
+    from mixmim.config import ConfigError, dump_config
+    from mixmim.transfer.run import load_transfer_config
+
+    try:
+        return dump_config(load_transfer_config(verb, recipe, overrides))
+    except ConfigError as exc:
+        if "'data.path'" not in str(exc) or any(o.startswith("data.path=") for o in overrides):
+            raise
+    config = load_transfer_config(verb, recipe, [*overrides, "data.path=DIR"])
+    config.data.path = None
+    return dump_config(config) + "# data.path is still to be given: --data DIR (or data.path=DIR)\n"
 
 
 def finished_results(summary: dict | None) -> dict | None:
