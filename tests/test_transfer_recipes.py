@@ -34,7 +34,8 @@ def test_there_is_a_recipe_per_row():
         "finetune/mixmim_base_384_100ep", "finetune/simmim_swin_base_224_100ep",
         "finetune/simmim_swin_base_224_from800ep", "finetune/simmim_swin_large_224_from800ep",
         "finetune/simmim_vit_base_224_100ep", "finetune/mae_vit_base_100ep", "finetune/mae_vit_large_50ep",
-        "finetune/mixedae_vit_base_100ep", "finetune/mixmae_base_224_100ep", "linprobe/mae_vit_base_90ep"}
+        "finetune/mixedae_vit_base_100ep", "finetune/mixmae_base_224_100ep", "linprobe/mae_vit_base_90ep",
+        "linprobe/simmim_vit_base_layers_100ep"}
 
 
 @pytest.mark.parametrize("name", TRANSFER)
@@ -99,6 +100,12 @@ def test_maes_linear_probe_recipe(class_folder):
     assert config.optim.name == "lars" and schedule.peak == pytest.approx(0.1 * 16384 / 256)
     assert config.optim.weight_decay == 0.0 and schedule.warmup_steps == 10 * 100 and config.train.epochs == 90
     assert config.probe.features == "augmented"
+
+
+def test_simmims_per_layer_probe_recipe(class_folder):
+    config, schedule = _schedule("linprobe/simmim_vit_base_layers_100ep", class_folder)
+    assert config.probe.layers == list(range(4, 13)) and config.train.epochs == 100
+    assert schedule.warmup_steps == 5 * 100 and config.optim.name == "lars"
 
 
 @pytest.mark.parametrize("name", TRANSFER)

@@ -192,9 +192,14 @@ class ProbeConfig:
     """``probe``: MAE's linear probe (BatchNorm without affine + linear on the frozen pooled features).
     ``features: augmented`` runs the frozen encoder on every augmented training image (MAE's recipe);
     ``cached`` extracts the features of both splits once with the evaluation transform (minutes
-    instead of hours on a CPU; what the study and quick checks use)."""
+    instead of hours on a CPU; what the study and quick checks use). ``layers``: probe intermediate
+    outputs instead, one probe per entry, all trained in one feature pass, one accuracy each (SimMIM
+    Table 6 / BEiT: the best layer of a ViT-B): 1-based indices into the encoder's
+    ``forward_intermediates`` (a ViT's blocks, a hierarchical encoder's stages), each averaged over its
+    positions (the patch tokens)."""
 
     features: Literal["augmented", "cached"] = "augmented"
+    layers: list[int] | None = None
 
 
 @dataclass
