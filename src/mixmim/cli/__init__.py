@@ -13,6 +13,7 @@ VERBS: dict[str, str] = {
     "pretrain": "pretrain self-supervised (MixMIM, SimMIM, ...) on images; writes runs/<name>/",
     "recipes": "list the packaged recipes (one per paper table row) by the name --config takes",
     "reconstruct": "draw originals, mixed inputs and reconstructions of a checkpoint for any images",
+    "attention": "draw the last block's attention maps of one or more encoders over the same images",
     "finetune": "fine-tune a pretrained encoder for classification on an image folder or Fashion-MNIST",
     "linprobe": "train a linear classifier on the frozen encoder (BatchNorm + linear, as MAE)",
     "knn": "k-NN (cosine, k=20, temperature-weighted) accuracy of a frozen encoder",
