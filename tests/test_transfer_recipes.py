@@ -35,7 +35,10 @@ def test_there_is_a_recipe_per_row():
         "finetune/simmim_swin_base_224_from800ep", "finetune/simmim_swin_large_224_from800ep",
         "finetune/simmim_vit_base_224_100ep", "finetune/mae_vit_base_100ep", "finetune/mae_vit_large_50ep",
         "finetune/mixedae_vit_base_100ep", "finetune/mixmae_base_224_100ep", "linprobe/mae_vit_base_90ep",
-        "linprobe/simmim_vit_base_layers_100ep"}
+        "linprobe/simmim_vit_base_layers_100ep", "finetune/mixmim_base_inat2018_100ep",
+        "finetune/mixmim_base_inat2019_100ep", "finetune/mixmim_base_places205_100ep",
+        "finetune/mixmim_base_places365_100ep", "finetune/simmim_swin_base_inat2018_100ep",
+        "finetune/mixedae_vit_base_transfer_sgd_5k"}
 
 
 @pytest.mark.parametrize("name", TRANSFER)
@@ -67,6 +70,9 @@ def _schedule(name: str, data: Path, steps_per_epoch: int = 100):
     ("finetune/simmim_swin_base_224_from800ep", 5e-3, 20, 0.8, 0.1, 100),
     ("finetune/simmim_swin_large_224_from800ep", 5e-3, 20, 0.75, 0.1, 100),
     ("finetune/simmim_vit_base_224_100ep", 5e-3, 20, 0.65, 0.1, 100),
+    ("finetune/simmim_swin_base_inat2018_100ep", 1.6e-2, 20, 0.9, 0.1, 100),      # SimMIM appendix, iNat-2018
+    *[(f"finetune/mixmim_base_{s}_100ep", 5e-4 * 1024 / 256, 5, 0.7, 0.1, 100)   # MixMIM Table 5: Table 12
+      for s in ("inat2018", "inat2019", "places205", "places365")],
 ])
 def test_finetune_recipes_hold_the_papers_values(name, peak, warmup_epochs, layer_decay, drop_path, epochs,
                                                  class_folder):
@@ -100,6 +106,16 @@ def test_maes_linear_probe_recipe(class_folder):
     assert config.optim.name == "lars" and schedule.peak == pytest.approx(0.1 * 16384 / 256)
     assert config.optim.weight_decay == 0.0 and schedule.warmup_steps == 10 * 100 and config.train.epochs == 90
     assert config.probe.features == "augmented"
+
+
+def test_mixedae_transfer_protocol_recipe(class_folder):
+    """MixedAE appendix B: SGD, 5 000 iterations, cosine, weight decay 0, the rate one of the grid."""
+    config, schedule = _schedule("finetune/mixedae_vit_base_transfer_sgd_5k", class_folder)
+    assert config.optim.name == "sgd" and config.optim.weight_decay == 0.0 and config.optim.layer_decay is None
+    assert config.train.max_steps == 5000 and config.optim.lr in (1e-3, 3e-3, 1e-2, 3e-2)
+    assert schedule.warmup_steps == 0
+    f = config.finetune
+    assert (f.mixup, f.cutmix, f.smoothing, f.re_prob, f.auto_augment) == (0.0, 0.0, 0.0, 0.0, None)
 
 
 def test_simmims_per_layer_probe_recipe(class_folder):

@@ -64,6 +64,11 @@ def add_config_options(parser: argparse.ArgumentParser, verb: str) -> None:
     parser.add_argument("--name", help="run name (folder under output_dir); same as name=...")
     add_run_folder_options(parser)
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    if verb != "pretrain":
+        parser.add_argument("--sweep", action="append", default=None, metavar="KEY=V1,V2",
+                            help="run a grid: one run per combination of the values (repeat for more keys; a YAML "
+                                 "list for values with commas), each cached and resumed in the folder of --output, "
+                                 "then a report of every cell and the best (sweep.json, sweep.md)")
     parser.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA (train.amp=fp32)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (train.progress=false)")
 
@@ -140,11 +145,31 @@ def run_transfer_verb(args: argparse.Namespace, verb: str, specs: list[tuple[str
 
     resume, allow_changes = check_run_folder_options(args)
     overrides = shorthand_overrides(args, specs, extra)
+    if getattr(args, "sweep", None) and not args.print_config:
+        return _run_sweep(args, verb, overrides)
     if args.print_config:
         print(_printable_config(verb, args.config, overrides), end="")
         return None
     config = load_transfer_config(verb, args.config, overrides)
     return run_transfer(config, resume=resume, overwrite=args.overwrite, allow_changes=allow_changes)
+
+
+def _run_sweep(args: argparse.Namespace, verb: str, overrides: list[str]) -> dict | None:
+    """``--sweep``: every cell (cached, resumed or run), then the table; a stopped sweep says how to go on."""
+    from mixmim.transfer.sweep import parse_axes, run_sweep
+
+    if args.resume or args.resume_with_changes:
+        raise ValueError("--sweep resumes by itself (the same command again): leave out --resume")
+    report = run_sweep(verb, args.config, overrides, parse_axes(args.sweep), overwrite=args.overwrite)
+    if report.get("stopped"):
+        print(f"sweep stopped by {report['stopped']} in cell {report['cell']}; run the same command again to go on "
+              "(finished cells are kept)")
+        return None
+    print((Path(report["folder"]) / "sweep.md").read_text(), end="")
+    best = report["best"]
+    if best is not None:
+        print(f"best: {best['cell']} ({report['score']} {best[report['score']]:.2f}); report in {report['folder']}")
+    return None
 
 
 def _printable_config(verb: str, recipe: str | None, overrides: list[str]) -> str:
