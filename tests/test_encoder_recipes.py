@@ -20,6 +20,8 @@ RECIPES = sorted(ENCODERS.glob("*.yaml"))
 # PVT v1 Large in the paper; pvt_v2_b5 is this project's largest PVT and stands in for it).
 ROWS = {
     "table3_vit_base_300ep": ("vit_base", 300),
+    "table3_vit_large_300ep": ("vit_large", 300),
+    "mixmae_supp_table7_vit_base_600ep": ("vit_base", 600),
     "table3_swin_base_600ep": ("swin_base", 600),
     "table3_swin_large_600ep": ("swin_large", 600),
     "table3_pvt_v2_b5_300ep": ("pvt_v2_b5", 300),

@@ -41,6 +41,22 @@ def test_ablation_recipe_runs_two_tiny_steps(path, tmp_path):
         assert getattr(model.config, key) == (tuple(value) if isinstance(value, list) else value), key
 
 
+@pytest.mark.parametrize("name, model", [("mixmim_large_in1k", "mixmim_large"), ("mixmim_huge_in1k", "mixmim_huge")])
+def test_scaled_mixmim_recipes_are_bs_recipe_on_their_encoder(name, model):
+    """MixMIM-L and -H (Table 4, Figure 2): MixMIM-B's recipe (600 epochs, batch 1024, base lr 1.5e-4,
+    the 8 x 512 decoder) on the larger encoders, built at paper scale on the meta device."""
+    paper, base = load_config(CONFIGS / f"{name}.yaml"), load_config(CONFIGS / "mixmim_base_in1k.yaml")
+    assert paper.model.name == model and paper.train.epochs == 600 and paper.train.batch_size == 1024
+    assert paper.method_options() == base.method_options() and paper.optim == base.optim
+
+
+def test_mixedae_vit_large_recipe():
+    paper = load_config(CONFIGS / "mixedae" / "mixedae_vit_large_1600ep.yaml")
+    assert (paper.model.name, paper.train.epochs, paper.train.batch_size) == ("vit_large", 1600, 2048)
+    assert paper.model.options == {"fixed_pos_embed": True} and paper.method_name() == "mixedae"
+    assert paper.optim.base_lr == 7.5e-5
+
+
 def test_main_recipes_run_two_tiny_steps(tmp_path):
     cfg = load_config(CONFIGS / "mixmim_base_in1k.yaml", TINY_MODEL + TINY_DECODER)
     assert cfg.method_options()["pretext"] == "masked_attention"
