@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import mixmim
@@ -110,3 +111,14 @@ def test_config_rebuilds_the_encoder():
     assert encoder.config()["layers"] == [1, 1, 1, 1] and again.dims == encoder.dims
     assert (encoder.embed_dim, encoder.stage_in_dims, encoder.dims) == (32, [32, 128, 256, 512], [128, 256, 512, 1024])
     assert encoder.grids == [(32, 32), (16, 16), (8, 8), (4, 4)] and encoder.num_features == 1024
+
+
+def test_resnet50x4_is_bits_layout_four_times_as_wide():
+    """SimMIM's appendix ResNet-50x4 (no BiT release): layers 3/4/6/3, every width x4 (stage outputs
+    1024 / 2048 / 4096 / 8192), 375 M parameters; built on the meta device."""
+
+    with torch.device("meta"):
+        encoder = mixmim.create_encoder("resnetv2_50x4")
+    assert [s["num_chs"] for s in encoder.feature_info[1:]] == [1024, 2048, 4096, 8192]
+    assert [len(stage.blocks) for stage in encoder.stages] == [3, 4, 6, 3]
+    assert sum(p.numel() for p in encoder.parameters()) / 1e6 == pytest.approx(375.35, abs=0.01)

@@ -25,6 +25,8 @@ TINY = {
     "swin": ["model.img_size=64", "model.embed_dim=16", "model.depths=[1,1,2,1]", "model.num_heads=[1,2,2,4]",
              "model.window_size=4", "method.head_window=4"],
     "vit": ["model.img_size=64", "model.embed_dim=32", "model.options.depth=2", "model.num_heads=2"],
+    "resnetv2": ["model.name=resnetv2_50", "model.img_size=64",
+                 "model.options={layers: [1,1,1,1], channels: [128,256,512,1024], stem_chs: 32, width_factor: 1}"],
     "mixmim": ["model.name=mixmim_tiny", "model.img_size=64", "model.embed_dim=16", "model.depths=[1,1,1,1]",
                "model.num_heads=[1,1,2,2]", "model.window_size=[8,8,4,2]"],
 }
@@ -36,7 +38,8 @@ def tiny_overrides(path: Path) -> list[str]:
 
 def test_there_is_a_recipe_per_setting_and_table_row():
     assert {p.stem for p in MAIN} == {"swin_base_192_100ep", "vit_base_224_800ep", "swin_base_192_800ep_step",
-                                      "swin_large_192_800ep_step", "mixmim_base_192_800ep_step"}
+                                      "swin_large_192_800ep_step", "mixmim_base_192_800ep_step",
+                                      "resnetv2_50x4_192_300ep"}
     names = [p.stem for p in ABLATIONS]
     counts = {t: sum(n.startswith(f"table{t}_") for n in names) for t in (1, 2, 3, 4, 5, 9, 13)}
     # Table 1: 3 square + 6 block-wise + 20 random rows; Table 5 without the tokenizer rows; Table 13's
