@@ -28,6 +28,7 @@ TINY_ENCODERS = {
     "mixmim_tiny": TINY_ENCODER,
     "vit_tiny": dict(img_size=128, embed_dim=32, depth=2, num_heads=2),
     "swin_tiny": dict(img_size=128, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), window_size=4),
+    "swinv2_tiny": dict(img_size=128, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), window_size=4),
     "pvt_v2_b2": dict(img_size=128, embed_dims=(16, 32, 40, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 5, 8),
                       mlp_ratios=(2, 2, 2, 2)),
     "resnetv2_50": dict(img_size=128, layers=(1, 1, 1, 1), channels=(128, 256, 512, 1024), stem_chs=32),

@@ -20,7 +20,19 @@ ENCODERS = list(NAMES)
 
 
 def _tiny(name: str, **extra):
-    return mixmim.create_encoder(name, **TINY_ENCODERS[name], **extra)
+    return _mixing(mixmim.create_encoder(name, **TINY_ENCODERS[name], **extra))
+
+
+def _mixing(model: torch.nn.Module) -> torch.nn.Module:
+    """Weights under which every block mixes its tokens. SwinV2 initialises its post-norms to zero (each
+    block the identity at the start, timm's _init_respostnorm), under which no attention could leak
+    and a leak test would pass whatever the masks: give every LayerNorm a trained-like scale."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm) and module.weight is not None:
+                module.weight.copy_(1 + 0.1 * torch.randn(module.weight.shape, generator=g))
+    return model
 
 
 def _maps(kind: str, k: int, batch: int, grid=(4, 4)) -> torch.Tensor:
@@ -75,7 +87,7 @@ def test_reconstruction_of_an_image_ignores_every_other_image(name):
     """Through the public API: ``out.picture.reconstruction[i]`` (i < B) is image i rebuilt from its own
     cells; changing any other image of the batch leaves it unchanged (same ``mask=out.mask``)."""
     torch.manual_seed(0)
-    model = mixmim.create_pretrainer("mixmim", name, **TINY_ENCODERS[name], **TINY_DECODER).eval()
+    model = _mixing(mixmim.create_pretrainer("mixmim", name, **TINY_ENCODERS[name], **TINY_DECODER)).eval()
     images = torch.randn(4, 3, 128, 128)
     with torch.no_grad():
         out = model(images, picture=True)
@@ -115,15 +127,16 @@ def test_timm_weights_give_timm_logits(name, timm_name):
 
     torch.manual_seed(0)
     reference = timm.create_model(timm_name, pretrained=False).eval()
-    ours = mixmim.create_classifier(name, num_classes=1000).eval()
+    ours = mixmim.create_classifier(name, num_classes=reference.num_classes).eval()  # swinv2_large: 21841
     ours.load_state_dict(reference.state_dict(), strict=True)
-    x = torch.randn(1, 3, 224, 224)
+    side = reference.pretrained_cfg["input_size"][-1]  # 224, or a SwinV2's 256 / 192
+    x = torch.randn(1, 3, side, side)
     with torch.no_grad():
         expected, got = reference(x), ours(x)
     assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
-SMALL_NAMED = ["mixmim_tiny", "vit_tiny", "swin_tiny", "pvt_v2_b2", "resnetv2_50"]
+SMALL_NAMED = ["mixmim_tiny", "vit_tiny", "swin_tiny", "swinv2_tiny", "pvt_v2_b2", "resnetv2_50"]
 
 
 @pytest.mark.parametrize("name", SMALL_NAMED)
@@ -142,7 +155,8 @@ def test_export_reloads_and_timm_loads_it_unchanged(name, tmp_path):
     save_encoder(encoder, tmp_path / "enc")
     info = json.loads((tmp_path / "enc.json").read_text())
     assert info["architecture"] == family_of(name) and info["timm_model"]
-    x = torch.randn(1, 3, 224, 224)
+    size = encoder.img_size if isinstance(encoder.img_size, (tuple, list)) else (encoder.img_size,) * 2
+    x = torch.randn(1, 3, *size)  # a SwinV2's 256
     again = load_encoder(tmp_path / "enc.safetensors").eval()
     reference = timm.create_model(info["timm_model"], pretrained=True, num_classes=0,
                                   pretrained_cfg_overlay=dict(file=str(tmp_path / "enc.safetensors"))).eval()

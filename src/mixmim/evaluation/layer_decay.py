@@ -56,7 +56,7 @@ def simmim_layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
     """(parameter name -> layer id, number of layers) by SimMIM's ``get_swin_layer`` / ``get_vit_layer``
     for this project's Swin (timm's names: patch merging at the start of stage i) and ViT encoders."""
     family = getattr(model, "family", "")
-    if family == "swin":
+    if family in ("swin", "swinv2"):
         depths = [len(stage.blocks) for stage in cast("Iterable[SwinTransformerStage]", model.layers)]
         count = sum(depths) + 2
 

@@ -25,6 +25,7 @@ FAMILIES: dict[str, str] = {
     "mixmim": "mixmim.models.mixmim_vit:MixMIMTransformer",
     "vit": "mixmim.models.vit:ViTEncoder",
     "swin": "mixmim.models.swin:SwinEncoder",
+    "swinv2": "mixmim.models.swinv2:SwinV2Encoder",
     "pvt_v2": "mixmim.models.pvt:PVTv2Encoder",
     "resnetv2": "mixmim.models.resnet:ResNetV2Encoder",
 }
@@ -50,6 +51,15 @@ MODELS: dict[str, dict[str, Any]] = {
                       num_heads=(4, 8, 16, 32), window_size=7),
     "swin_large": dict(family="swin", timm="swin_large_patch4_window7_224", embed_dim=192, depths=(2, 2, 18, 2),
                        num_heads=(6, 12, 24, 48), window_size=7),
+    # Swin Transformer V2 (SimMIM's scaling rows): cosine attention, continuous position bias, post-norm.
+    "swinv2_tiny": dict(family="swinv2", timm="swinv2_tiny_window8_256", img_size=256, embed_dim=96,
+                        depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=8),
+    "swinv2_small": dict(family="swinv2", timm="swinv2_small_window8_256", img_size=256, embed_dim=96,
+                         depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), window_size=8),
+    "swinv2_base": dict(family="swinv2", timm="swinv2_base_window8_256", img_size=256, embed_dim=128,
+                        depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=8),
+    "swinv2_large": dict(family="swinv2", timm="swinv2_large_window12_192", img_size=192, embed_dim=192,
+                         depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=12),
     # PVT v2 with spatial-reduction attention (MixMIM Table 3 "PVT-L", MixMAE introduction).
     "pvt_v2_b2": dict(family="pvt_v2", timm="pvt_v2_b2", embed_dims=(64, 128, 320, 512), depths=(3, 4, 6, 3),
                       num_heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4)),
