@@ -21,7 +21,7 @@ timm's model (parameter names unchanged, so ``swin_*_patch4_window7_224`` weight
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 
 import torch
@@ -90,22 +90,29 @@ class GroupSwinBlock(SwinTransformerBlock):
         return x.reshape(b, h, w, c)
 
     def _masked_attn(self, x: Tensor, attn_mask: Tensor) -> Tensor:
-        """Window attention of a (shifted) block with a given mask; the token routing is timm's
-        ``_attn`` (cyclic shift, padding to whole windows), which :func:`window_groups` mirrors."""
-        b, h, w, c = x.shape
-        wh, ww = self.window_size
-        sh, sw = self.shift_size
-        if sh or sw:
-            x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
-        pad_h, pad_w = (-h) % wh, (-w) % ww
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-        windows = window_partition(x, self.window_size).reshape(-1, self.window_area, c)
-        windows = self.attn(windows, mask=attn_mask)
-        x = window_reverse(windows.reshape(-1, wh, ww, c), self.window_size, h + pad_h, w + pad_w)
-        x = x[:, :h, :w]
-        if sh or sw:
-            x = torch.roll(x, shifts=(sh, sw), dims=(1, 2))
-        return x
+        return masked_window_attention(self, x, attn_mask,
+                                       lambda windows, h, w: window_reverse(windows, self.window_size, h, w))
+
+
+def masked_window_attention(blk: nn.Module, x: Tensor, attn_mask: Tensor,
+                            reverse: Callable[[Tensor, int, int], Tensor]) -> Tensor:
+    """Window attention of a (shifted) Swin block (v1 or v2: ``window_size``, ``shift_size``,
+    ``window_area``, ``attn``) with a given mask; the token routing is timm's ``_attn`` (cyclic shift,
+    padding to whole windows), which :func:`window_groups` mirrors. ``reverse(windows, H, W)``: the
+    timm version's ``window_reverse``."""
+    b, h, w, c = x.shape
+    wh, ww = cast("tuple[int, int]", blk.window_size)
+    sh, sw = cast("tuple[int, int]", blk.shift_size)
+    if sh or sw:
+        x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
+    pad_h, pad_w = (-h) % wh, (-w) % ww
+    x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    windows = window_partition(x, (wh, ww)).reshape(-1, wh * ww, c)
+    windows = cast(nn.Module, blk.attn)(windows, mask=attn_mask)
+    x = reverse(windows.reshape(-1, wh, ww, c), h + pad_h, w + pad_w)[:, :h, :w]
+    if sh or sw:
+        x = torch.roll(x, shifts=(sh, sw), dims=(1, 2))
+    return x
 
 
 class SwinEncoder(GroupedEncoder, SwinTransformer):

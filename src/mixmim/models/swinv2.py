@@ -15,19 +15,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
-import torch
-import torch.nn.functional as F
 from timm.models.swin_transformer_v2 import (
     SwinTransformerV2,
     SwinTransformerV2Block,
     SwinTransformerV2Stage,
-    window_partition,
     window_reverse,
 )
 from torch import Tensor, nn
 
 from mixmim.models.base import GroupedEncoder
-from mixmim.models.swin import SwinEncoder
+from mixmim.models.swin import SwinEncoder, masked_window_attention
 
 
 class GroupSwinV2Block(SwinTransformerV2Block):
@@ -45,21 +42,8 @@ class GroupSwinV2Block(SwinTransformerV2Block):
         return x.reshape(b, h, w, c)
 
     def _masked_attn(self, x: Tensor, attn_mask: Tensor) -> Tensor:
-        """timm's ``_attn`` (cyclic shift, padding to whole windows) with a given mask."""
-        b, h, w, c = x.shape
-        wh, ww = self.window_size
-        sh, sw = self.shift_size
-        if sh or sw:
-            x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
-        pad_h, pad_w = (-h) % wh, (-w) % ww
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-        windows = window_partition(x, self.window_size).reshape(-1, self.window_area, c)
-        windows = self.attn(windows, mask=attn_mask)
-        x = window_reverse(windows.reshape(-1, wh, ww, c), self.window_size, (h + pad_h, w + pad_w))
-        x = x[:, :h, :w]
-        if sh or sw:
-            x = torch.roll(x, shifts=(sh, sw), dims=(1, 2))
-        return x
+        return masked_window_attention(self, x, attn_mask,
+                                       lambda windows, h, w: window_reverse(windows, self.window_size, (h, w)))
 
 
 class SwinV2Encoder(GroupedEncoder, SwinTransformerV2):
