@@ -32,6 +32,10 @@ TINY_ENCODERS = {
     "pvt_v2_b2": dict(img_size=128, embed_dims=(16, 32, 40, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 5, 8),
                       mlp_ratios=(2, 2, 2, 2)),
     "resnetv2_50": dict(img_size=128, layers=(1, 1, 1, 1), channels=(128, 256, 512, 1024), stem_chs=32),
+    # SVT: a local-window block then a sub-sampled global one per stage; windows 6/6/3 straddle the cells
+    # (8/4/2 tokens) and need padding, stage 4's window is global.
+    "twins_svt_small": dict(img_size=128, embed_dims=(16, 32, 32, 64), num_heads=(1, 2, 2, 4), depths=(2, 2, 2, 2),
+                            wss=(6, 6, 3, 4)),
 }
 TINY_DECODER = dict(decoder_dim=32, decoder_depth=1, decoder_num_heads=2)
 

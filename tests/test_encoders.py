@@ -136,7 +136,8 @@ def test_timm_weights_give_timm_logits(name, timm_name):
     assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
-SMALL_NAMED = ["mixmim_tiny", "vit_tiny", "swin_tiny", "swinv2_tiny", "pvt_v2_b2", "resnetv2_50"]
+SMALL_NAMED = ["mixmim_tiny", "vit_tiny", "swin_tiny", "swinv2_tiny", "pvt_v2_b2", "twins_svt_small",
+               "resnetv2_50"]
 
 
 @pytest.mark.parametrize("name", SMALL_NAMED)

@@ -26,7 +26,7 @@ from mixmim.models.registry import create_encoder
 # The timm architecture each tiny encoder is exported as (a depth timm's BiT names lack: the generic one).
 ARCHITECTURES = {"mixmim_tiny": "mixmim_tiny", "vit_tiny": "vit_tiny_patch16_224",
                  "swin_tiny": "swin_tiny_patch4_window7_224", "swinv2_tiny": "swinv2_tiny_window8_256",
-                 "pvt_v2_b2": "pvt_v2_b2",
+                 "pvt_v2_b2": "pvt_v2_b2", "twins_svt_small": "twins_svt_small",
                  "resnetv2_50": "mixmim_resnetv2_bit"}
 SMALL = dict(img_size=64, window_size=(8, 8, 4, 2))
 

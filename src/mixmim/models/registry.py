@@ -27,6 +27,7 @@ FAMILIES: dict[str, str] = {
     "swin": "mixmim.models.swin:SwinEncoder",
     "swinv2": "mixmim.models.swinv2:SwinV2Encoder",
     "pvt_v2": "mixmim.models.pvt:PVTv2Encoder",
+    "twins": "mixmim.models.twins:TwinsEncoder",
     "resnetv2": "mixmim.models.resnet:ResNetV2Encoder",
 }
 
@@ -65,6 +66,15 @@ MODELS: dict[str, dict[str, Any]] = {
                       num_heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4)),
     "pvt_v2_b5": dict(family="pvt_v2", timm="pvt_v2_b5", embed_dims=(64, 128, 320, 512), depths=(3, 6, 40, 3),
                       num_heads=(1, 2, 5, 8), mlp_ratios=(4, 4, 4, 4)),
+    # Twins (MixMAE's introduction): PCPVT (global sub-sampled attention, PEG) and SVT (+ local windows).
+    "twins_pcpvt_small": dict(family="twins", timm="twins_pcpvt_small", embed_dims=(64, 128, 320, 512),
+                              num_heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4), depths=(3, 4, 6, 3)),
+    "twins_pcpvt_base": dict(family="twins", timm="twins_pcpvt_base", embed_dims=(64, 128, 320, 512),
+                             num_heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4), depths=(3, 4, 18, 3)),
+    "twins_svt_small": dict(family="twins", timm="twins_svt_small", embed_dims=(64, 128, 256, 512),
+                            num_heads=(2, 4, 8, 16), mlp_ratios=(4, 4, 4, 4), depths=(2, 2, 10, 4), wss=(7, 7, 7, 7)),
+    "twins_svt_base": dict(family="twins", timm="twins_svt_base", embed_dims=(96, 192, 384, 768),
+                           num_heads=(3, 6, 12, 24), mlp_ratios=(4, 4, 4, 4), depths=(2, 2, 18, 2), wss=(7, 7, 7, 7)),
     # ResNet-v2 as in BiT with mixed convolution (MixMIM supplement section 9, Table 13).
     "resnetv2_50": dict(family="resnetv2", timm="resnetv2_50x1_bit", layers=(3, 4, 6, 3), width_factor=1),
     "resnetv2_50x3": dict(family="resnetv2", timm="resnetv2_50x3_bit", layers=(3, 4, 6, 3), width_factor=3),
