@@ -589,7 +589,7 @@ TABLE_ROWS = {"table3a_ratio_025", "table3a_ratio_050", "table3b_contrastive_pre
               "table3e_global_1st_2nd", "table3e_global_1st_2nd_3rd", "table3f_homoatt",
               "table7a_mae", "table7a_masked_attention", "table7b_homocon_only", "table7c_no_segment_embed"}
 MAIN = {"mixedae_vit_base_300ep", "mixedae_vit_base_800ep", "mixedae_vit_base_1600ep", "mixedae_vit_base_300ep_full",
-        "mixedae_vit_base_300ep_full_light"}
+        "mixedae_vit_base_300ep_full_light", "mixedae_vit_large_1600ep"}
 
 
 def test_there_is_a_recipe_per_table_row():
@@ -599,13 +599,14 @@ def test_there_is_a_recipe_per_table_row():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_recipe_has_paper_values_and_trains_two_tiny_steps(path, tmp_path):
     paper = load_config(path)
-    assert paper.model.name == "vit_base" and paper.model.img_size == 224
+    large = "_large_" in path.stem  # appendix C: ViT-L with ViT-B's recipe at batch 2048
+    assert paper.model.name == ("vit_large" if large else "vit_base") and paper.model.img_size == 224
     assert paper.model.options == {"fixed_pos_embed": True}
     assert paper.optim.weight_decay == 0.05 and paper.optim.betas == (0.9, 0.95) and paper.optim.warmup_epochs == 40
     options = paper.method_options()
     if path.stem in MAIN:
         full = options["mode"] == "full"
-        assert paper.optim.base_lr == 7.5e-5 and paper.train.batch_size == (1024 if full else 4096)
+        assert paper.optim.base_lr == 7.5e-5 and paper.train.batch_size == (1024 if full else 2048 if large else 4096)
         assert paper.train.epochs == int(path.stem.split("_")[3][:-2])
     else:
         assert paper.optim.base_lr == 1.5e-4 and paper.train.batch_size == 4096 and paper.train.epochs == 300
