@@ -72,13 +72,32 @@ def build(method: str):
 
 
 def step(model, optimizer, images, bf16: bool) -> None:
+    """One training step as the loop runs it: bf16 on the CPU turns the fused SDPA kernels off
+    (``use_matmul_attention``, what the Trainer does), fp32 keeps them."""
     import torch
+
+    for module in model.modules():
+        if hasattr(module, "fused_attn") and hasattr(module, "qkv"):
+            module.fused_attn = not bf16
 
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         loss = model(images).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def profile_step(model, optimizer, images, bf16: bool, top: int) -> list[dict]:
+    """The ``top`` operators by self CPU time of one step, with their share of the step's operator time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(model, optimizer, images, bf16)
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    ranked = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
+    return [{"name": e.key, "self_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total,
+             "calls": e.count} for e in ranked]
 
 
 def flops_per_step(model, images) -> float:
@@ -98,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2, help="timed steps per round and precision")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also profile one step in each precision and print the N operators with the most "
+                             "self time (torch.profiler), kept in the JSON")
     args = parser.parse_args(argv)
     import torch
 
@@ -130,7 +152,13 @@ def main(argv: list[str] | None = None) -> int:
                               "of_bf16_peak": flops / seconds / 1e9 / peaks["bf16"],
                               "of_fp32_peak": flops / seconds / 1e9 / peaks["fp32"]}
         row["bf16_speedup"] = row["bf16"]["images_per_s"] / row["fp32"]["images_per_s"]
+        if args.profile:
+            for precision in ("fp32", "bf16"):
+                row[precision]["top_ops"] = profile_step(model, optimizer, images, precision == "bf16", args.profile)
         rows.append(row)
+        for precision in ("fp32", "bf16") if args.profile else ():
+            print(f"    {method} {precision}: " + ", ".join(f"{op['name']} {100 * op['share']:.0f}%"
+                                                       for op in row[precision]["top_ops"]), flush=True)
         print(f"  {method:<8} {SETTINGS[method][0]:<12} b{batch:<3} fp32 {row['fp32']['images_per_s']:6.2f} img/s "
               f"({100 * row['fp32']['of_fp32_peak']:4.1f}% of fp32 peak) | bf16 {row['bf16']['images_per_s']:6.2f} "
               f"img/s ({100 * row['bf16']['of_bf16_peak']:4.1f}% of bf16 peak) | x{row['bf16_speedup']:.2f}",

@@ -177,3 +177,47 @@ def test_bias_memory_does_not_grow_with_the_batch(monkeypatch):
     tensor exists on the route CUDA takes (SDPA's memory-efficient kernel, asked for the bias
     gradient, writes one: 3.4 GiB at mixmim_base's batch 128, and as much again for the bias)."""
     assert _largest_square(2, monkeypatch) == _largest_square(16, monkeypatch) == 2 * 24 * 24
+
+
+def test_bf16_attention_on_the_cpu_is_the_matmul_path_with_the_same_function():
+    """bf16 on a CPU: biased attention runs as matmuls (the fused flash kernel is slower in bf16 there),
+    the same function as the float32 kernel path to bf16's resolution, bias gradient included."""
+    from mixmim.models.attention import fast
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 20, 8, generator=g) for _ in range(3))
+    bias = torch.randn(1, 3, 20, 20, generator=g)
+    bias[..., 15:] = float("-inf")
+    want = fast.biased_attention(q, k, v, bias, 8**-0.5)  # float32: the fused kernel's route
+    qb, kb, vb = (t.bfloat16().requires_grad_(True) for t in (q, k, v))
+    tb = bias.bfloat16().requires_grad_(True)
+    called = []
+    original = fast._flash_cpu
+    try:
+        fast._flash_cpu = lambda *a, **kw: called.append(1) or original(*a, **kw)
+        got = fast.biased_attention(qb, kb, vb, tb, 8**-0.5)
+    finally:
+        fast._flash_cpu = original
+    assert not called and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.03)
+    got.float().sum().backward()
+    assert tb.grad is not None and torch.isfinite(tb.grad).all()
+
+
+def test_bf16_training_on_the_cpu_turns_the_fused_kernels_off(tmp_path, capsys):
+    """The loop gives timm's attention layers the matmul path for bf16 on the CPU, and says so."""
+    from mixmim.models.base import use_matmul_attention
+
+    model = mixmim.create_pretrainer("mae", "vit_tiny", img_size=32, patch_size=8, embed_dim=16, depth=2,
+                                     num_heads=2, decoder_dim=16, decoder_depth=1, decoder_num_heads=2)
+    fused = [m for m in model.modules() if getattr(m, "fused_attn", False)]
+    assert len(fused) == 3 and use_matmul_attention(model) == 3  # 2 encoder + 1 decoder blocks
+    assert not any(getattr(m, "fused_attn", False) for m in model.modules())
+    from mixmim.cli import main
+
+    assert main(["pretrain", f"output_dir={tmp_path}", "name=r", "method.name=mae", "model.name=vit_tiny",
+                 "model.img_size=32", "model.options={patch_size: 8, embed_dim: 16, depth: 2, num_heads: 2}",
+                 "method.decoder_dim=16", "method.decoder_depth=1", "method.decoder_num_heads=2",
+                 "data.source=bundled", "data.bundled_epoch_size=8", "train.batch_size=4", "train.max_steps=2",
+                 "train.num_workers=0", "train.progress=false", "train.amp=bf16", "train.device=cpu"]) == 0
+    assert "3 attention layers use matmuls" in (tmp_path / "r" / "log.txt").read_text()

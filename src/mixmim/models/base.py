@@ -37,6 +37,20 @@ if TYPE_CHECKING:
     from mixmim.models.attention import AttentionImpl
 
 
+def use_matmul_attention(model: nn.Module) -> int:
+    """Turn off the fused SDPA kernel of every timm-style attention layer of ``model`` (``fused_attn``),
+    so that they compute softmax(q k^T) v with matmuls; returns how many. For bf16 on a CPU: PyTorch's
+    CPU flash kernel runs bf16 slower than float32, 1.4-4.7x slower than the matmul path at ViT and
+    decoder shapes (forward and backward; benchmarks/README.md), while bf16 matmuls run at twice
+    float32's rate. The matmul path keeps the (L, L) probabilities, which a CPU's memory holds."""
+    count = 0
+    for module in model.modules():
+        if getattr(module, "fused_attn", False):
+            setattr(module, "fused_attn", False)  # noqa: B010  (a plain attribute of timm's layers)
+            count += 1
+    return count
+
+
 def upload(t: Tensor, device: torch.device) -> Tensor:
     """A host tensor on ``device``: through pinned memory without waiting, on CUDA (the caching host
     allocator keeps the pinned block alive until the copy is done)."""

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from mixmim.config import ConfigError, build_dataclass, dump_config
 from mixmim.data.sampler import ResumableSampler, sample_seed, steps_per_epoch
 from mixmim.interop.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
+from mixmim.models.base import use_matmul_attention
 from mixmim.models.resize import state_mismatch
 from mixmim.training import distributed as D
 from mixmim.training.logs import MetricsLog, SkippedFiles, log, setup_logging
@@ -94,6 +95,11 @@ class Trainer:
         self._prepare_folder()
         seed_all(t.seed)  # identical initial weights on every rank
         self.model = task.build_model().to(device)
+        if device.type == "cpu" and self.amp == "bf16":
+            matmul_layers = use_matmul_attention(self.model)
+            if matmul_layers:
+                log.info("bf16 on the CPU: %d attention layers use matmuls instead of SDPA's fused CPU kernel "
+                         "(slower in bf16)", matmul_layers)
         self._check_multiple(task.batch_multiple())
         self.dataset = task.dataset()
         size = len(cast(Sized, self.dataset))  # every task's training data has a length

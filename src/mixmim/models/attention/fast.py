@@ -112,6 +112,10 @@ def biased_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float
     never a whole row). Without dropout: :class:`_BiasedAttention`, whose bias gradient is summed over
     the batch as it is computed (never the batch's size); with dropout SDPA (its own backward)."""
     bias = bias.to(q.dtype)
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and dropout == 0.0:
+        # bf16 on a CPU: matmuls (bf16 kernels at twice float32's rate) beat the fused flash kernel, which
+        # runs bf16 slower than float32 (benchmarks/README.md, CPU bf16); the probabilities are kept.
+        return torch.softmax(torch.matmul(q * scale, k.transpose(-1, -2)) + bias, dim=-1) @ v
     if dropout == 0.0 and q.dtype in (torch.float32, torch.bfloat16, torch.float16):
         return _BiasedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), bias.contiguous(), scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
