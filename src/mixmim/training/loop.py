@@ -88,18 +88,13 @@ class Trainer:
         self.amp = resolve_amp(t.amp, device)
         if self.amp == "fp16" and device.type == "cpu":
             raise ConfigError("config key 'train.amp': fp16 needs a GPU; use bf16 or fp32 on the CPU")
-        self.run_dir = self.config.run_dir
-        self.overwrite = overwrite
+        self.run_dir, self.overwrite = self.config.run_dir, overwrite
         self.commit, self.command = git_commit(), command_line()  # kept in every checkpoint and model card
         self.config_changes: list[dict[str, Any]] = []  # what --resume-with-changes accepted, and when
         self._prepare_folder()
         seed_all(t.seed)  # identical initial weights on every rank
         self.model = task.build_model().to(device)
-        if device.type == "cpu" and self.amp == "bf16":
-            matmul_layers = use_matmul_attention(self.model)
-            if matmul_layers:
-                log.info("bf16 on the CPU: %d attention layers use matmuls instead of SDPA's fused CPU kernel "
-                         "(slower in bf16)", matmul_layers)
+        self._cpu_bf16_attention(device)
         self._check_multiple(task.batch_multiple())
         self.dataset = task.dataset()
         size = len(cast(Sized, self.dataset))  # every task's training data has a length
@@ -148,6 +143,14 @@ class Trainer:
             raise ConfigError(f"config key 'train.batch_size': {t.batch_size} is not divisible by world size x "
                               f"accum_steps = {self.info.world_size} x {t.accum_steps}")
         return t.batch_size // parts
+
+    def _cpu_bf16_attention(self, device: torch.device) -> None:
+        """bf16 on the CPU: attention by matmuls, as SDPA's fused CPU kernel is slower in bf16 (said)."""
+        if device.type == "cpu" and self.amp == "bf16":
+            matmul_layers = use_matmul_attention(self.model)
+            if matmul_layers:
+                log.info("bf16 on the CPU: %d attention layers use matmuls instead of SDPA's fused CPU kernel "
+                         "(slower in bf16)", matmul_layers)
 
     def _check_multiple(self, multiple: int) -> None:
         if self.micro_batch % multiple:
