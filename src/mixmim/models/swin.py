@@ -115,6 +115,32 @@ def masked_window_attention(blk: nn.Module, x: Tensor, attn_mask: Tensor,
     return x
 
 
+def swin_shape(img_size: int | Sequence[int], patch_size: int, depths: Sequence[int], num_heads: Sequence[int],
+               window_size: int | Sequence[int]) -> tuple[tuple[int, int], tuple[int, ...], tuple[int, ...], Any]:
+    """(size, depths, num_heads, window) of a Swin (v1 or v2) as timm takes them; a ValueError names a
+    stage count or an image size that does not fit."""
+    size = (img_size, img_size) if isinstance(img_size, int) else cast("tuple[int, int]", tuple(img_size))
+    depths, num_heads = tuple(depths), tuple(num_heads)
+    window = window_size if isinstance(window_size, int) else cast("tuple[int, int]", tuple(window_size))
+    if len(num_heads) != len(depths):
+        raise ValueError(f"depths and num_heads need one entry per stage, got {len(depths)} and {len(num_heads)}")
+    stride = patch_size * 2 ** (len(depths) - 1)
+    for side in size:
+        if side % stride:
+            raise ValueError(f"img_size={side} is not divisible by the encoder stride {stride}")
+    return size, depths, num_heads, window
+
+
+def set_stage_geometry(encoder: Any, size: tuple[int, int], patch_size: int, stages: int, embed_dim: int) -> None:
+    """A Swin's grids, strides and widths (v1 and v2 alike). Stage inputs are the merged tokens (timm
+    merges at the start of stages 2-4): ``stage_in_dims == dims``, see the module docstring."""
+    encoder.img_size, encoder.patch_size = size, patch_size
+    encoder.strides = [patch_size * 2**i for i in range(stages)]
+    encoder.grids = [(size[0] // s, size[1] // s) for s in encoder.strides]
+    encoder.dims = [int(embed_dim * 2**i) for i in range(stages)]
+    encoder.stage_in_dims = list(encoder.dims)
+
+
 class SwinEncoder(GroupedEncoder, SwinTransformer):
     """timm's SwinTransformer with the :class:`~mixmim.models.base.GroupedEncoder` interface: four
     stages at strides 4, 8, 16, 32. ``forward``/``forward_features``/``forward_head`` are timm's.
@@ -129,20 +155,12 @@ class SwinEncoder(GroupedEncoder, SwinTransformer):
                  num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int | Sequence[int] = 7,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0):
-        size = (img_size, img_size) if isinstance(img_size, int) else cast("tuple[int, int]", tuple(img_size))
-        depths, num_heads = tuple(depths), tuple(num_heads)
-        window = window_size if isinstance(window_size, int) else cast("tuple[int, int]", tuple(window_size))
+        size, depths, num_heads, window = swin_shape(img_size, patch_size, depths, num_heads, window_size)
         self._config = dict(img_size=list(size), patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
                             embed_dim=embed_dim, depths=list(depths), num_heads=list(num_heads),
                             window_size=window if isinstance(window, int) else list(window), mlp_ratio=mlp_ratio,
                             qkv_bias=qkv_bias, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
                             drop_path_rate=drop_path_rate)
-        if len(num_heads) != len(depths):
-            raise ValueError(f"depths and num_heads need one entry per stage, got {len(depths)} and {len(num_heads)}")
-        stride = patch_size * 2 ** (len(depths) - 1)
-        for side in size:
-            if side % stride:
-                raise ValueError(f"img_size={side} is not divisible by the encoder stride {stride}")
         SwinTransformer.__init__(
             self, img_size=size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
             embed_dim=embed_dim, depths=depths, num_heads=num_heads, window_size=window, mlp_ratio=mlp_ratio,
@@ -152,12 +170,7 @@ class SwinEncoder(GroupedEncoder, SwinTransformer):
         for stage in cast("Iterable[SwinTransformerStage]", self.layers):
             for blk in stage.blocks:
                 blk.__class__ = GroupSwinBlock
-        self.img_size = size
-        self.patch_size = patch_size
-        self.strides = [patch_size * 2**i for i in range(len(depths))]
-        self.grids = [(size[0] // s, size[1] // s) for s in self.strides]
-        self.dims = [int(embed_dim * 2**i) for i in range(len(depths))]
-        self.stage_in_dims = list(self.dims)  # merged tokens: see the module docstring
+        set_stage_geometry(self, size, patch_size, len(depths), embed_dim)
 
     def config(self) -> dict[str, Any]:
         return dict(self._config, img_size=list(self.img_size))

@@ -24,7 +24,7 @@ from timm.models.swin_transformer_v2 import (
 from torch import Tensor, nn
 
 from mixmim.models.base import GroupedEncoder
-from mixmim.models.swin import SwinEncoder, masked_window_attention
+from mixmim.models.swin import SwinEncoder, masked_window_attention, set_stage_geometry, swin_shape
 
 
 class GroupSwinV2Block(SwinTransformerV2Block):
@@ -58,20 +58,12 @@ class SwinV2Encoder(GroupedEncoder, SwinTransformerV2):
                  num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int | Sequence[int] = 8,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, pretrained_window_sizes: Sequence[int] = (0, 0, 0, 0)):
-        size = (img_size, img_size) if isinstance(img_size, int) else cast("tuple[int, int]", tuple(img_size))
-        depths, num_heads = tuple(depths), tuple(num_heads)
-        window = window_size if isinstance(window_size, int) else cast("tuple[int, int]", tuple(window_size))
+        size, depths, num_heads, window = swin_shape(img_size, patch_size, depths, num_heads, window_size)
         self._config = dict(img_size=list(size), patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
                             embed_dim=embed_dim, depths=list(depths), num_heads=list(num_heads),
                             window_size=window if isinstance(window, int) else list(window), mlp_ratio=mlp_ratio,
                             qkv_bias=qkv_bias, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
                             drop_path_rate=drop_path_rate, pretrained_window_sizes=list(pretrained_window_sizes))
-        if len(num_heads) != len(depths):
-            raise ValueError(f"depths and num_heads need one entry per stage, got {len(depths)} and {len(num_heads)}")
-        stride = patch_size * 2 ** (len(depths) - 1)
-        for side in size:
-            if side % stride:
-                raise ValueError(f"img_size={side} is not divisible by the encoder stride {stride}")
         SwinTransformerV2.__init__(
             self, img_size=size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
             embed_dim=embed_dim, depths=depths, num_heads=num_heads, window_size=window, mlp_ratio=mlp_ratio,
@@ -80,12 +72,7 @@ class SwinV2Encoder(GroupedEncoder, SwinTransformerV2):
         for stage in cast("Iterable[SwinTransformerV2Stage]", self.layers):
             for blk in stage.blocks:
                 blk.__class__ = GroupSwinV2Block  # adds a mask argument only: every parameter and buffer kept
-        self.img_size = size
-        self.patch_size = patch_size
-        self.strides = [patch_size * 2**i for i in range(len(depths))]
-        self.grids = [(size[0] // s, size[1] // s) for s in self.strides]
-        self.dims = [int(embed_dim * 2**i) for i in range(len(depths))]
-        self.stage_in_dims = list(self.dims)  # timm merges at the start of stages 2-4, as for Swin v1
+        set_stage_geometry(self, size, patch_size, len(depths), embed_dim)
 
     def config(self) -> dict[str, Any]:
         return dict(self._config, img_size=list(self.img_size))
